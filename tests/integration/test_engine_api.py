@@ -1,0 +1,140 @@
+"""The step-level API: abort, stats, seeded sampling, bad input, and KV handoff."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from workers import LLM, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.engine import LLMEngine
+
+GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(make_model):
+    return make_model("tiny-llama")
+
+
+def prompt(seed: int, n: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(4, 1000) for _ in range(n)]
+
+
+def run_to_end(engine: LLMEngine, first_index: int = 0) -> dict[str, list[int]]:
+    tokens: dict[str, list[int]] = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finish_reason == "abort":
+                assert out.new_token_ids == ()
+                continue
+            got = tokens.setdefault(out.request_id, [])
+            assert out.start_index == first_index + len(got)  # absolute: no gap, no repeat
+            got.extend(out.new_token_ids)
+    return tokens
+
+
+def test_abort_at_any_point_frees_every_block(llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), max_num_batched_tokens=32))
+    total = engine.stats().num_free_blocks
+    for i in range(4):
+        engine.add_request(f"r{i}", prompt(i, 50), GREEDY)
+    assert engine.abort("r3")  # still waiting
+    engine.step()  # r0 is mid-prefill
+    assert engine.abort("r0")
+    for _ in range(5):
+        engine.step()
+    assert engine.abort("r1")  # decoding
+    assert not engine.abort("nope")
+    tokens = run_to_end(engine)
+    assert len(tokens["r2"]) == 40
+    assert engine.stats().num_free_blocks == total
+    assert engine.stats().num_running == engine.stats().num_waiting == 0
+
+
+def test_seeded_sampling_is_reproducible_across_runs_and_batches(llama_dir):
+    llm = LLM(model=str(llama_dir))
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    unseeded = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    target = prompt(0, 30)
+    alone = llm.generate([target], seeded)[0].token_ids
+    again = llm.generate([target], seeded)[0].token_ids
+    batch = llm.generate([prompt(1, 12), prompt(2, 70), target, prompt(3, 5)],
+                         [unseeded, unseeded, seeded, unseeded])[2].token_ids
+    other_seed = llm.generate([target], SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=99,
+                                                       max_tokens=24, ignore_eos=True))[0].token_ids
+    assert alone == again == batch
+    assert alone != other_seed
+    greedy = llm.generate([target], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    assert alone != greedy  # it really sampled
+
+
+def test_too_long_prompt_fails_alone(llama_dir):
+    llm = LLM(model=str(llama_dir), max_model_len=64)
+    outs = llm.generate([prompt(0, 10), prompt(1, 64), prompt(2, 20)], GREEDY)
+    assert outs[1].finish_reason == "error"
+    assert "64 tokens" in outs[1].error and "max_model_len (64)" in outs[1].error
+    assert [o.finish_reason for o in (outs[0], outs[2])] == ["length", "length"]
+    assert len(outs[0].token_ids) == 40
+    # The room under max_model_len caps max_tokens: 20 + 44 = 64.
+    assert len(outs[2].token_ids) == 40
+
+
+def test_bad_token_ids_and_request_ids_are_named(llama_dir):
+    engine = LLMEngine(EngineConfig(model=str(llama_dir)))
+    with pytest.raises(ValueError, match=r"prompt_token_ids holds 5000"):
+        engine.add_request("a", [1, 5000], GREEDY)
+    with pytest.raises(ValueError, match="prompt_token_ids must not be empty"):
+        engine.add_request("b", [], GREEDY)
+    engine.add_request("c", [1, 2, 3], GREEDY)
+    with pytest.raises(ValueError, match="request_id 'c' is already"):
+        engine.add_request("c", [1, 2, 3], GREEDY)
+
+
+def test_kv_handoff_mid_decode_continues_like_an_undisturbed_run(llama_dir):
+    config = EngineConfig(model=str(llama_dir), block_size=8)
+    tokens = prompt(5, 45)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
+    reference = LLMEngine(config)
+    reference.add_request("r", tokens, params)
+    expected = run_to_end(reference)["r"]
+
+    source, dest = LLMEngine(config), LLMEngine(config)
+    source.add_request("r", tokens, params)
+    sent: list[int] = []
+    while len(sent) < 13:  # prefill, then a dozen decode steps
+        for out in source.step():
+            sent.extend(out.new_token_ids)
+    state = source.kv_state("r")
+    assert state.num_computed_tokens == len(tokens) + len(sent) - 1
+    reservation = dest.reserve_kv(state.num_computed_tokens)
+    data = source.export_kv(state.block_ids)
+    # Two stages, as a live migration copies: the first blocks, then the rest.
+    dest.import_kv(reservation.reservation_id, data[:, :, :3], first_block=0)
+    dest.import_kv(reservation.reservation_id, data[:, :, 3:], first_block=3)
+    dest.admit_with_kv(reservation.reservation_id, "r", state.token_ids, state.num_prompt_tokens,
+                       params, state.num_computed_tokens)
+    source.abort("r")
+    rest = run_to_end(dest, first_index=len(sent))["r"]
+    assert sent + rest == expected
+    assert dest.stats().num_free_blocks == dest.stats().num_total_blocks
+    assert source.stats().num_free_blocks == source.stats().num_total_blocks
+
+
+def test_unclaimed_reservation_expires(llama_dir):
+    now = [0.0]
+    engine = LLMEngine(EngineConfig(model=str(llama_dir), kv_reservation_timeout_s=5.0), clock=lambda: now[0])
+    total = engine.stats().num_free_blocks
+    res = engine.reserve_kv(100)
+    assert len(res.block_ids) == 7
+    assert engine.stats().num_free_blocks == total - 7
+    now[0] = 4.9
+    engine.step()
+    assert engine.stats().num_free_blocks == total - 7
+    now[0] = 5.0
+    engine.step()
+    assert engine.stats().num_free_blocks == total
+    with pytest.raises(KeyError, match="no KV reservation"):
+        engine.import_kv(res.reservation_id, engine.export_kv([0]))

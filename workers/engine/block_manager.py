@@ -1,0 +1,163 @@
+"""Paged KV-cache bookkeeping: block reference counts and automatic prefix caching.
+
+Pure Python: it decides which block ids hold which tokens; the model runner owns the
+tensors. A full block whose KV has been computed is registered under a chained hash of
+its tokens (the parent block's hash and its own tokens), so a later request with the
+same prefix reuses it. Free blocks wait in an LRU queue; a free block that still holds
+cached content stays findable until it is taken for new data (then it is evicted).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Optional
+
+from workers.engine.sequence import Sequence
+
+
+def chain_hash(parent: Optional[int], tokens: tuple[int, ...]) -> int:
+    """Hash of a full block given its parent's hash. Python's hash of int tuples does
+    not depend on PYTHONHASHSEED, so routers in other processes compute the same value."""
+    return hash((parent, tokens))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 watermark_blocks: int = 0) -> None:
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        # Admission keeps this many blocks spare so running requests can grow a little.
+        self.watermark_blocks = watermark_blocks
+        self.ref_counts = [0] * num_blocks
+        self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}  # block hash -> block id
+        # block id -> (its hash, (parent hash, tokens)) for the token check on every hit
+        self.block_content: dict[int, tuple[int, tuple[Optional[int], tuple[int, ...]]]] = {}
+        self.prefix_query_tokens = 0
+        self.prefix_hit_tokens = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_queue)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache ------------------------------------------------------------------
+    def hash_full_blocks(self, seq: Sequence) -> None:
+        """Extend seq.block_hashes to every full block of its known tokens."""
+        bs, hashes = self.block_size, seq.block_hashes
+        for i in range(len(hashes), seq.num_tokens // bs):
+            parent = hashes[-1] if hashes else None
+            hashes.append(chain_hash(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+
+    def lookup_prefix(self, seq: Sequence) -> list[int]:
+        """Cached blocks holding seq's leading full blocks. At least one token is left
+        uncomputed, because the step that computes it is the one that samples."""
+        if not self.enable_prefix_caching:
+            return []
+        self.hash_full_blocks(seq)
+        hits: list[int] = []
+        for i in range((seq.num_tokens - 1) // self.block_size):
+            block = self.cached.get(seq.block_hashes[i])
+            if block is None or not self._content_matches(block, seq, i):
+                break
+            hits.append(block)
+        return hits
+
+    def _content_matches(self, block: int, seq: Sequence, index: int) -> bool:
+        _, (parent, tokens) = self.block_content[block]
+        bs = self.block_size
+        expected_parent = seq.block_hashes[index - 1] if index else None
+        return parent == expected_parent and tokens == tuple(seq.token_ids[index * bs:(index + 1) * bs])
+
+    def commit_computed(self, seq: Sequence) -> None:
+        """Register seq's newly computed full blocks so later requests can reuse them."""
+        if not self.enable_prefix_caching:
+            return
+        full = seq.num_computed_tokens // self.block_size
+        if full <= seq.num_hashed_blocks:
+            return
+        self.hash_full_blocks(seq)
+        bs = self.block_size
+        for i in range(seq.num_hashed_blocks, full):
+            block, h = seq.block_ids[i], seq.block_hashes[i]
+            if h in self.cached or block in self.block_content:
+                continue  # the same content is cached in another block already
+            parent = seq.block_hashes[i - 1] if i else None
+            self.cached[h] = block
+            self.block_content[block] = (h, (parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+        seq.num_hashed_blocks = full
+
+    def cached_block_hashes(self, limit: int) -> list[int]:
+        """The most recently cached block hashes, newest last (for load reports)."""
+        hashes = list(self.cached)
+        return hashes[-limit:] if limit else []
+
+    # -- allocation --------------------------------------------------------------------
+    def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
+        need = self.blocks_needed(len(hits) * self.block_size + num_new_tokens) - len(hits)
+        revived = sum(1 for b in hits if self.ref_counts[b] == 0)  # hits now sitting in the free queue
+        return need + revived <= self.num_free_blocks - self.watermark_blocks
+
+    def admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> None:
+        """Give a waiting seq its prefix hits and blocks for num_new_tokens more."""
+        for block in hits:
+            self._take(block)
+        seq.block_ids = list(hits)
+        seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_hashed_blocks = len(hits)
+        self.prefix_query_tokens += seq.num_tokens
+        self.prefix_hit_tokens += seq.num_cached_tokens
+        self.grow(seq, num_new_tokens)
+
+    def can_grow(self, seq: Sequence, num_new_tokens: int) -> bool:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        return need <= self.num_free_blocks
+
+    def grow(self, seq: Sequence, num_new_tokens: int) -> None:
+        need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
+        if need > self.num_free_blocks:
+            raise RuntimeError(f"request {seq.request_id} needs {need} blocks, {self.num_free_blocks} free")
+        seq.block_ids.extend(self._take_free() for _ in range(need))
+
+    def free(self, seq: Sequence) -> None:
+        self.release(reversed(seq.block_ids))
+        seq.block_ids = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def reserve(self, num_blocks: int) -> list[int]:
+        """Blocks for KV that another engine will send (migration, prefill→decode)."""
+        if num_blocks > self.num_free_blocks:
+            raise RuntimeError(f"cannot reserve {num_blocks} blocks, {self.num_free_blocks} free")
+        return [self._take_free() for _ in range(num_blocks)]
+
+    def release(self, block_ids: Iterable[int]) -> None:
+        """Drop one reference to each block. Pass a sequence's blocks tail first: its
+        tail is the least likely to be shared, so it goes first in the LRU order."""
+        for block in block_ids:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] < 0:
+                raise RuntimeError(f"block {block} released more often than taken")
+            if self.ref_counts[block] == 0:
+                self.free_queue[block] = None
+                if block not in self.block_content:
+                    # Holds nothing reusable: hand it out before any cached block.
+                    self.free_queue.move_to_end(block, last=False)
+
+    def _take(self, block: int) -> None:
+        if self.ref_counts[block] == 0:
+            del self.free_queue[block]
+        self.ref_counts[block] += 1
+
+    def _take_free(self) -> int:
+        block, _ = self.free_queue.popitem(last=False)
+        content = self.block_content.pop(block, None)
+        if content is not None:
+            del self.cached[content[0]]  # evict: its slots are about to be overwritten
+        self.ref_counts[block] = 1
+        return block

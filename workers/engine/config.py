@@ -1,0 +1,49 @@
+"""The engine tier's configuration, validated where it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from workers.models.config import DTYPES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "tiny-llama"  # a Hugging Face model directory or a tiny preset name
+    dtype: Optional[str] = None  # None: the checkpoint's own
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_memory_gib: float = 1.0  # KV cache budget; num_kv_blocks overrides it
+    num_kv_blocks: Optional[int] = None
+    max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    enable_chunked_prefill: bool = True
+    enable_prefix_caching: bool = True
+    seed: int = 0  # for requests without a seed of their own
+    kv_reservation_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_kv_blocks", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if not self.kv_cache_memory_gib > 0:
+            raise ValueError(f"kv_cache_memory_gib must be > 0, got {self.kv_cache_memory_gib}")
+        if not self.kv_reservation_timeout_s > 0:
+            raise ValueError(f"kv_reservation_timeout_s must be > 0, got {self.kv_reservation_timeout_s}")
+        if (not self.enable_chunked_prefill and self.max_model_len is not None
+                and self.max_num_batched_tokens < self.max_model_len):
+            # Without chunking a prompt must fit into one step's budget.
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) when enable_chunked_prefill is off")
+
+
+def _positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")

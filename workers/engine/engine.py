@@ -1,0 +1,276 @@
+"""The step-level engine: add requests, step, abort, stats, and KV handoff.
+
+One engine owns one model instance and its KV cache. `step()` schedules a batch,
+runs the model once, samples, and returns what each request produced. The worker
+actor calls it in a loop; the offline `LLM` calls it until every request is done.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence as Seq
+
+import torch
+
+from workers.engine.block_manager import BlockManager
+from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.model_runner import ModelRunner, kv_block_bytes
+from workers.engine.outputs import EngineStats, KVReservation, KVState, StepOutput
+from workers.engine.sampler import SampledToken, Sampler, SamplingRow
+from workers.engine.scheduler import Scheduler, SchedulerConfig
+from workers.engine.sequence import Sequence
+from workers.models.registry import load_model
+from workers.models.tiny import resolve_model
+from workers.models.tokenizer import load_tokenizer
+from workers.sampling_params import SamplingParams
+
+_RECENT_STEPS = 64  # window of the step-time averages
+
+
+@dataclass(slots=True)
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.model_dir = resolve_model(config.model)
+        self.model_config, model = load_model(self.model_dir, config.dtype, config.device)
+        self.tokenizer = load_tokenizer(self.model_dir)
+        mc = self.model_config
+        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        num_blocks = config.num_kv_blocks or int(
+            config.kv_cache_memory_gib * 2**30 // kv_block_bytes(mc, config.block_size))
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
+        self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
+                                   watermark_blocks=num_blocks // 100)
+        self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
+                                                   config.enable_chunked_prefill), self.blocks)
+        self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device)
+        self.sampler = Sampler(config.seed)
+        self.eos_token_ids = frozenset(mc.eos_token_ids)
+        self.requests: dict[str, _Request] = {}
+        self.reservations: dict[str, KVReservation] = {}
+        self._reservation_ids = itertools.count()
+        self._pending: list[StepOutput] = []  # abort notices, returned by the next step
+        self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
+        self._num_steps = 0
+        self._prompt_tokens = 0
+        self._generation_tokens = 0
+
+    # -- requests ------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: Optional[float] = None) -> None:
+        """Queue a request. Raises ValueError, naming the field, if it can never run."""
+        seq = self._new_sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                                 priority, arrival_time)
+        self.requests[request_id] = _Request(seq, self._detokenizer(seq))
+        self._prompt_tokens += seq.num_prompt_tokens
+        self.scheduler.add(seq)
+
+    def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int,
+                      params: SamplingParams, priority: int, arrival_time: Optional[float]) -> Sequence:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in this engine")
+        self._check_prompt(token_ids[:num_prompt])
+        usable_blocks = self.blocks.num_blocks - self.blocks.watermark_blocks
+        room = min(self.max_model_len, usable_blocks * self.blocks.block_size) - num_prompt
+        if room < 1:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens; it must be shorter than max_model_len "
+                f"({self.max_model_len}) and the KV cache ({self.blocks.num_blocks} blocks)")
+        return Sequence(request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
+                        params=params, max_tokens=min(params.max_tokens, room), priority=priority,
+                        arrival_time=self.clock() if arrival_time is None else arrival_time)
+
+    def _check_prompt(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("prompt_token_ids must not be empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids holds {bad!r}, not a token id in [0, {vocab})")
+
+    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params)
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is; its blocks are freed at once."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.remove(req.seq)
+        self._pending.append(self._output(req.seq, (), None, "", "abort", None))
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._pending)
+
+    # -- stepping ------------------------------------------------------------------------
+    def step(self) -> list[StepOutput]:
+        start = time.perf_counter()
+        self._expire_reservations()
+        outputs, self._pending = self._pending, []
+        plan = self.scheduler.schedule()
+        if not plan.chunks:
+            return outputs
+        chunks = [(self.requests[rid].seq, n) for rid, n in plan.chunks.items()]
+        model_start = time.perf_counter()
+        sampling, logits = self.runner.execute(chunks)
+        model_time = time.perf_counter() - model_start
+        for seq, n in chunks:
+            seq.num_computed_tokens += n
+            self.blocks.commit_computed(seq)
+        if sampling:
+            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids) for s in sampling]
+            for seq, token in zip(sampling, self.sampler(logits, rows)):
+                outputs.append(self._append_token(seq, token))
+        self._num_steps += 1
+        self._step_times.append((time.perf_counter() - start, model_time))
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: SampledToken) -> StepOutput:
+        index = seq.num_output_tokens
+        seq.token_ids.append(token.token_id)
+        self._generation_tokens += 1
+        detok = self.requests[seq.request_id].detokenizer
+        delta = detok.update((token.token_id,))
+        reason, stop_reason = self._finish_reason(seq, token.token_id, delta.stop_string)
+        text = delta.text
+        if reason is not None:
+            if delta.stop_string is None:
+                text += detok.flush().text  # held-back text was real output after all
+            self.scheduler.remove(seq)
+            del self.requests[seq.request_id]
+        logprobs = (token,) if seq.params.logprobs is not None else None
+        return self._output(seq, (token.token_id,), logprobs, text, reason, stop_reason, index)
+
+    def _finish_reason(self, seq: Sequence, token: int,
+                       stop_string: Optional[str]) -> tuple[Optional[str], int | str | None]:
+        if stop_string is not None:
+            return "stop", stop_string
+        if token in self.eos_token_ids and not seq.params.ignore_eos:
+            return "stop", None
+        if token in seq.params.stop_token_ids:
+            return "stop", token
+        if seq.num_output_tokens >= seq.max_tokens:
+            return "length", None
+        return None, None
+
+    def _output(self, seq: Sequence, tokens: tuple[int, ...], logprobs: Optional[tuple[SampledToken, ...]],
+                text: str, reason: Optional[str], stop_reason: int | str | None,
+                index: Optional[int] = None) -> StepOutput:
+        return StepOutput(request_id=seq.request_id,
+                          start_index=seq.num_output_tokens if index is None else index,
+                          new_token_ids=tokens, new_logprobs=logprobs, new_text=text,
+                          finish_reason=reason, stop_reason=stop_reason,
+                          num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    def stats(self) -> EngineStats:
+        steps = self._step_times
+        blocks = self.blocks
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            num_free_blocks=blocks.num_free_blocks,
+            num_total_blocks=blocks.num_blocks,
+            prefix_cache_hit_rate=blocks.prefix_hit_tokens / blocks.prefix_query_tokens
+            if blocks.prefix_query_tokens else 0.0,
+            num_preemptions=self.scheduler.num_preemptions,
+            num_steps=self._num_steps,
+            mean_step_time_s=sum(s for s, _ in steps) / len(steps) if steps else 0.0,
+            mean_model_time_s=sum(m for _, m in steps) / len(steps) if steps else 0.0,
+            prompt_tokens=self._prompt_tokens,
+            generation_tokens=self._generation_tokens,
+        )
+
+    # -- KV handoff (migration, prefill→decode) -------------------------------------------
+    def kv_state(self, request_id: str) -> KVState:
+        seq = self._get(request_id)
+        return KVState(request_id, tuple(seq.block_ids[:self.blocks.blocks_needed(seq.num_computed_tokens)]),
+                       seq.num_computed_tokens, tuple(seq.token_ids), seq.num_prompt_tokens)
+
+    def export_kv(self, block_ids: Seq[int]) -> torch.Tensor:
+        """Copy of the given blocks, all layers: [layers, 2, n, block_size, kv_heads, head_dim]."""
+        self._check_block_ids(block_ids)
+        return self.runner.read_blocks(list(block_ids))
+
+    def reserve_kv(self, num_tokens: int) -> KVReservation:
+        """Hold blocks for `num_tokens` tokens of KV that another engine will send. They
+        are freed if no admit_with_kv claims them before the reservation expires."""
+        blocks = self.blocks.reserve(self.blocks.blocks_needed(num_tokens))
+        res = KVReservation(f"kv-{next(self._reservation_ids)}", tuple(blocks),
+                            self.clock() + self.config.kv_reservation_timeout_s)
+        self.reservations[res.reservation_id] = res
+        return res
+
+    def import_kv(self, reservation_id: str, data: torch.Tensor, first_block: int = 0) -> None:
+        """Write KV into reserved blocks [first_block, first_block + n): staged copies
+        send the blocks of a running request in several parts."""
+        res = self._reservation(reservation_id)
+        if data.dim() != 6:
+            raise ValueError(f"KV data must be [layers, 2, blocks, block_size, kv_heads, head_dim], "
+                             f"got shape {tuple(data.shape)}")
+        n = data.shape[2]
+        if first_block < 0 or first_block + n > len(res.block_ids):
+            raise ValueError(f"import of {n} blocks at {first_block} exceeds reservation "
+                             f"{reservation_id} of {len(res.block_ids)} blocks")
+        self.runner.write_blocks(list(res.block_ids[first_block:first_block + n]), data)
+
+    def admit_with_kv(self, reservation_id: str, request_id: str, token_ids: Seq[int],
+                      num_prompt_tokens: int, params: SamplingParams, num_computed_tokens: int,
+                      priority: int = 0, arrival_time: Optional[float] = None) -> None:
+        """Start a request whose first num_computed_tokens tokens of KV were imported into
+        the reservation's blocks; it skips their prefill and carries on from there."""
+        res = self._reservation(reservation_id)
+        if not 0 < num_computed_tokens < len(token_ids):
+            raise ValueError(f"num_computed_tokens must be in [1, {len(token_ids) - 1}], got {num_computed_tokens}")
+        if self.blocks.blocks_needed(num_computed_tokens) > len(res.block_ids):
+            raise ValueError(f"reservation {reservation_id} holds {len(res.block_ids)} blocks, "
+                             f"{num_computed_tokens} tokens need {self.blocks.blocks_needed(num_computed_tokens)}")
+        seq = self._new_sequence(request_id, list(token_ids), num_prompt_tokens, params, priority, arrival_time)
+        if seq.num_output_tokens >= seq.max_tokens:
+            raise ValueError(f"request {request_id} already has {seq.num_output_tokens} of {seq.max_tokens} tokens")
+        del self.reservations[reservation_id]
+        seq.block_ids = list(res.block_ids)
+        seq.num_computed_tokens = num_computed_tokens
+        self.blocks.commit_computed(seq)
+        self.requests[request_id] = _Request(seq, self._detokenizer(seq))
+        self.scheduler.admit_running(seq)
+
+    def cancel_reservation(self, reservation_id: str) -> None:
+        res = self.reservations.pop(reservation_id, None)
+        if res is not None:
+            self.blocks.release(reversed(res.block_ids))
+
+    def _expire_reservations(self) -> None:
+        now = self.clock()
+        for rid in [r.reservation_id for r in self.reservations.values() if r.expires_at <= now]:
+            self.cancel_reservation(rid)
+
+    def _reservation(self, reservation_id: str) -> KVReservation:
+        res = self.reservations.get(reservation_id)
+        if res is None:
+            raise KeyError(f"no KV reservation {reservation_id!r} (expired or never made)")
+        return res
+
+    def _get(self, request_id: str) -> Sequence:
+        req = self.requests.get(request_id)
+        if req is None:
+            raise KeyError(f"no request {request_id!r} in this engine")
+        return req.seq
+
+    def _check_block_ids(self, block_ids: Seq[int]) -> None:
+        bad = next((b for b in block_ids if not 0 <= b < self.blocks.num_blocks), None)
+        if bad is not None:
+            raise ValueError(f"block id {bad} is outside [0, {self.blocks.num_blocks})")

@@ -1,0 +1,123 @@
+"""Turns a scheduled step into tensors, runs the model over the paged KV cache, and
+returns the logits of the sequences that sample a token this step.
+
+Owns the KV cache tensor: [layers, 2 (K, V), num_blocks, block_size, kv_heads, head_dim].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from workers.engine.sequence import Sequence
+from workers.layers.attention import AttentionBatch, PrefillSlice
+from workers.models.config import ModelConfig
+from workers.models.llama import LlamaForCausalLM
+
+
+def kv_block_bytes(cfg: ModelConfig, block_size: int) -> int:
+    """Bytes one block takes across all layers, K and V."""
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+    return per_token * block_size * torch.empty((), dtype=cfg.dtype).element_size()
+
+
+@dataclass(slots=True)
+class StepInputs:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    attention: AttentionBatch
+    sample_rows: list[int]  # rows of the hidden states whose next token is sampled
+    sampling: list[Sequence]  # the sequences those rows belong to
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
+                 block_size: int, device: str = "cpu") -> None:
+        self.cfg = cfg
+        self.model = model
+        self.block_size = block_size
+        self.device = torch.device(device)
+        self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
+                                     cfg.head_dim, dtype=cfg.dtype, device=self.device)
+
+    def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """Compute `n` new tokens of each sequence; decodes (n == 1) must come first.
+        Returns the sequences that reached their last known token and their logits."""
+        inputs = self.prepare(chunks)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention)
+        logits = self.model.compute_logits(hidden[inputs.sample_rows])
+        return inputs.sampling, logits
+
+    def prepare(self, chunks: list[tuple[Sequence, int]]) -> StepInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampling: list[Sequence] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        prefills: list[PrefillSlice] = []
+        bs = self.block_size
+        for seq, n in chunks:
+            start = seq.num_computed_tokens
+            end = start + n
+            row = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            blocks = seq.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
+            if n == 1 and not prefills:
+                decode_tables.append(blocks[:(end + bs - 1) // bs])
+                decode_lens.append(end)
+            else:
+                prefills.append(self._prefill_slice(row, n, start, blocks))
+            if end == seq.num_tokens:
+                sample_rows.append(row + n - 1)
+                sampling.append(seq)
+        attention = AttentionBatch(
+            slot_mapping=self._tensor(slots),
+            num_decode_tokens=len(decode_lens),
+            decode_block_tables=self._padded(decode_tables) if decode_tables else None,
+            decode_mask=self._decode_mask(decode_lens) if decode_lens else None,
+            prefills=prefills,
+        )
+        return StepInputs(self._tensor(ids), self._tensor(positions), attention, sample_rows, sampling)
+
+    def _prefill_slice(self, row: int, n: int, start: int, blocks: list[int]) -> PrefillSlice:
+        if start == 0:
+            return PrefillSlice(start=row, end=row + n, context_len=n)
+        # Part of the context is already cached (an earlier chunk or a prefix hit):
+        # read it back and mask causally, offset by that prefix.
+        context = start + n
+        table = self._tensor(blocks[:(context + self.block_size - 1) // self.block_size])
+        keys = torch.arange(context, device=self.device)
+        queries = torch.arange(start, context, device=self.device)
+        mask = keys.unsqueeze(0) <= queries.unsqueeze(1)
+        return PrefillSlice(start=row, end=row + n, context_len=context, block_table=table, mask=mask)
+
+    def _padded(self, tables: list[list[int]]) -> torch.Tensor:
+        # Padding points at block 0; the mask keeps those slots out of attention.
+        width = max(len(t) for t in tables)
+        for t in tables:
+            t.extend([0] * (width - len(t)))
+        return self._tensor(tables)
+
+    def _decode_mask(self, lens: list[int]) -> torch.Tensor:
+        width = -(-max(lens) // self.block_size) * self.block_size
+        keys = torch.arange(width, device=self.device)
+        return (keys.unsqueeze(0) < self._tensor(lens).unsqueeze(1)).view(len(lens), 1, 1, width)
+
+    def _tensor(self, values: list) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    # -- KV handoff ------------------------------------------------------------------
+    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim]."""
+        return self.kv_caches[:, :, self._tensor(block_ids)].cpu()
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        expected = (self.kv_caches.shape[0], 2, len(block_ids), *self.kv_caches.shape[3:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
+        self.kv_caches[:, :, self._tensor(block_ids)] = data.to(self.kv_caches.device, self.kv_caches.dtype)

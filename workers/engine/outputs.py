@@ -1,0 +1,68 @@
+"""What the engine reports: per-request step outputs, KV state, and engine stats."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from workers.engine.sampler import SampledToken
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutput:
+    """New tokens of one request from one step. `start_index` is the absolute output
+    position of new_token_ids[0], so a consumer can drop what it already has."""
+
+    request_id: str
+    start_index: int
+    new_token_ids: tuple[int, ...]
+    new_logprobs: Optional[tuple[SampledToken, ...]]  # when the request asked for logprobs
+    new_text: str
+    finish_reason: Optional[str] = None  # "stop", "length" or "abort"
+    stop_reason: Union[int, str, None] = None  # the stop token id or stop string matched
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True, slots=True)
+class KVState:
+    """Where a request's KV lives in one engine, for migration and P/D handoff."""
+
+    request_id: str
+    block_ids: tuple[int, ...]
+    num_computed_tokens: int  # tokens whose KV those blocks hold
+    token_ids: tuple[int, ...]  # prompt then output
+    num_prompt_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class KVReservation:
+    reservation_id: str
+    block_ids: tuple[int, ...]
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+    prefix_cache_hit_rate: float  # hit tokens / prompt tokens looked up
+    num_preemptions: int
+    num_steps: int
+    mean_step_time_s: float  # over the recent steps
+    mean_model_time_s: float  # forward + logits part of those steps
+    prompt_tokens: int
+    generation_tokens: int
+
+    @property
+    def overhead_share(self) -> float:
+        """Share of step time spent outside the model: scheduling, sampling, bookkeeping."""
+        if self.mean_step_time_s == 0:
+            return 0.0
+        return 1.0 - self.mean_model_time_s / self.mean_step_time_s
