@@ -149,7 +149,11 @@ class LLMEngine:
         text = delta.text
         if reason is not None:
             if delta.stop_string is None:
-                text += detok.flush().text  # held-back text was real output after all
+                # Held-back text is real output after all, unless it completes a stop.
+                tail = detok.flush()
+                text += tail.text
+                if tail.stop_string is not None:
+                    reason, stop_reason = "stop", tail.stop_string
             self.scheduler.remove(seq)
             del self.requests[seq.request_id]
         logprobs = (token,) if seq.params.logprobs is not None else None
