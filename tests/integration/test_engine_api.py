@@ -23,16 +23,21 @@ def prompt(seed: int, n: int) -> list[int]:
     return [rng.randrange(4, 1000) for _ in range(n)]
 
 
-def run_to_end(engine: LLMEngine, first_index: int = 0) -> dict[str, list[int]]:
-    tokens: dict[str, list[int]] = {}
+def collect(tokens: dict[str, list[int]], outputs, first_index: int = 0) -> None:
+    for out in outputs:
+        if out.finish_reason == "abort":
+            assert out.new_token_ids == ()
+            continue
+        got = tokens.setdefault(out.request_id, [])
+        assert out.start_index == first_index + len(got)  # absolute: no gap, no repeat
+        got.extend(out.new_token_ids)
+
+
+def run_to_end(engine: LLMEngine, tokens: dict[str, list[int]] | None = None,
+               first_index: int = 0) -> dict[str, list[int]]:
+    tokens = {} if tokens is None else tokens
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finish_reason == "abort":
-                assert out.new_token_ids == ()
-                continue
-            got = tokens.setdefault(out.request_id, [])
-            assert out.start_index == first_index + len(got)  # absolute: no gap, no repeat
-            got.extend(out.new_token_ids)
+        collect(tokens, engine.step(), first_index)
     return tokens
 
 
@@ -42,13 +47,14 @@ def test_abort_at_any_point_frees_every_block(llama_dir):
     for i in range(4):
         engine.add_request(f"r{i}", prompt(i, 50), GREEDY)
     assert engine.abort("r3")  # still waiting
-    engine.step()  # r0 is mid-prefill
+    tokens: dict[str, list[int]] = {}
+    collect(tokens, engine.step())  # r0 is mid-prefill
     assert engine.abort("r0")
     for _ in range(5):
-        engine.step()
+        collect(tokens, engine.step())
     assert engine.abort("r1")  # decoding
     assert not engine.abort("nope")
-    tokens = run_to_end(engine)
+    run_to_end(engine, tokens)
     assert len(tokens["r2"]) == 40
     assert engine.stats().num_free_blocks == total
     assert engine.stats().num_running == engine.stats().num_waiting == 0

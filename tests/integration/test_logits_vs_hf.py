@@ -30,7 +30,7 @@ VARIANTS = {
 
 
 def reference_logits(model_dir, tokens: list[int]) -> torch.Tensor:
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="sdpa")
     with torch.no_grad():
         return hf(input_ids=torch.tensor([tokens])).logits[0]
 

@@ -56,6 +56,7 @@ class ModelConfig:
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool
     num_experts: int  # 0 for dense models
     num_experts_per_token: int
     dtype: torch.dtype
@@ -88,6 +89,8 @@ def parse_model_config(raw: dict[str, Any], dtype: Optional[str], source: str) -
         )
     if raw.get("sliding_window") and raw.get("use_sliding_window", arch != "Qwen2ForCausalLM"):
         raise ModelConfigError(f"{source}: sliding_window={raw['sliding_window']} is not supported")
+    if raw.get("mlp_bias"):
+        raise ModelConfigError(f"{source}: mlp_bias=true is not supported")
     hidden = _required(raw, "hidden_size", source)
     heads = _required(raw, "num_attention_heads", source)
     kv_heads = raw.get("num_key_value_heads") or heads
@@ -111,8 +114,10 @@ def parse_model_config(raw: dict[str, Any], dtype: Optional[str], source: str) -
         rope_scaling=_rope_scaling(raw, source),
         max_position_embeddings=raw.get("max_position_embeddings", 2048),
         tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        # Qwen2 always has q/k/v biases; Llama only when attention_bias says so.
+        # Qwen2 always has q/k/v biases and none on o_proj; Llama's attention_bias
+        # puts one on all four.
         qkv_bias=arch == "Qwen2ForCausalLM" or bool(raw.get("attention_bias", False)),
+        o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
         num_experts=raw.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0,
         num_experts_per_token=raw.get("num_experts_per_tok", 2),
         dtype=_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32", source),

@@ -45,6 +45,7 @@ class Attention(nn.Module):
         self.qkv_weight = _param(q_size + 2 * kv_size, cfg.hidden_size, dtype=cfg.dtype)
         self.qkv_bias = _param(q_size + 2 * kv_size, dtype=cfg.dtype) if cfg.qkv_bias else None
         self.o_weight = _param(cfg.hidden_size, q_size, dtype=cfg.dtype)
+        self.o_bias = _param(cfg.hidden_size, dtype=cfg.dtype) if cfg.o_bias else None
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
@@ -55,7 +56,7 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         o = paged_attention(q, k, v, kv_cache, batch, self.scale)
-        return F.linear(o.flatten(1), self.o_weight)
+        return F.linear(o.flatten(1), self.o_weight, self.o_bias)
 
 
 class MLP(nn.Module):
@@ -127,6 +128,8 @@ class LlamaForCausalLM(nn.Module):
             if attn.qkv_bias is not None:
                 loader.copy_parts(attn.qkv_bias, [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"])
             loader.copy(attn.o_weight, prefix + "self_attn.o_proj.weight")
+            if attn.o_bias is not None:
+                loader.copy(attn.o_bias, prefix + "self_attn.o_proj.bias")
             loader.copy(layer.input_layernorm.weight, prefix + "input_layernorm.weight")
             loader.copy(layer.post_attention_layernorm.weight, prefix + "post_attention_layernorm.weight")
             self.load_mlp(loader, layer.mlp, prefix)
