@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
 from cluster.cli import MODEL_KINDS, main
-from workers.models.tiny import PRESETS, TOKENIZER_VOCAB_SIZE, make_tiny_model, resolve_model, split_shards
+from workers.models.tiny import (FORMAT_VERSION, PRESETS, TOKENIZER_VOCAB_SIZE, make_tiny_model, resolve_model,
+                                 split_shards)
 from workers.models.weights import CheckpointFiles
 
 KINDS = ["tiny-llama", "tiny-moe", "tiny-qwen2"]
@@ -209,11 +210,11 @@ def test_resolve_model_makes_preset_once_in_cache(tmp_path: Path, monkeypatch: p
         t.start()
     for t in threads:
         t.join()
-    assert results == [tmp_path / "tiny-qwen2-seed0"] * 2
-    assert [p.name for p in tmp_path.iterdir()] == ["tiny-qwen2-seed0"]  # no temp dirs left behind
-    mtime = (tmp_path / "tiny-qwen2-seed0" / "model.safetensors").stat().st_mtime_ns
-    assert resolve_model("tiny-qwen2") == tmp_path / "tiny-qwen2-seed0"
-    assert (tmp_path / "tiny-qwen2-seed0" / "model.safetensors").stat().st_mtime_ns == mtime
+    assert results == [tmp_path / f"tiny-qwen2-seed0-v{FORMAT_VERSION}"] * 2
+    assert [p.name for p in tmp_path.iterdir()] == [f"tiny-qwen2-seed0-v{FORMAT_VERSION}"]  # no temp dirs left behind
+    mtime = (tmp_path / f"tiny-qwen2-seed0-v{FORMAT_VERSION}" / "model.safetensors").stat().st_mtime_ns
+    assert resolve_model("tiny-qwen2") == tmp_path / f"tiny-qwen2-seed0-v{FORMAT_VERSION}"
+    assert (tmp_path / f"tiny-qwen2-seed0-v{FORMAT_VERSION}" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
 def test_resolve_model_directories(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,6 +23,9 @@ from safetensors.torch import save_file
 
 CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
 TOKENIZER_VOCAB_SIZE = 1024
+# Part of the cache directory name: bump it when the weights, tokenizer or config a
+# preset makes change, so an old cache is never silently reused.
+FORMAT_VERSION = 1
 # Llama's ids for the first three, then a pad token and chat role markers.
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
@@ -303,7 +306,7 @@ def resolve_model(name_or_dir: str, seed: int = 0) -> Path:
     Preset names win over a same-named relative directory; write `./tiny-llama` for that.
     """
     if name_or_dir in PRESETS:
-        final = cache_root() / f"{name_or_dir}-seed{seed}"
+        final = cache_root() / f"{name_or_dir}-seed{seed}-v{FORMAT_VERSION}"
         if not (final / "config.json").is_file():
             final.parent.mkdir(parents=True, exist_ok=True)
             # Build in a private sibling and rename: rename is atomic, so a concurrent

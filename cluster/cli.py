@@ -1,0 +1,104 @@
+"""The `yard` command line: argument parsing only; each subcommand calls into the library.
+
+Heavy imports (torch, the engine) happen inside the subcommand that needs them, so
+`yard --help` stays instant.
+
+To add a subcommand: write `_add_<name>(subparsers)` that registers its parser with
+`set_defaults(func=...)`, and call it from `build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+MODEL_KINDS = ("tiny-llama", "tiny-moe", "tiny-qwen2", "llama-100m")  # workers.models.tiny.PRESETS
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _add_model(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="make or locate model checkpoints")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+
+    make = model_sub.add_parser("make", help="write a seeded random model in Hugging Face format")
+    make.add_argument("kind", choices=MODEL_KINDS)
+    make.add_argument("--out", required=True, help="directory to write into (created if needed)")
+    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--dtype", choices=DTYPES, default="float32")
+    make.add_argument("--shards", type=_positive_int, default=1, help="number of safetensors shard files")
+    make.set_defaults(func=_model_make)
+
+    path = model_sub.add_parser("path", help="print a model's directory, making a preset in the cache if absent")
+    path.add_argument("model", help="preset name or model directory")
+    path.set_defaults(func=_model_path)
+
+
+def _model_make(args: argparse.Namespace) -> int:
+    from workers.models.tiny import make_tiny_model
+
+    out = make_tiny_model(args.kind, args.out, seed=args.seed, dtype=args.dtype, shards=args.shards)
+    print(out)
+    return 0
+
+
+def _model_path(args: argparse.Namespace) -> int:
+    from workers.models.tiny import resolve_model
+
+    print(resolve_model(args.model))
+    return 0
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate text offline with the in-process engine")
+    gen.add_argument("--model", required=True, help="preset name or model directory")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-tokens", type=_positive_int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--dtype", choices=DTYPES, default=None, help="default: the engine's choice")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.set_defaults(func=_generate)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from workers import LLM, SamplingParams
+    from workers.models.tiny import resolve_model
+
+    model_kwargs = {} if args.dtype is None else {"dtype": args.dtype}
+    llm = LLM(model=str(resolve_model(args.model)), **model_kwargs)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.chat:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params)
+    else:
+        outputs = llm.generate([args.prompt], params)
+    print(outputs[0].text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yard", description="yard: a serving cluster for large language models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_model(sub)
+    _add_generate(sub)
+    # Further subcommands (serve, deploy, bench, ...) register here.
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, not a traceback
+        print(f"yard: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
