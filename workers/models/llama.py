@@ -7,7 +7,7 @@ merged into one matmul each, as checkpoints are loaded.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -124,9 +124,9 @@ class LlamaForCausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             attn = layer.self_attn
-            loader.copy_parts(attn.qkv_weight, [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"])
+            loader.copy_parts(attn.qkv_weight, [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"], attn.split)
             if attn.qkv_bias is not None:
-                loader.copy_parts(attn.qkv_bias, [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"])
+                loader.copy_parts(attn.qkv_bias, [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"], attn.split)
             loader.copy(attn.o_weight, prefix + "self_attn.o_proj.weight")
             if attn.o_bias is not None:
                 loader.copy(attn.o_bias, prefix + "self_attn.o_proj.bias")
@@ -153,13 +153,9 @@ class _Loader:
                 f"expected {tuple(dest.shape)}")
         dest.copy_(src)
 
-    def copy_parts(self, dest: torch.Tensor, names: list[str]) -> None:
-        """Fill `dest` from several tensors stacked along dim 0 (merged q/k/v, gate/up)."""
-        offset = 0
-        for name in names:
-            src = self.files.get(name)
-            rows = src.shape[0]
-            self.copy(dest[offset:offset + rows], name)
-            offset += rows
-        if offset != dest.shape[0]:
-            raise ModelLoadError(f"tensors {names} have {offset} rows in all, expected {dest.shape[0]}")
+    def copy_parts(self, dest: torch.Tensor, names: list[str], sizes: Optional[tuple[int, ...]] = None) -> None:
+        """Fill `dest` from several tensors stacked along dim 0 (merged q/k/v, gate/up);
+        equal parts unless `sizes` says otherwise."""
+        parts = dest.split(list(sizes) if sizes else dest.shape[0] // len(names))
+        for part, name in zip(parts, names, strict=True):
+            self.copy(part, name)
