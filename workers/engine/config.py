@@ -23,8 +23,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     seed: int = 0  # for requests without a seed of their own
     kv_reservation_timeout_s: float = 30.0
+    # "auto": the compiled CPU decode kernel where it applies (CPU, float32);
+    # "torch": always the plain PyTorch attention.
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.attention_backend not in ("auto", "torch"):
+            raise ValueError(f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):

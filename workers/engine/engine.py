@@ -54,7 +54,8 @@ class LLMEngine:
                                    watermark_blocks=num_blocks // 100)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.blocks)
-        self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device)
+        self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
+                                  config.attention_backend)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}

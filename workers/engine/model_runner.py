@@ -12,6 +12,7 @@ import torch
 
 from workers.engine.sequence import Sequence
 from workers.layers.attention import AttentionBatch, PrefillSlice
+from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
 
@@ -33,11 +34,14 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
-                 block_size: int, device: str = "cpu") -> None:
+                 block_size: int, device: str = "cpu", attention_backend: str = "auto") -> None:
         self.cfg = cfg
         self.model = model
         self.block_size = block_size
         self.device = torch.device(device)
+        # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
+        use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
+        self.decode_kernel = load_decode_kernel() if use_kernel else None
         self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
                                      cfg.head_dim, dtype=cfg.dtype, device=self.device)
 
@@ -79,8 +83,10 @@ class ModelRunner:
             slot_mapping=self._tensor(slots),
             num_decode_tokens=len(decode_lens),
             decode_block_tables=self._padded(decode_tables) if decode_tables else None,
-            decode_mask=self._decode_mask(decode_lens) if decode_lens else None,
+            decode_lens=self._tensor(decode_lens) if decode_lens else None,
+            decode_mask=self._decode_mask(decode_lens) if decode_lens and not self.decode_kernel else None,
             prefills=prefills,
+            decode_kernel=self.decode_kernel,
         )
         return StepInputs(self._tensor(ids), self._tensor(positions), attention, sample_rows, sampling)
 

@@ -10,7 +10,7 @@ This function is the seam where a paged or flash kernel replaces it on GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,8 +39,13 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [tokens] flat slot index (block * block_size + offset)
     num_decode_tokens: int
     decode_block_tables: Optional[torch.Tensor]  # [decodes, max_blocks]
-    decode_mask: Optional[torch.Tensor]  # [decodes, 1, 1, max_blocks * block_size] True = attend
+    decode_lens: Optional[torch.Tensor]  # [decodes] context length of each
+    # The PyTorch path needs [decodes, 1, 1, max_blocks * block_size], True = attend;
+    # a decode kernel reads lens instead and is called as
+    # kernel(q, k_cache, v_cache, tables, lens, scale).
+    decode_mask: Optional[torch.Tensor]
     prefills: list[PrefillSlice]
+    decode_kernel: Optional[Callable[..., torch.Tensor]] = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -63,9 +68,12 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             batch: AttentionBatch, scale: float) -> torch.Tensor:
     tables = batch.decode_block_tables
+    if batch.decode_kernel is not None:
+        return batch.decode_kernel(q, k_cache, v_cache, tables, batch.decode_lens, scale)
     n, width = tables.shape[0], tables.shape[1] * k_cache.shape[1]
-    keys = k_cache[tables].view(n, width, *k_cache.shape[2:]).transpose(1, 2)
-    values = v_cache[tables].view(n, width, *v_cache.shape[2:]).transpose(1, 2)
+    flat = tables.flatten()  # index_select copies whole blocks: faster than k_cache[tables]
+    keys = k_cache.index_select(0, flat).view(n, width, *k_cache.shape[2:]).transpose(1, 2)
+    values = v_cache.index_select(0, flat).view(n, width, *v_cache.shape[2:]).transpose(1, 2)
     o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=batch.decode_mask,
                                        scale=scale, enable_gqa=True)
     return o.squeeze(2)
@@ -73,18 +81,20 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
              v_cache: torch.Tensor, p: PrefillSlice, scale: float) -> torch.Tensor:
-    qs = q[p.start:p.end].transpose(0, 1)
+    # 4-D [1, heads, tokens, head_dim]: CPU's flash kernel takes only batched inputs.
+    qs = q[p.start:p.end].transpose(0, 1).unsqueeze(0)
     if p.block_table is None:
         # The whole context is this chunk: plain causal attention on the fresh k, v.
-        ks, vs = k[p.start:p.end].transpose(0, 1), v[p.start:p.end].transpose(0, 1)
+        ks = k[p.start:p.end].transpose(0, 1).unsqueeze(0)
+        vs = v[p.start:p.end].transpose(0, 1).unsqueeze(0)
         o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
     else:
         ks = _gather(k_cache, p.block_table, p.context_len)
         vs = _gather(v_cache, p.block_table, p.context_len)
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=p.mask, scale=scale, enable_gqa=True)
-    return o.transpose(0, 1)
+    return o[0].transpose(0, 1)
 
 
 def _gather(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    """[kv_heads, length, head_dim] of one sequence's cached keys or values."""
-    return cache[table].flatten(0, 1)[:length].transpose(0, 1)
+    """[1, kv_heads, length, head_dim] of one sequence's cached keys or values."""
+    return cache.index_select(0, table).flatten(0, 1)[:length].transpose(0, 1).unsqueeze(0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.layers.attention import AttentionBatch, paged_attention
+from workers.layers.linear import Linear
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
 from workers.models.weights import CheckpointFiles, ModelLoadError
@@ -42,21 +43,19 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.split = (q_size, kv_size, kv_size)
-        self.qkv_weight = _param(q_size + 2 * kv_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.qkv_bias = _param(q_size + 2 * kv_size, dtype=cfg.dtype) if cfg.qkv_bias else None
-        self.o_weight = _param(cfg.hidden_size, q_size, dtype=cfg.dtype)
-        self.o_bias = _param(cfg.hidden_size, dtype=cfg.dtype) if cfg.o_bias else None
+        self.qkv = Linear(cfg.hidden_size, q_size + 2 * kv_size, cfg.qkv_bias, cfg.dtype)
+        self.o = Linear(q_size, cfg.hidden_size, cfg.o_bias, cfg.dtype)
         self.scale = self.head_dim ** -0.5
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split(self.split, dim=-1)
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         o = paged_attention(q, k, v, kv_cache, batch, self.scale)
-        return F.linear(o.flatten(1), self.o_weight, self.o_bias)
+        return self.o(o.flatten(1))
 
 
 class MLP(nn.Module):
@@ -64,12 +63,12 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_up_weight = _param(2 * cfg.intermediate_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.down_weight = _param(cfg.hidden_size, cfg.intermediate_size, dtype=cfg.dtype)
+        self.gate_up = Linear(cfg.hidden_size, 2 * cfg.intermediate_size, False, cfg.dtype)
+        self.down = Linear(cfg.intermediate_size, cfg.hidden_size, False, cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_weight)
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -95,8 +94,8 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = _param(cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
         self.layers = nn.ModuleList(DecoderLayer(cfg, type(self).make_mlp) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else _param(
-            cfg.vocab_size, cfg.hidden_size, dtype=cfg.dtype)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, False, cfg.dtype,
+                              weight=self.embed_tokens if cfg.tie_word_embeddings else None)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, cfg.dtype)
 
@@ -111,7 +110,13 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return self.lm_head(hidden).float()
+
+    def pack(self) -> None:
+        """Lay out every linear weight for the device's fast path, once loaded."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
 
     # -- loading -----------------------------------------------------------------
     def load_weights(self, files: CheckpointFiles) -> None:
@@ -120,23 +125,23 @@ class LlamaForCausalLM(nn.Module):
         loader.copy(self.embed_tokens, "model.embed_tokens.weight")
         loader.copy(self.norm.weight, "model.norm.weight")
         if not self.cfg.tie_word_embeddings:
-            loader.copy(self.lm_head, "lm_head.weight")
+            loader.copy(self.lm_head.weight, "lm_head.weight")
         for i, layer in enumerate(self.layers):
             prefix = f"model.layers.{i}."
             attn = layer.self_attn
-            loader.copy_parts(attn.qkv_weight, [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"], attn.split)
-            if attn.qkv_bias is not None:
-                loader.copy_parts(attn.qkv_bias, [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"], attn.split)
-            loader.copy(attn.o_weight, prefix + "self_attn.o_proj.weight")
-            if attn.o_bias is not None:
-                loader.copy(attn.o_bias, prefix + "self_attn.o_proj.bias")
+            loader.copy_parts(attn.qkv.weight, [prefix + f"self_attn.{p}_proj.weight" for p in "qkv"], attn.split)
+            if attn.qkv.bias is not None:
+                loader.copy_parts(attn.qkv.bias, [prefix + f"self_attn.{p}_proj.bias" for p in "qkv"], attn.split)
+            loader.copy(attn.o.weight, prefix + "self_attn.o_proj.weight")
+            if attn.o.bias is not None:
+                loader.copy(attn.o.bias, prefix + "self_attn.o_proj.bias")
             loader.copy(layer.input_layernorm.weight, prefix + "input_layernorm.weight")
             loader.copy(layer.post_attention_layernorm.weight, prefix + "post_attention_layernorm.weight")
             self.load_mlp(loader, layer.mlp, prefix)
 
     def load_mlp(self, loader: "_Loader", mlp: nn.Module, prefix: str) -> None:
-        loader.copy_parts(mlp.gate_up_weight, [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"])
-        loader.copy(mlp.down_weight, prefix + "mlp.down_proj.weight")
+        loader.copy_parts(mlp.gate_up.weight, [prefix + "mlp.gate_proj.weight", prefix + "mlp.up_proj.weight"])
+        loader.copy(mlp.down.weight, prefix + "mlp.down_proj.weight")
 
 
 class _Loader:

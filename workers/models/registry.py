@@ -27,4 +27,5 @@ def load_model(model_dir: Path, dtype: Optional[str] = None,
         model = MODEL_CLASSES[cfg.architecture](cfg)
     with CheckpointFiles(model_dir) as files:
         model.load_weights(files)
+    model.pack()
     return cfg, model.eval()
