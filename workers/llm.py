@@ -58,6 +58,8 @@ class LLM:
     def chat(self, messages: Union[Messages, Seq[Messages]],
              sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None) -> list[CompletionOutput]:
         """One conversation (a list of {"role", "content"}) or a list of them."""
+        if not messages:
+            raise ValueError("messages must not be empty")
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         outputs = [CompletionOutput(prompt=None, prompt_token_ids=encode_chat(self.tokenizer, list(c)))
                    for c in conversations]

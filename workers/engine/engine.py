@@ -64,6 +64,8 @@ class LLMEngine:
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
         self._num_steps = 0
+        self._total_step_time = 0.0
+        self._total_model_time = 0.0
         self._prompt_tokens = 0
         self._generation_tokens = 0
 
@@ -136,8 +138,11 @@ class LLMEngine:
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids) for s in sampling]
             for seq, token in zip(sampling, self.sampler(logits, rows)):
                 outputs.append(self._append_token(seq, token))
+        step_time = time.perf_counter() - start
         self._num_steps += 1
-        self._step_times.append((time.perf_counter() - start, model_time))
+        self._step_times.append((step_time, model_time))
+        self._total_step_time += step_time
+        self._total_model_time += model_time
         return outputs
 
     def _append_token(self, seq: Sequence, token: SampledToken) -> StepOutput:
@@ -195,6 +200,8 @@ class LLMEngine:
             num_steps=self._num_steps,
             mean_step_time_s=sum(s for s, _ in steps) / len(steps) if steps else 0.0,
             mean_model_time_s=sum(m for _, m in steps) / len(steps) if steps else 0.0,
+            total_step_time_s=self._total_step_time,
+            total_model_time_s=self._total_model_time,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
         )

@@ -57,6 +57,8 @@ class EngineStats:
     num_steps: int
     mean_step_time_s: float  # over the recent steps
     mean_model_time_s: float  # forward + logits part of those steps
+    total_step_time_s: float  # since the engine started
+    total_model_time_s: float
     prompt_tokens: int
     generation_tokens: int
 
