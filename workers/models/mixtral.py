@@ -13,15 +13,19 @@ from torch import nn
 
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM, _Loader, _param
+from workers.parallel.group import TPGroup
+from workers.parallel.shards import ShardPlan
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, plan: ShardPlan) -> None:
         super().__init__()
+        self.tp = tp
         self.top_k = cfg.num_experts_per_token
+        # The router is replicated; every expert's FFN is split on its intermediate dim.
         self.gate_weight = _param(cfg.num_experts, cfg.hidden_size, dtype=cfg.dtype)
-        self.w13 = _param(cfg.num_experts, 2 * cfg.intermediate_size, cfg.hidden_size, dtype=cfg.dtype)
-        self.w2 = _param(cfg.num_experts, cfg.hidden_size, cfg.intermediate_size, dtype=cfg.dtype)
+        self.w13 = _param(cfg.num_experts, 2 * plan.intermediate, cfg.hidden_size, dtype=cfg.dtype)
+        self.w2 = _param(cfg.num_experts, cfg.hidden_size, plan.intermediate, dtype=cfg.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = F.linear(x, self.gate_weight)
@@ -46,7 +50,7 @@ class SparseMoE(nn.Module):
             gate, up = F.linear(x[tokens], self.w13[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[expert])
             out.index_add_(0, tokens, y * weights.flatten()[rows].unsqueeze(-1))
-        return out
+        return self.tp.all_reduce(out)
 
 
 class MixtralForCausalLM(LlamaForCausalLM):
@@ -55,7 +59,10 @@ class MixtralForCausalLM(LlamaForCausalLM):
     def load_mlp(self, loader: _Loader, mlp: nn.Module, prefix: str) -> None:
         moe = prefix + "block_sparse_moe."
         loader.copy(mlp.gate_weight, moe + "gate.weight")
+        start, full = self.plan.intermediate_start, self.cfg.intermediate_size
         for e in range(mlp.w13.shape[0]):
             expert = f"{moe}experts.{e}."
-            loader.copy_parts(mlp.w13[e], [expert + "w1.weight", expert + "w3.weight"])
-            loader.copy(mlp.w2[e], expert + "w2.weight")
+            gate, up = mlp.w13[e].chunk(2)
+            loader.copy(gate, expert + "w1.weight", 0, start, full)
+            loader.copy(up, expert + "w3.weight", 0, start, full)
+            loader.copy(mlp.w2[e], expert + "w2.weight", 1, start, full)

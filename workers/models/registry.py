@@ -11,6 +11,7 @@ from workers.models.config import ModelConfig, load_model_config
 from workers.models.llama import LlamaForCausalLM
 from workers.models.mixtral import MixtralForCausalLM
 from workers.models.weights import CheckpointFiles
+from workers.parallel.group import TPGroup
 
 MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -20,11 +21,12 @@ MODEL_CLASSES: dict[str, type[LlamaForCausalLM]] = {
 }
 
 
-def load_model(model_dir: Path, dtype: Optional[str] = None,
-               device: str = "cpu") -> tuple[ModelConfig, LlamaForCausalLM]:
+def load_model(model_dir: Path, dtype: Optional[str] = None, device: str = "cpu",
+               tp: Optional[TPGroup] = None) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """The model, or with `tp` this rank's shard of it."""
     cfg = load_model_config(model_dir, dtype)
     with torch.device(device):
-        model = MODEL_CLASSES[cfg.architecture](cfg)
+        model = MODEL_CLASSES[cfg.architecture](cfg, tp)
     with CheckpointFiles(model_dir) as files:
         model.load_weights(files)
     model.pack()

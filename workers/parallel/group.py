@@ -1,0 +1,97 @@
+"""A tensor-parallel group: which rank this is, how many there are, and the
+collectives the model layers need.
+
+Each model instance gets its own process group object, built straight from a
+TCPStore (not torch.distributed's process-global default group), so two instances,
+or two ranks-0 of different instances, can live in one process without colliding.
+The store listens on a port the OS hands out: no fixed ports.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+class RankFailure(RuntimeError):
+    """A collective failed or timed out: a rank died or hangs."""
+
+
+@dataclass(frozen=True)
+class TPGroup:
+    rank: int = 0
+    size: int = 1
+    pg: Optional[Any] = None  # a ProcessGroupGloo (CPU); None when size == 1
+    store: Optional[Any] = None  # the leader's TCPStore must outlive the group
+
+    @property
+    def is_leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum across ranks, in place."""
+        if self.size > 1:
+            _wait(self.pg.allreduce([x]))
+        return x
+
+    def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        _wait(self.pg.allgather([parts], [x.contiguous()]))
+        return torch.cat(parts, dim=-1)
+
+    def broadcast_object(self, obj: Any = None) -> Any:
+        """The leader's `obj` on every rank (pickled into a byte tensor)."""
+        if self.is_leader:
+            data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
+            size = torch.tensor([data.numel()], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        _wait(self.pg.broadcast(size, 0))
+        if not self.is_leader:
+            data = torch.empty(int(size.item()), dtype=torch.uint8)
+        _wait(self.pg.broadcast(data, 0))
+        return obj if self.is_leader else pickle.loads(data.numpy().tobytes())
+
+    def gather_to_leader(self, x: torch.Tensor) -> Optional[list[torch.Tensor]]:
+        """Every rank's `x` (same shape on all ranks), on the leader; None elsewhere."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        _wait(self.pg.allgather([parts], [x.contiguous()]))
+        return parts if self.is_leader else None
+
+    def scatter_from_leader(self, parts: Optional[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+        """Rank r receives the leader's parts[r]; `like` gives shape and dtype."""
+        out = torch.empty_like(like)
+        opts = dist.ScatterOptions()
+        opts.rootRank = 0
+        _wait(self.pg.scatter([out], [[p.contiguous() for p in parts]] if self.is_leader else [], opts))
+        return out
+
+
+def _wait(work: Any) -> None:
+    try:
+        work.wait()
+    except RuntimeError as e:
+        raise RankFailure(f"tensor-parallel collective failed: {e}") from e
+
+
+def open_store(host: str, world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The leader's rendezvous store, on a port the OS picks (read it from .port)."""
+    return dist.TCPStore(host, 0, world_size, True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def join_group(store: Optional[dist.TCPStore], host: str, port: int, rank: int, size: int,
+               timeout_s: float) -> TPGroup:
+    """Build this rank's process group; blocks until every rank has joined."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, size, False, timeout=timeout)
+    pg = dist.ProcessGroupGloo(store, rank, size, timeout)
+    return TPGroup(rank=rank, size=size, pg=pg, store=store)
