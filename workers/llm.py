@@ -44,6 +44,16 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
+    def shutdown(self) -> None:
+        """Release the tensor-parallel ranks, if any."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,
                  priority: Optional[Seq[int]] = None) -> list[CompletionOutput]:
@@ -89,7 +99,7 @@ class LLM:
                 if step.new_logprobs is not None:
                     out.logprobs.extend(step.new_logprobs)
                 if step.finished:
-                    out.finish_reason, out.stop_reason = step.finish_reason, step.stop_reason
+                    out.finish_reason, out.stop_reason, out.error = step.finish_reason, step.stop_reason, step.error
         return outputs
 
 

@@ -118,8 +118,8 @@ def test_kv_handoff_mid_decode_continues_like_an_undisturbed_run(llama_dir):
     reservation = dest.reserve_kv(state.num_computed_tokens)
     data = source.export_kv(state.block_ids)
     # Two stages, as a live migration copies: the first blocks, then the rest.
-    dest.import_kv(reservation.reservation_id, data[:, :, :3], first_block=0)
-    dest.import_kv(reservation.reservation_id, data[:, :, 3:], first_block=3)
+    dest.import_kv(reservation.reservation_id, data[:, :, :, :3], first_block=0)
+    dest.import_kv(reservation.reservation_id, data[:, :, :, 3:], first_block=3)
     dest.admit_with_kv(reservation.reservation_id, "r", state.token_ids, state.num_prompt_tokens,
                        params, state.num_computed_tokens)
     source.abort("r")

@@ -26,13 +26,25 @@ class EngineConfig:
     # "auto": the compiled CPU decode kernel where it applies (CPU, float32);
     # "torch": always the plain PyTorch attention.
     attention_backend: str = "auto"
+    # Tensor parallelism: ranks 1..N-1 are Ray actors in one placement group; this
+    # engine's process is rank 0. Collectives time out after tp_timeout_s.
+    tensor_parallel_size: int = 1
+    placement_strategy: str = "PACK"  # PACK, STRICT_PACK, SPREAD or STRICT_SPREAD
+    tp_cpus_per_rank: float = 1.0
+    tp_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+        if self.placement_strategy not in ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"):
+            raise ValueError(f"placement_strategy must be PACK, STRICT_PACK, SPREAD or STRICT_SPREAD, "
+                             f"got {self.placement_strategy!r}")
+        for name in ("tp_cpus_per_rank", "tp_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         for name in ("num_kv_blocks", "max_model_len"):
             if getattr(self, name) is not None:

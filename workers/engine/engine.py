@@ -8,10 +8,11 @@ actor calls it in a loop; the offline `LLM` calls it until every request is done
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence as Seq
+from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
 
 import torch
 
@@ -23,10 +24,16 @@ from workers.engine.outputs import EngineStats, KVReservation, KVState, StepOutp
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
+from workers.models.config import load_model_config
 from workers.models.registry import load_model
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import load_tokenizer
+from workers.parallel.group import RankFailure
+from workers.parallel.shards import ShardPlan
 from workers.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from workers.parallel.executor import TPExecutor
 
 _RECENT_STEPS = 64  # window of the step-time averages
 
@@ -42,20 +49,25 @@ class LLMEngine:
         self.config = config
         self.clock = clock
         self.model_dir = resolve_model(config.model)
-        self.model_config, model = load_model(self.model_dir, config.dtype, config.device)
+        mc = self.model_config = load_model_config(self.model_dir, config.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
-        mc = self.model_config
         self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+        tp_size = config.tensor_parallel_size
+        local_kv_heads = ShardPlan.for_rank(mc, 0, tp_size).kv_heads  # checks the split too
         num_blocks = config.num_kv_blocks or int(
-            config.kv_cache_memory_gib * 2**30 // kv_block_bytes(mc, config.block_size))
+            config.kv_cache_memory_gib * 2**30 // kv_block_bytes(mc, config.block_size, local_kv_heads))
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
+        self.executor = self._start_ranks(num_blocks) if tp_size > 1 else None
+        _, model = load_model(self.model_dir, config.dtype, config.device,
+                              tp=self.executor.group if self.executor else None)
+        self.health_error: Optional[str] = None
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    watermark_blocks=num_blocks // 100)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
-                                  config.attention_backend)
+                                  config.attention_backend, tp=model.tp)
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -69,10 +81,28 @@ class LLMEngine:
         self._prompt_tokens = 0
         self._generation_tokens = 0
 
+    def _start_ranks(self, num_blocks: int) -> "TPExecutor":
+        from workers.parallel.executor import TPExecutor  # imports Ray: only when needed
+
+        c = self.config
+        return TPExecutor(self.model_dir, c.dtype, c.tensor_parallel_size, num_blocks, c.block_size, c.device,
+                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s)
+
+    @property
+    def healthy(self) -> bool:
+        return self.health_error is None
+
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        if self.executor is not None:
+            self.executor.shutdown()
+            self.executor = None
+
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     priority: int = 0, arrival_time: Optional[float] = None) -> None:
         """Queue a request. Raises ValueError, naming the field, if it can never run."""
+        self._check_healthy()
         seq = self._new_sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
                                  priority, arrival_time)
         self.requests[request_id] = _Request(seq, self._detokenizer(seq))
@@ -129,7 +159,10 @@ class LLMEngine:
             return outputs
         chunks = [(self.requests[rid].seq, n) for rid, n in plan.chunks.items()]
         model_start = time.perf_counter()
-        sampling, logits = self.runner.execute(chunks)
+        try:
+            sampling, logits = self.runner.execute(chunks)
+        except RankFailure as e:
+            return outputs + self._fail_everything(str(e))
         model_time = time.perf_counter() - model_start
         for seq, n in chunks:
             seq.num_computed_tokens += n
@@ -186,6 +219,21 @@ class LLMEngine:
                           finish_reason=reason, stop_reason=stop_reason,
                           num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
 
+    def _fail_everything(self, error: str) -> list[StepOutput]:
+        """A rank is gone: the instance cannot step again. Every request in it ends
+        with the error, so its caller can retry it elsewhere."""
+        self.health_error = error
+        failed = []
+        for req in list(self.requests.values()):
+            self.scheduler.remove(req.seq)
+            failed.append(dataclasses.replace(self._output(req.seq, (), None, "", "error", None), error=error))
+        self.requests.clear()
+        return failed
+
+    def _check_healthy(self) -> None:
+        if self.health_error is not None:
+            raise RuntimeError(f"engine is unhealthy: {self.health_error}")
+
     def stats(self) -> EngineStats:
         steps = self._step_times
         blocks = self.blocks
@@ -213,9 +261,11 @@ class LLMEngine:
                        seq.num_computed_tokens, tuple(seq.token_ids), seq.num_prompt_tokens)
 
     def export_kv(self, block_ids: Seq[int]) -> torch.Tensor:
-        """Copy of the given blocks, all layers: [layers, 2, n, block_size, kv_heads, head_dim]."""
+        """Copy of the given blocks, all layers, every tensor-parallel rank's shard:
+        [ranks, layers, 2, n, block_size, kv_heads per rank, head_dim]."""
+        self._check_healthy()
         self._check_block_ids(block_ids)
-        return self.runner.read_blocks(list(block_ids))
+        return self.runner.export_blocks(list(block_ids))
 
     def reserve_kv(self, num_tokens: int) -> KVReservation:
         """Hold blocks for `num_tokens` tokens of KV that another engine will send. They
@@ -228,16 +278,18 @@ class LLMEngine:
 
     def import_kv(self, reservation_id: str, data: torch.Tensor, first_block: int = 0) -> None:
         """Write KV into reserved blocks [first_block, first_block + n): staged copies
-        send the blocks of a running request in several parts."""
+        send the blocks of a running request in several parts. Each rank's shard goes
+        to the same rank here."""
+        self._check_healthy()
         res = self._reservation(reservation_id)
-        if data.dim() != 6:
-            raise ValueError(f"KV data must be [layers, 2, blocks, block_size, kv_heads, head_dim], "
+        if data.dim() != 7:
+            raise ValueError(f"KV data must be [ranks, layers, 2, blocks, block_size, kv_heads, head_dim], "
                              f"got shape {tuple(data.shape)}")
-        n = data.shape[2]
+        n = data.shape[3]
         if first_block < 0 or first_block + n > len(res.block_ids):
             raise ValueError(f"import of {n} blocks at {first_block} exceeds reservation "
                              f"{reservation_id} of {len(res.block_ids)} blocks")
-        self.runner.write_blocks(list(res.block_ids[first_block:first_block + n]), data)
+        self.runner.import_blocks(list(res.block_ids[first_block:first_block + n]), data)
 
     def admit_with_kv(self, reservation_id: str, request_id: str, token_ids: Seq[int],
                       num_prompt_tokens: int, params: SamplingParams, num_computed_tokens: int,

@@ -6,7 +6,9 @@ Owns the KV cache tensor: [layers, 2 (K, V), num_blocks, block_size, kv_heads, h
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,11 +17,13 @@ from workers.layers.attention import AttentionBatch, PrefillSlice
 from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
+from workers.parallel.commands import EXPORT, IMPORT, STEP
+from workers.parallel.group import TPGroup
 
 
-def kv_block_bytes(cfg: ModelConfig, block_size: int) -> int:
-    """Bytes one block takes across all layers, K and V."""
-    per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim
+def kv_block_bytes(cfg: ModelConfig, block_size: int, kv_heads: int) -> int:
+    """Bytes one block takes across all layers, K and V, holding `kv_heads` heads."""
+    per_token = 2 * cfg.num_layers * kv_heads * cfg.head_dim
     return per_token * block_size * torch.empty((), dtype=cfg.dtype).element_size()
 
 
@@ -29,29 +33,51 @@ class StepInputs:
     positions: torch.Tensor
     attention: AttentionBatch
     sample_rows: list[int]  # rows of the hidden states whose next token is sampled
-    sampling: list[Sequence]  # the sequences those rows belong to
+    sampling: list[Sequence]  # the sequences those rows belong to (leader only)
+
+    def wire(self) -> "StepInputs":
+        """What the other ranks need: no sequences, no process-local kernel."""
+        return dataclasses.replace(self, sampling=[],
+                                   attention=dataclasses.replace(self.attention, decode_kernel=None))
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
-                 block_size: int, device: str = "cpu", attention_backend: str = "auto") -> None:
+                 block_size: int, device: str = "cpu", attention_backend: str = "auto",
+                 tp: Optional[TPGroup] = None) -> None:
         self.cfg = cfg
         self.model = model
+        self.tp = tp or TPGroup()
         self.block_size = block_size
         self.device = torch.device(device)
         # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
         use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None
-        self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, cfg.num_kv_heads,
+        # This rank's KV heads only (all of them without tensor parallelism).
+        self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.plan.kv_heads,
                                      cfg.head_dim, dtype=cfg.dtype, device=self.device)
 
     def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute `n` new tokens of each sequence; decodes (n == 1) must come first.
         Returns the sequences that reached their last known token and their logits."""
         inputs = self.prepare(chunks)
+        if self.tp.size > 1:
+            self.tp.broadcast_object((STEP, inputs.wire()))
+        return inputs.sampling, self.run(inputs)
+
+    def run(self, inputs: StepInputs) -> torch.Tensor:
+        """The forward on this rank; logits [sampled rows, vocab] (every rank gets them)."""
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention)
-        logits = self.model.compute_logits(hidden[inputs.sample_rows])
-        return inputs.sampling, logits
+        if not inputs.sample_rows:
+            return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def attach(self, wire: StepInputs) -> StepInputs:
+        """Step inputs received from the leader, with this process's decode kernel."""
+        wire.attention.decode_kernel = self.decode_kernel
+        if self.decode_kernel is None and wire.attention.decode_lens is not None and wire.attention.decode_mask is None:
+            wire.attention.decode_mask = self._decode_mask(wire.attention.decode_lens.tolist())
+        return wire
 
     def prepare(self, chunks: list[tuple[Sequence, int]]) -> StepInputs:
         ids: list[int] = []
@@ -118,6 +144,24 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # -- KV handoff ------------------------------------------------------------------
+    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
+        """Every rank's shard of the blocks: [ranks, layers, 2, n, block_size, kv_heads, head_dim]."""
+        if self.tp.size > 1:
+            self.tp.broadcast_object((EXPORT, block_ids))
+            return torch.stack(self.tp.gather_to_leader(self.read_blocks(block_ids)))
+        return self.read_blocks(block_ids).unsqueeze(0)
+
+    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
+        """Write each rank's shard (data[rank]) into the same block ids on that rank."""
+        if data.dim() != 7 or data.shape[0] != self.tp.size:
+            raise ValueError(f"KV data must be [ranks={self.tp.size}, layers, 2, blocks, block_size, "
+                             f"kv_heads, head_dim], got shape {tuple(data.shape)}")
+        if self.tp.size > 1:
+            self.tp.broadcast_object((IMPORT, block_ids, tuple(data.shape[1:])))
+            self.write_blocks(block_ids, self.tp.scatter_from_leader(list(data), data[0]))
+        else:
+            self.write_blocks(block_ids, data[0])
+
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim]."""
         return self.kv_caches[:, :, self._tensor(block_ids)].cpu()

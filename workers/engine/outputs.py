@@ -18,10 +18,11 @@ class StepOutput:
     new_token_ids: tuple[int, ...]
     new_logprobs: Optional[tuple[SampledToken, ...]]  # when the request asked for logprobs
     new_text: str
-    finish_reason: Optional[str] = None  # "stop", "length" or "abort"
+    finish_reason: Optional[str] = None  # "stop", "length", "abort" or "error"
     stop_reason: Union[int, str, None] = None  # the stop token id or stop string matched
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    error: Optional[str] = None  # why the request failed (finish_reason "error")
 
     @property
     def finished(self) -> bool:

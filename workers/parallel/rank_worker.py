@@ -1,0 +1,60 @@
+"""A tensor-parallel rank other than 0: a Ray actor that holds its shard of the model
+and of the KV cache, and follows the leader's commands over the process group.
+
+The leader (rank 0) owns the scheduler. Each step it broadcasts the step's inputs
+through the group; every rank runs the same forward, joining the all-reduces. No Ray
+call crosses per step: Ray only starts the actor and, once, its command loop.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from workers.engine.model_runner import ModelRunner
+from workers.models.registry import load_model
+from workers.parallel.commands import EXPORT, IMPORT, STEP, STOP
+from workers.parallel.group import TPGroup, join_group
+
+
+class RankWorker:
+    def __init__(self, model_dir: str, dtype: Optional[str], rank: int, size: int, num_blocks: int,
+                 block_size: int, device: str, timeout_s: float) -> None:
+        self.args = (Path(model_dir), dtype, device)
+        self.rank, self.size = rank, size
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.timeout_s = timeout_s
+        self.group: Optional[TPGroup] = None
+        self.runner: Optional[ModelRunner] = None
+
+    def join(self, host: str, port: int) -> int:
+        """Join the leader's process group, then load this rank's shard."""
+        self.group = join_group(None, host, port, self.rank, self.size, self.timeout_s)
+        model_dir, dtype, device = self.args
+        cfg, model = load_model(model_dir, dtype, device, tp=self.group)
+        self.runner = ModelRunner(cfg, model, self.num_blocks, self.block_size, device, tp=self.group)
+        return self.rank
+
+    def serve(self) -> str:
+        """Follow the leader until it says stop; a failed collective ends it with an error."""
+        group, runner = self.group, self.runner
+        while True:
+            message: tuple[Any, ...] = group.broadcast_object()
+            command = message[0]
+            if command == STEP:
+                runner.run(runner.attach(message[1]))
+            elif command == EXPORT:
+                group.gather_to_leader(runner.read_blocks(message[1]))
+            elif command == IMPORT:
+                block_ids, shape = message[1], message[2]
+                like = torch.empty(shape, dtype=runner.kv_caches.dtype)
+                runner.write_blocks(block_ids, group.scatter_from_leader(None, like))
+            elif command == STOP:
+                return "stopped"
+            else:
+                raise ValueError(f"unknown tensor-parallel command {command!r}")
+
+    def ping(self) -> int:
+        return self.rank
