@@ -1,0 +1,109 @@
+"""Tensor parallelism across Ray actors (gloo on CPU) against TP=1."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from workers import LLM, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.engine.engine import LLMEngine
+
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+# Chunked prefill (small token budget) and prefix caching stay on.
+ENGINE_ARGS = dict(max_num_batched_tokens=32, enable_prefix_caching=True, tp_cpus_per_rank=0.5,
+                   tp_timeout_s=20.0)
+
+
+def prompts() -> list[list[int]]:
+    rng = random.Random(11)
+    shared = [rng.randrange(4, 1000) for _ in range(34)]  # two full blocks cached
+    return [shared + [rng.randrange(4, 1000) for _ in range(n)] for n in (3, 29)] + \
+           [[rng.randrange(4, 1000) for _ in range(n)] for n in (7, 50)]
+
+
+def run_twice(llm: LLM) -> list:
+    """Generate, then again: the second pass hits the prefix cache."""
+    first = llm.generate(prompts(), PARAMS)
+    second = llm.generate(prompts(), PARAMS)
+    assert llm.engine.blocks.prefix_hit_tokens > 0
+    return first + second
+
+
+@pytest.fixture(scope="module")
+def reference(make_model):
+    return {kind: run_twice(LLM(model=str(make_model(kind)), **ENGINE_ARGS))
+            for kind in ("tiny-llama", "tiny-moe")}
+
+
+@pytest.mark.parametrize("kind", ["tiny-llama", "tiny-moe"])
+@pytest.mark.parametrize("tp", [2, 4])
+def test_tp_matches_tp1(ray_local, make_model, reference, kind, tp):
+    # tiny-moe has 2 KV heads: at TP=4 each is replicated on two ranks.
+    with LLM(model=str(make_model(kind)), tensor_parallel_size=tp, **ENGINE_ARGS) as llm:
+        outs = run_twice(llm)
+        assert llm.engine.runner.kv_caches.shape[4] == max(1, llm.engine.model_config.num_kv_heads // tp)
+    for got, want in zip(outs, reference[kind]):
+        assert got.token_ids == want.token_ids
+        for a, b in zip(got.logprobs, want.logprobs):
+            assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+            assert max(abs(x - y) for (_, x), (_, y) in zip(a.top_logprobs, b.top_logprobs)) <= 1e-4
+
+
+def test_handoff_between_two_tp2_instances(ray_local, make_model):
+    config = EngineConfig(model=str(make_model("tiny-llama")), tensor_parallel_size=2, block_size=8,
+                          **ENGINE_ARGS)
+    tokens = prompts()[1]
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    undisturbed = LLM(model=config.model).generate([tokens], params)[0].token_ids
+    # Two TP=2 instances side by side on one node: their own stores, ports, groups.
+    source, dest = LLMEngine(config), LLMEngine(config)
+    try:
+        assert source.executor.group.store.port != dest.executor.group.store.port
+        source.add_request("r", tokens, params)
+        sent: list[int] = []
+        while len(sent) < 9:
+            for out in source.step():
+                sent.extend(out.new_token_ids)
+        state = source.kv_state("r")
+        data = source.export_kv(state.block_ids)
+        assert data.shape[0] == 2  # one shard per rank
+        reservation = dest.reserve_kv(state.num_computed_tokens)
+        dest.import_kv(reservation.reservation_id, data)
+        dest.admit_with_kv(reservation.reservation_id, "r", state.token_ids, state.num_prompt_tokens,
+                           params, state.num_computed_tokens)
+        source.abort("r")
+        rest: list[int] = []
+        while dest.has_unfinished_requests():
+            for out in dest.step():
+                assert out.start_index == len(sent) + len(rest)
+                rest.extend(out.new_token_ids)
+        assert sent + rest == undisturbed
+    finally:
+        source.shutdown()
+        dest.shutdown()
+
+
+def test_killed_rank_fails_in_flight_requests_within_timeout(ray_local, make_model):
+    engine = LLMEngine(EngineConfig(model=str(make_model("tiny-llama")), tensor_parallel_size=2,
+                                    **{**ENGINE_ARGS, "tp_timeout_s": 10.0}))
+    try:
+        for i in range(3):
+            engine.add_request(f"r{i}", prompts()[i], PARAMS)
+        engine.step()
+        ray_local.kill(engine.executor.rank_actors()[0])
+        start = time.monotonic()
+        failed = []
+        while engine.has_unfinished_requests() and time.monotonic() - start < 15:
+            failed.extend(o for o in engine.step() if o.finish_reason == "error")
+        assert time.monotonic() - start < 12
+        assert sorted(o.request_id for o in failed) == ["r0", "r1", "r2"]
+        assert all("tensor-parallel collective failed" in o.error for o in failed)
+        assert not engine.healthy
+        with pytest.raises(RuntimeError, match="engine is unhealthy"):
+            engine.add_request("late", [1, 2, 3], PARAMS)
+        assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    finally:
+        engine.shutdown()
