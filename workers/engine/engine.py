@@ -59,8 +59,12 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
         self.executor = self._start_ranks(num_blocks) if tp_size > 1 else None
-        _, model = load_model(self.model_dir, config.dtype, config.device,
-                              tp=self.executor.group if self.executor else None)
+        try:
+            _, model = load_model(self.model_dir, config.dtype, config.device,
+                                  tp=self.executor.group if self.executor else None)
+        except BaseException:
+            self.shutdown()  # the other ranks must not outlive a failed start
+            raise
         self.health_error: Optional[str] = None
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    watermark_blocks=num_blocks // 100)
