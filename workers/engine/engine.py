@@ -104,11 +104,21 @@ class LLMEngine:
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
-                    priority: int = 0, arrival_time: Optional[float] = None) -> None:
-        """Queue a request. Raises ValueError, naming the field, if it can never run."""
+                    priority: int = 0, arrival_time: Optional[float] = None,
+                    output_token_ids: Seq[int] = ()) -> None:
+        """Queue a request. Raises ValueError, naming the field, if it can never run.
+
+        `output_token_ids` resumes a request that already produced those tokens
+        elsewhere (its worker died): they are recomputed with the prompt, and the
+        output continues at their end, with the same absolute indexes."""
         self._check_healthy()
-        seq = self._new_sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
-                                 priority, arrival_time)
+        seq = self._new_sequence(request_id, list(prompt_token_ids) + list(output_token_ids),
+                                 len(prompt_token_ids), params, priority, arrival_time)
+        if output_token_ids:
+            self._check_tokens("output_token_ids", seq.output_token_ids)
+            if seq.num_output_tokens >= seq.max_tokens:
+                raise ValueError(f"output_token_ids already holds {seq.num_output_tokens} of "
+                                 f"max_tokens={seq.max_tokens} tokens")
         self.requests[request_id] = _Request(seq, self._detokenizer(seq))
         self._prompt_tokens += seq.num_prompt_tokens
         self.scheduler.add(seq)
@@ -133,10 +143,13 @@ class LLMEngine:
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise ValueError("prompt_token_ids must not be empty")
+        self._check_tokens("prompt_token_ids", prompt)
+
+    def _check_tokens(self, field: str, tokens: list[int]) -> None:
         vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt if not isinstance(t, int) or not 0 <= t < vocab), None)
+        bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"prompt_token_ids holds {bad!r}, not a token id in [0, {vocab})")
+            raise ValueError(f"{field} holds {bad!r}, not a token id in [0, {vocab})")
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         return IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params)

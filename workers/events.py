@@ -1,0 +1,76 @@
+"""What crosses the router → worker boundary: the request, and the typed events a
+worker streams back for it.
+
+Token indexes are absolute positions in the request's output. A router forwards
+each index once and drops any it has already sent; after `Moved` it asks the next
+worker to resume at `next_index`. That one rule makes migration, prefill→decode
+handoff and failure recovery invisible to the client.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from workers.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    priority: int = 0
+    arrival_time: Optional[float] = None
+    session_id: Optional[str] = None
+    # Resuming elsewhere (after a worker died): the output already sent to the
+    # client. The worker recomputes prompt + these and continues from their end.
+    resume_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    request_id: str
+    start_index: int
+    token_ids: tuple[int, ...]
+    text: str
+    logprobs: Optional[tuple[TokenLogprob, ...]] = None
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    request_id: str
+    reason: str  # "stop", "length" or "abort"
+    stop_reason: Union[int, str, None]
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Moved:
+    request_id: str
+    to_worker: str
+    next_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    request_id: str
+    code: str  # "invalid_request", "worker_unhealthy", "draining", "internal"
+    message: str
+
+
+Event = Union[Tokens, Finished, Moved, Failed]
