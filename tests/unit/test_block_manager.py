@@ -46,7 +46,7 @@ def test_hash_chain_and_token_check():
     bm = BlockManager(num_blocks=8, block_size=2)
     a = seq("a", [1, 2, 3, 4, 5])
     compute_all(bm, a)
-    assert a.block_hashes == [chain_hash(None, (1, 2)), chain_hash(chain_hash(None, (1, 2)), (3, 4))]
+    assert a.block_hashes == [hash(((1, 2),)), hash((hash(((1, 2),)), (3, 4)))]
     # Same second block, different first: the chained hash differs, no hit past block 0.
     assert bm.lookup_prefix(seq("b", [1, 9, 3, 4, 5])) == []
     # A forged hash collision is caught by the token check.

@@ -17,8 +17,9 @@ from workers.engine.sequence import Sequence
 
 def chain_hash(parent: Optional[int], tokens: tuple[int, ...]) -> int:
     """Hash of a full block given its parent's hash. Python's hash of int tuples does
-    not depend on PYTHONHASHSEED, so routers in other processes compute the same value."""
-    return hash((parent, tokens))
+    not depend on PYTHONHASHSEED, so routers in other processes compute the same
+    value; None is never hashed, because before Python 3.12 its hash is its address."""
+    return hash((tokens,)) if parent is None else hash((parent, tokens))
 
 
 class BlockManager:

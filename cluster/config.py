@@ -1,0 +1,50 @@
+"""The cluster tier's configuration: how many workers of which role, and how the
+manager watches them. Validated where it is made; YAML is parsed only at the edge."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from workers.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str = "yard"  # prefixes worker ids and actor names: two clusters need two names
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    num_workers: int = 2  # mixed-role workers
+    worker_cpus: float = 1.0  # Ray CPUs each worker actor asks for
+    load_poll_interval_s: float = 0.5
+    health_timeout_s: float = 5.0
+    failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("-", "").isalnum():
+            raise ValueError(f"name must be letters, digits and dashes, got {self.name!r}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if not isinstance(self.failures_before_replace, int) or self.failures_before_replace < 1:
+            raise ValueError(f"failures_before_replace must be an integer >= 1, got {self.failures_before_replace!r}")
+        for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+
+    def pools(self) -> list[tuple[str, int]]:
+        """(role, count) of the workers to run. Prefill/decode pools come later."""
+        return [("mixed", self.num_workers)]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ClusterConfig":
+        """From parsed YAML/JSON: unknown keys fail with the list of known ones."""
+        raw = dict(raw)
+        engine = raw.pop("engine", {}) or {}
+        _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine"})
+        _check_keys("engine", engine, {f.name for f in fields(EngineConfig)})
+        return cls(engine=EngineConfig(**engine), **raw)
+
+
+def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> None:
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown {section} settings {unknown}; known: {sorted(known)}")

@@ -1,0 +1,131 @@
+"""The cluster manager: one named, detached Ray actor that owns the worker registry.
+
+It creates the workers the config asks for, polls each one's load report (that poll
+is also the health check: a worker that does not answer within the timeout, or
+whose actor died, is unhealthy), replaces dead workers under a new id, and serves
+snapshots of the registry that router replicas pull.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import ray
+
+from cluster.config import ClusterConfig
+from workers.load_report import LoadReport
+from workers.worker import Worker, WorkerConfig
+
+
+@dataclass(slots=True)
+class WorkerEntry:
+    worker_id: str
+    handle: Any  # the Worker actor handle
+    role: str
+    healthy: bool = False  # until its first load report arrives
+    load: Optional[LoadReport] = None
+    failures: int = 0
+    created_at: float = field(default_factory=time.time)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnapshot:
+    worker_id: str
+    handle: Any
+    role: str
+    healthy: bool
+    load: Optional[LoadReport]
+
+
+class ClusterManager:
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        self.workers: dict[str, WorkerEntry] = {}
+        self._ids = itertools.count()
+        self._replaced = 0
+        for role, count in config.pools():
+            for _ in range(count):
+                self._start_worker(role)
+        self._loop_task: Optional[asyncio.Task] = None
+
+    def _start_worker(self, role: str) -> WorkerEntry:
+        worker_id = f"{self.config.name}-w{next(self._ids)}"
+        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role)
+        handle = ray.remote(Worker).options(
+            num_cpus=self.config.worker_cpus,
+            name=f"yard-{worker_id}", lifetime=None).remote(wc)
+        entry = WorkerEntry(worker_id, handle, role)
+        self.workers[worker_id] = entry
+        return entry
+
+    async def start(self) -> int:
+        """Begin polling; returns the number of workers healthy after the first poll."""
+        await self.poll_once()
+        if self._loop_task is None:
+            self._loop_task = asyncio.get_running_loop().create_task(self._poll_forever())
+        return sum(w.healthy for w in self.workers.values())
+
+    async def _poll_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.load_poll_interval_s)
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        entries = list(self.workers.values())
+        results = await asyncio.gather(*(self._poll(e) for e in entries))
+        for entry, report in zip(entries, results):
+            if report is not None:
+                entry.load, entry.healthy, entry.failures = report, report.healthy, 0
+                continue
+            entry.healthy = False
+            entry.failures += 1
+            if entry.failures >= self.config.failures_before_replace:
+                self._replace(entry)
+
+    async def _poll(self, entry: WorkerEntry) -> Optional[LoadReport]:
+        try:
+            return await asyncio.wait_for(entry.handle.load.remote(), self.config.health_timeout_s)
+        except (asyncio.TimeoutError, ray.exceptions.RayError):
+            return None
+
+    def _replace(self, entry: WorkerEntry) -> None:
+        del self.workers[entry.worker_id]
+        try:
+            ray.kill(entry.handle)
+        except ray.exceptions.RayError:
+            pass  # already gone
+        self._replaced += 1
+        self._start_worker(entry.role)
+
+    async def report_failure(self, worker_id: str) -> None:
+        """A router saw a worker's stream break: check it now rather than next poll."""
+        if worker_id in self.workers:
+            self.workers[worker_id].healthy = False
+            await self.poll_once()
+
+    def snapshot(self) -> list[WorkerSnapshot]:
+        return [WorkerSnapshot(e.worker_id, e.handle, e.role, e.healthy, e.load) for e in self.workers.values()]
+
+    def status(self) -> dict[str, Any]:
+        return {"cluster": self.config.name, "replaced": self._replaced,
+                "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy,
+                             "running": e.load.num_running if e.load else None,
+                             "waiting": e.load.num_waiting if e.load else None,
+                             "free_blocks": e.load.free_blocks if e.load else None,
+                             "total_blocks": e.load.total_blocks if e.load else None}
+                            for e in self.workers.values()]}
+
+    async def shutdown(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+        for entry in self.workers.values():
+            try:
+                await entry.handle.shutdown.remote()
+            except ray.exceptions.RayError:
+                pass
+            ray.kill(entry.handle)
+        self.workers.clear()

@@ -1,0 +1,78 @@
+"""A worker's load report, as dispatch policies read it (worker → manager → routers).
+
+Pure Python: no torch, no ray. The worker fills it from its engine between steps; the
+cluster manager forwards snapshots of these to every router replica.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+ROLES = ("mixed", "prefill", "decode", "attention", "expert")
+
+
+def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
+    """Decode steps the running batch can still take before the KV cache is full
+    (Llumnix's freeness), after setting aside the blocks the head-of-line waiting
+    request needs to be admitted:
+
+        (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
+
+    Each decode step adds one token per running request, so free token slots divided by
+    the batch size is the number of steps left. It is negative when the queue's head
+    does not fit: the worker is already overloaded, and more so the more negative.
+    An idle worker (num_running 0) divides by 1: its free token slots.
+    """
+    for name, value in (("free_blocks", free_blocks), ("num_running", num_running),
+                        ("head_of_line_blocks", head_of_line_blocks)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    return (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerLoad:
+    """One worker's state at `reported_at` (the worker's clock, seconds)."""
+
+    worker_id: str
+    role: str = "mixed"
+    healthy: bool
+    num_running: int
+    num_waiting: int
+    free_blocks: int
+    total_blocks: int
+    freeness: float  # see freeness() above
+    mean_step_time_s: float
+    # Chained hashes (workers.engine.block_manager.chain_hash) of cached full blocks.
+    # The worker bounds the set; it should keep whole chains from their first block,
+    # because dispatch counts consecutive hits from a prompt's first block.
+    cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
+    reported_at: float
+
+    def __post_init__(self) -> None:
+        if not self.worker_id:
+            raise ValueError("worker_id must be a non-empty string")
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {list(ROLES)}, got {self.role!r}")
+        for name in ("num_running", "num_waiting", "free_blocks", "total_blocks"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.free_blocks > self.total_blocks:
+            raise ValueError(f"free_blocks ({self.free_blocks}) must be <= total_blocks ({self.total_blocks})")
+        # freeness may be negative (overload) but must be a number policies can compare.
+        if math.isnan(self.freeness):
+            raise ValueError("freeness must be a number, got nan")
+        if not self.mean_step_time_s >= 0:
+            raise ValueError(f"mean_step_time_s must be >= 0, got {self.mean_step_time_s}")
+        if not isinstance(self.cached_block_hashes, frozenset):
+            raise ValueError(f"cached_block_hashes must be a frozenset, "
+                             f"got {type(self.cached_block_hashes).__name__}")
+
+    @property
+    def queue_length(self) -> int:
+        """Requests on the worker, running or waiting: the load that the p2c policy and
+        the prefix-aware imbalance guard compare."""
+        return self.num_running + self.num_waiting
