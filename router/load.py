@@ -9,28 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from workers.load_report import freeness  # noqa: F401  (the worker computes it; re-exported)
+
 ROLES = ("mixed", "prefill", "decode", "attention", "expert")
-
-
-def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
-    """Decode steps the running batch can still take before the KV cache is full
-    (Llumnix's freeness), after setting aside the blocks the head-of-line waiting
-    request needs to be admitted:
-
-        (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
-
-    Each decode step adds one token per running request, so free token slots divided by
-    the batch size is the number of steps left. It is negative when the queue's head
-    does not fit: the worker is already overloaded, and more so the more negative.
-    An idle worker (num_running 0) divides by 1: its free token slots.
-    """
-    for name, value in (("free_blocks", free_blocks), ("num_running", num_running),
-                        ("head_of_line_blocks", head_of_line_blocks)):
-        if value < 0:
-            raise ValueError(f"{name} must be >= 0, got {value}")
-    if block_size < 1:
-        raise ValueError(f"block_size must be >= 1, got {block_size}")
-    return (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

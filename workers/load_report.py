@@ -5,7 +5,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from workers.engine.engine import LLMEngine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # routers import freeness from here without pulling in torch
+    from workers.engine.engine import LLMEngine
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +29,28 @@ class LoadReport:
     reported_at: float
 
 
-def freeness(free_blocks: int, head_of_line_blocks: int, num_running: int, block_size: int) -> float:
-    """(free blocks - the head-of-line request's demand) × block_size / running requests:
-    each running request needs one more slot per decode step."""
+def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
+    """Decode steps the running batch can still take before the KV cache is full
+    (Llumnix's freeness), after setting aside the blocks the head-of-line waiting
+    request needs to be admitted:
+
+        (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
+
+    Each decode step adds one token per running request, so free token slots divided by
+    the batch size is the number of steps left. It is negative when the queue's head
+    does not fit: the worker is already overloaded, and more so the more negative.
+    An idle worker (num_running 0) divides by 1: its free token slots.
+    """
+    for name, value in (("free_blocks", free_blocks), ("num_running", num_running),
+                        ("head_of_line_blocks", head_of_line_blocks)):
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value}")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
     return (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
 
 
-def load_report(engine: LLMEngine, worker_id: str, role: str, max_hashes: int) -> LoadReport:
+def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int) -> LoadReport:
     """Built by the thread that steps `engine`, between two steps."""
     stats = engine.stats()
     blocks = engine.blocks
@@ -42,7 +60,7 @@ def load_report(engine: LLMEngine, worker_id: str, role: str, max_hashes: int) -
         worker_id=worker_id, role=role, healthy=engine.healthy,
         num_running=stats.num_running, num_waiting=stats.num_waiting,
         free_blocks=stats.num_free_blocks, total_blocks=stats.num_total_blocks,
-        freeness=freeness(stats.num_free_blocks, head_demand, stats.num_running, blocks.block_size),
+        freeness=freeness(stats.num_free_blocks, stats.num_running, head_demand, blocks.block_size),
         mean_step_time_s=stats.mean_step_time_s,
         cached_block_hashes=frozenset(blocks.cached_block_hashes(max_hashes)),
         reported_at=time.time(),
