@@ -57,6 +57,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml $(PACKAGE_MARKERS) | $(PY)
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m router.grpc_stubs
 	touch $@
 
 demo: install
