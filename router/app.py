@@ -1,0 +1,150 @@
+"""The Ray Serve application: OpenAI-style HTTP in front of the worker fleet.
+
+`build_app` is the import path for `serve run router.app:build_app`, `serve deploy`
+and a KubeRay serveConfigV2. It makes sure the cluster manager (a named, detached
+actor) is running, then binds the router deployment.
+"""
+
+# No `from __future__ import annotations` here: FastAPI reads the route signatures.
+
+import time
+from typing import Any, AsyncIterator, Optional
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from cluster.config import ClusterConfig
+from cluster.manager import ClusterManager
+from router.config import RouterConfig
+from router.core import Overloaded, RouterCore
+from router.dispatch import NoWorkerAvailable
+from router.openai_errors import APIError
+from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
+from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
+from workers.events import Failed, Finished, Tokens
+
+SERVICE_UNAVAILABLE = 503
+api = FastAPI(title="yard")
+
+
+def _stream_lines(enc: StreamEncoder, event: Any) -> list[str]:
+    if isinstance(event, Tokens):
+        return enc.delta(event.text)
+    if isinstance(event, Finished):
+        return enc.finish(event.reason, _usage(event), stop_reason=event.stop_reason)
+    return enc.error(_failure(event))
+
+
+def _usage(event: Finished) -> Usage:
+    u = event.usage
+    return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+def _failure(event: Failed) -> APIError:
+    if event.code == "invalid_request":
+        return APIError(400, event.message, None, "invalid_request_error", event.code)
+    return _unavailable(event.message)
+
+
+def _unavailable(message: str) -> APIError:
+    return APIError(SERVICE_UNAVAILABLE, message, None, "service_unavailable", "no_worker")
+
+
+# Defined after the helpers it calls: Serve captures the class when it is decorated.
+@serve.deployment(name="router")
+@serve.ingress(api)
+class Router:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        self.core = RouterCore(config)
+        self.created = int(time.time())
+
+    @api.get("/health")
+    async def health(self) -> JSONResponse:
+        self.core.ensure_refreshing()
+        healthy = [w for w in self.core.loads.values() if w.healthy]
+        status = 200 if healthy else SERVICE_UNAVAILABLE
+        return JSONResponse({"status": "ok" if healthy else "no healthy worker",
+                             "healthy_workers": len(healthy)}, status_code=status)
+
+    @api.get("/v1/models")
+    async def models(self) -> JSONResponse:
+        card = ModelCard(self.config.model_name, self.created, self.core.max_model_len)
+        return JSONResponse(models_body([card]))
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request) -> Any:
+        return await self._serve(request, parse_completion_request)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Any:
+        return await self._serve(request, parse_chat_request)
+
+    async def _serve(self, request: Request, parse: Any) -> Any:
+        self.core.ensure_refreshing()
+        if not self.core.loads:
+            await self.core.refresh()
+        try:
+            gen = parse(parse_json(await request.body()), [self.config.model_name])
+            worker_request = self.core.prepare(gen, request.headers.get("x-session-id"))
+        except Overloaded as e:
+            return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": str(e.retry_after_s)})
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
+        if gen.stream:
+            return StreamingResponse(self._sse(gen, worker_request), media_type="text/event-stream")
+        return await self._whole(gen, worker_request)
+
+    async def _whole(self, gen: GenerateRequest, worker_request: Any) -> JSONResponse:
+        text, finish, usage, stop_reason = "", None, None, None
+        try:
+            async for event in self.core.stream(worker_request):
+                if isinstance(event, Tokens):
+                    text += event.text
+                elif isinstance(event, Finished):
+                    finish, stop_reason, usage = event.reason, event.stop_reason, _usage(event)
+                elif isinstance(event, Failed):
+                    err = _failure(event)
+                    return JSONResponse(err.body(), status_code=err.status)
+        except NoWorkerAvailable as e:
+            return JSONResponse(_unavailable(str(e)).body(), status_code=SERVICE_UNAVAILABLE)
+        make = completion_body if gen.kind == "completion" else chat_body
+        body = make(worker_request.request_id, self.config.model_name, int(time.time()), text, finish,
+                    usage, stop_reason=stop_reason)
+        return JSONResponse(body)
+
+    async def _sse(self, gen: GenerateRequest, worker_request: Any) -> AsyncIterator[str]:
+        enc = StreamEncoder(gen.kind, worker_request.request_id, self.config.model_name, int(time.time()),
+                            include_usage=gen.include_usage)
+        for line in enc.start():
+            yield line
+        try:
+            async for event in self.core.stream(worker_request):
+                lines = _stream_lines(enc, event)
+                for line in lines:
+                    yield line
+        except NoWorkerAvailable as e:
+            for line in enc.error(_unavailable(str(e))):
+                yield line
+
+
+def ensure_cluster(cluster: ClusterConfig, timeout_s: float = 300.0) -> Any:
+    """The cluster manager of this name, started (with its workers) if not yet running."""
+    manager = ray.remote(ClusterManager).options(
+        name=f"yard-manager-{cluster.name}", lifetime="detached", get_if_exists=True,
+        num_cpus=0).remote(cluster)
+    ray.get(manager.start.remote(), timeout=timeout_s)
+    return manager
+
+
+def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
+    """args: {"cluster": {...ClusterConfig...}, "router": {...RouterConfig...}, "replicas": n}."""
+    args = dict(args or {})
+    cluster = ClusterConfig.from_dict(args.get("cluster", {}))
+    router_args = dict(args.get("router", {}))
+    router_args.setdefault("model", cluster.engine.model)
+    router = RouterConfig(cluster_name=cluster.name, **router_args)
+    ensure_cluster(cluster)
+    return Router.options(num_replicas=int(args.get("replicas", 1))).bind(router)

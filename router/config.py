@@ -1,0 +1,39 @@
+"""The router tier's configuration (one per Serve application)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+POLICIES = ("round_robin", "power_of_two", "least_load", "prefix_aware", "session_affinity")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str = "tiny-llama"  # the directory or preset the workers serve (tokenizer, limits)
+    served_model_name: Optional[str] = None  # the name clients send; default: `model`
+    cluster_name: str = "yard"  # finds the cluster manager actor yard-manager-<name>
+    policy: str = "least_load"
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    snapshot_interval_s: float = 0.1  # how often a replica pulls the manager's snapshot
+    max_queue_per_worker: int = 64  # above this on every worker, new requests get 429
+    retry_after_s: int = 1
+    max_attempts: int = 3  # workers one request may try before it fails
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
+        for name in ("max_queue_per_worker", "retry_after_s", "max_attempts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.snapshot_interval_s > 0:
+            raise ValueError(f"snapshot_interval_s must be > 0, got {self.snapshot_interval_s!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def manager_actor_name(self) -> str:
+        return f"yard-manager-{self.cluster_name}"

@@ -1,0 +1,139 @@
+"""What a router replica does for every request, whichever API it came through:
+tokenize once, check the limits, shed load, pick a worker, follow the stream.
+
+It keeps a snapshot of the workers, pulled from the cluster manager in the
+background. Between two snapshots it adds its own dispatches to the loads it shows
+the policy, so a burst does not all land on the worker that looked idlest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import itertools
+import logging
+import uuid
+from typing import Any, AsyncIterator, Optional
+
+import ray
+
+from router.config import RouterConfig
+from router.dispatch import DispatchRequest
+from router.lifecycle import RequestStream
+from router.load import WorkerLoad
+from router.openai_errors import APIError
+from router.openai_protocol import GenerateRequest, check_prompt_token_ids
+from router.policies import make_policy
+from workers.events import Event, WorkerRequest
+from workers.models.config import load_model_config
+from workers.models.tiny import resolve_model
+from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
+
+log = logging.getLogger(__name__)
+
+TOO_MANY_REQUESTS = 429
+
+
+class Overloaded(APIError):
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(TOO_MANY_REQUESTS, "every worker is at its queue limit; retry later",
+                         None, "rate_limit_exceeded", "overloaded")
+        self.retry_after_s = retry_after_s
+
+
+class RouterCore:
+    def __init__(self, config: RouterConfig) -> None:
+        self.config = config
+        model_dir = resolve_model(config.model)
+        self.model_config = load_model_config(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
+        self.max_model_len = self.model_config.max_position_embeddings
+        self.policy = make_policy(config.policy, **config.policy_options)
+        self.manager = ray.get_actor(config.manager_actor_name)
+        self.handles: dict[str, Any] = {}
+        self.loads: dict[str, WorkerLoad] = {}
+        self.in_flight: collections.Counter[str] = collections.Counter()
+        self._ids = itertools.count()
+        self._refresher: Optional[asyncio.Task] = None
+
+    # -- the worker snapshot ---------------------------------------------------------------
+    async def refresh(self) -> None:
+        snapshot = await self.manager.snapshot.remote()
+        self.handles = {s.worker_id: s.handle for s in snapshot}
+        self.loads = {s.worker_id: _as_load(s) for s in snapshot if s.load is not None}
+        self.in_flight.clear()  # the fresh loads include what this replica sent
+
+    def ensure_refreshing(self) -> None:
+        if self._refresher is None:
+            self._refresher = asyncio.get_running_loop().create_task(self._refresh_forever())
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception as e:  # noqa: BLE001 - keep serving on the last snapshot
+                log.warning("refreshing the worker snapshot failed: %s", e)
+            await asyncio.sleep(self.config.snapshot_interval_s)
+
+    # -- requests ------------------------------------------------------------------------
+    def tokenize(self, gen: GenerateRequest) -> list[int]:
+        if gen.messages is not None:
+            return encode_chat(self.tokenizer, list(gen.messages))
+        if isinstance(gen.prompt, str):
+            return encode_prompt(self.tokenizer, gen.prompt)
+        check_prompt_token_ids(gen.prompt, self.model_config.vocab_size)
+        return list(gen.prompt)
+
+    def prepare(self, gen: GenerateRequest, session_id: Optional[str]) -> WorkerRequest:
+        """Tokens, final sampling parameters and a request id; raises APIError."""
+        ids = self.tokenize(gen)
+        sampling = gen.resolve_sampling(len(ids), self.max_model_len)
+        self.check_capacity()
+        request_id = gen.request_id or f"{gen.kind}-{uuid.uuid4().hex}"
+        return WorkerRequest(request_id, tuple(ids), sampling, priority=gen.priority,
+                             session_id=session_id or gen.user)
+
+    def check_capacity(self) -> None:
+        """Shed load (429) when every healthy worker's queue is at the limit."""
+        healthy = [w for w in self._current_loads() if w.healthy]
+        if healthy and all(w.queue_length >= self.config.max_queue_per_worker for w in healthy):
+            raise Overloaded(self.config.retry_after_s)
+
+    async def stream(self, request: WorkerRequest) -> AsyncIterator[Event]:
+        stream = RequestStream(request, lambda excluded: self._pick(request, excluded), _open_stream,
+                               self._report_failure, self.config.max_attempts)
+        async for event in stream.events():
+            yield event
+
+    def _pick(self, request: WorkerRequest, excluded: frozenset[str]) -> tuple[str, Any]:
+        candidates = [w for w in self._current_loads() if w.worker_id not in excluded]
+        decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
+                                                      request.session_id), candidates)
+        self.in_flight[decision.worker_id] += 1
+        return decision.worker_id, self.handles[decision.worker_id]
+
+    def _current_loads(self) -> list[WorkerLoad]:
+        # Requests sent since the snapshot count as waiting there, so a burst spreads.
+        return [dataclasses.replace(load, num_waiting=load.num_waiting + self.in_flight[wid])
+                for wid, load in self.loads.items()]
+
+    async def _report_failure(self, worker_id: str) -> None:
+        self.loads.pop(worker_id, None)
+        try:
+            await self.manager.report_failure.remote(worker_id)
+        except ray.exceptions.RayError as e:
+            log.warning("telling the manager about %s failed: %s", worker_id, e)
+
+
+async def _open_stream(handle: Any, request: WorkerRequest) -> AsyncIterator[list[Event]]:
+    async for ref in handle.generate.remote(request):
+        yield await ref
+
+
+def _as_load(snapshot: Any) -> WorkerLoad:
+    r = snapshot.load
+    return WorkerLoad(worker_id=r.worker_id, role=r.role, healthy=snapshot.healthy and r.healthy,
+                      num_running=r.num_running, num_waiting=r.num_waiting, free_blocks=r.free_blocks,
+                      total_blocks=r.total_blocks, freeness=r.freeness, mean_step_time_s=r.mean_step_time_s,
+                      cached_block_hashes=r.cached_block_hashes, reported_at=r.reported_at)
