@@ -82,12 +82,55 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serving(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="start (or join) a Ray cluster and serve a model over HTTP and gRPC")
+    demo = sub.add_parser("demo", help="serve the tiny model, send one request through each API, stop")
+    for p in (serve, demo):
+        p.add_argument("--config", help="serve config YAML (docs/config.md)")
+        p.add_argument("--model", help="preset name or model directory (overrides the config)")
+        p.add_argument("--workers", type=_positive_int, help="number of workers (overrides the config)")
+        p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
+        p.add_argument("--http-port", type=_positive_int, help="default 8000")
+        p.add_argument("--grpc-port", type=_positive_int, help="default 9000")
+    serve.set_defaults(func=_serve)
+    demo.set_defaults(func=_demo)
+    status = sub.add_parser("status", help="workers of a running cluster: role, health, load")
+    status.add_argument("--cluster", default="yard", help="cluster name (default yard)")
+    status.set_defaults(func=_status)
+
+
+def _serve_config(args: argparse.Namespace) -> dict:
+    from cluster.serving import load_serve_config
+
+    return load_serve_config(args.config, args.model, args.workers, args.http_port, args.grpc_port, args.host)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.serving import serve_forever
+
+    serve_forever(_serve_config(args))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from cluster.serving import demo
+
+    demo(_serve_config(args))
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from cluster.serving import print_status
+
+    return print_status(args.cluster)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yard", description="yard: a serving cluster for large language models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model(sub)
     _add_generate(sub)
-    # Further subcommands (serve, deploy, bench, ...) register here.
+    _add_serving(sub)
     return parser
 
 

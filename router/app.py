@@ -20,6 +20,7 @@ from cluster.manager import ClusterManager
 from router.config import RouterConfig
 from router.core import Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
+from router.grpc_ingress import GrpcIngress
 from router.openai_errors import APIError
 from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
 from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
@@ -55,7 +56,7 @@ def _unavailable(message: str) -> APIError:
 # Defined after the helpers it calls: Serve captures the class when it is decorated.
 @serve.deployment(name="router")
 @serve.ingress(api)
-class Router:
+class Router(GrpcIngress):
     def __init__(self, config: RouterConfig) -> None:
         self.config = config
         self.core = RouterCore(config)
@@ -145,6 +146,7 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     cluster = ClusterConfig.from_dict(args.get("cluster", {}))
     router_args = dict(args.get("router", {}))
     router_args.setdefault("model", cluster.engine.model)
+    router_args.setdefault("block_size", cluster.engine.block_size)
     router = RouterConfig(cluster_name=cluster.name, **router_args)
     ensure_cluster(cluster)
     return Router.options(num_replicas=int(args.get("replicas", 1))).bind(router)

@@ -19,16 +19,25 @@ class RouterConfig:
     max_queue_per_worker: int = 64  # above this on every worker, new requests get 429
     retry_after_s: int = 1
     max_attempts: int = 3  # workers one request may try before it fails
+    block_size: int = 16  # the workers' KV block size: prefix hashes must match theirs
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        for name in ("max_queue_per_worker", "retry_after_s", "max_attempts"):
+        for name in ("max_queue_per_worker", "retry_after_s", "max_attempts", "block_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not self.snapshot_interval_s > 0:
             raise ValueError(f"snapshot_interval_s must be > 0, got {self.snapshot_interval_s!r}")
+
+    def policy_arguments(self) -> dict[str, Any]:
+        """The policy's options; prefix-aware dispatch hashes with the workers' block size."""
+        options = dict(self.policy_options)
+        if self.policy == "prefix_aware" or options.get("fallback") == "prefix_aware":
+            options.setdefault("block_size", self.block_size)
+            options.setdefault("imbalance_guard", 8)
+        return options
 
     @property
     def model_name(self) -> str:

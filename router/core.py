@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import itertools
 import logging
+import time
 import uuid
 from typing import Any, AsyncIterator, Optional
 
@@ -22,10 +23,11 @@ from router.config import RouterConfig
 from router.dispatch import DispatchRequest
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad
+from router.metrics import RouterMetrics
 from router.openai_errors import APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
 from router.policies import make_policy
-from workers.events import Event, WorkerRequest
+from workers.events import Event, Failed, Finished, Tokens, WorkerRequest
 from workers.models.config import load_model_config
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
@@ -49,7 +51,8 @@ class RouterCore:
         self.model_config = load_model_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
         self.max_model_len = self.model_config.max_position_embeddings
-        self.policy = make_policy(config.policy, **config.policy_options)
+        self.policy = make_policy(config.policy, **config.policy_arguments())
+        self.metrics = RouterMetrics(config.model_name)
         self.manager = ray.get_actor(config.manager_actor_name)
         self.handles: dict[str, Any] = {}
         self.loads: dict[str, WorkerLoad] = {}
@@ -101,15 +104,39 @@ class RouterCore:
             raise Overloaded(self.config.retry_after_s)
 
     async def stream(self, request: WorkerRequest) -> AsyncIterator[Event]:
+        """The request's events, timed: TTFT, TPOT and end-to-end latency, and its
+        final status, go to the metrics."""
         stream = RequestStream(request, lambda excluded: self._pick(request, excluded), _open_stream,
                                self._report_failure, self.config.max_attempts)
-        async for event in stream.events():
-            yield event
+        start, first, tokens, status = time.monotonic(), None, 0, "failed"
+        self.metrics.started(+1)
+        try:
+            async for event in stream.events():
+                if isinstance(event, Tokens):
+                    first = first or time.monotonic()
+                    tokens += len(event.token_ids)
+                elif isinstance(event, Finished):
+                    status = "ok"
+                    self._observe(start, first, tokens, event)
+                elif isinstance(event, Failed):
+                    status = event.code
+                yield event
+        finally:
+            self.metrics.started(-1)
+            self.metrics.finished(status)
+
+    def _observe(self, start: float, first: Optional[float], tokens: int, event: Finished) -> None:
+        end = time.monotonic()
+        first = first or end
+        tpot = (end - first) / (tokens - 1) if tokens > 1 else None
+        self.metrics.timings(first - start, tpot, end - start,
+                             event.usage.cached_tokens // self.config.block_size)
 
     def _pick(self, request: WorkerRequest, excluded: frozenset[str]) -> tuple[str, Any]:
         candidates = [w for w in self._current_loads() if w.worker_id not in excluded]
         decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
                                                       request.session_id), candidates)
+        self.metrics.dispatched(decision.policy, decision.worker_id, decision.predicted_hit_blocks)
         self.in_flight[decision.worker_id] += 1
         return decision.worker_id, self.handles[decision.worker_id]
 

@@ -36,11 +36,21 @@ def make_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
 
 
 @pytest.fixture(scope="session")
-def ray_local():
+def metrics_port() -> int:
+    """Where Ray's Prometheus endpoint listens for this test session (loopback port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_local(metrics_port):
     """One local Ray instance for every test that needs it. Logical CPUs are
     oversubscribed on purpose: tensor-parallel ranks mostly wait on each other."""
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     yield ray
     ray.shutdown()

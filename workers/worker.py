@@ -21,6 +21,7 @@ from workers.engine.engine import LLMEngine
 from workers.engine.outputs import StepOutput
 from workers.events import Event, Failed, Finished, TokenLogprob, Tokens, Usage, WorkerRequest
 from workers.load_report import LoadReport, load_report
+from workers.metrics import WorkerMetrics
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 
@@ -52,6 +53,7 @@ class Worker:
         self._stopping = False
         self._draining = False
         self._load = load_report(self.engine, config.worker_id, config.role, config.max_cached_hashes)
+        self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
 
     # -- calls from routers -----------------------------------------------------------------
     async def generate(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
@@ -139,10 +141,12 @@ class Worker:
         while not self._stopping:
             self._apply_commands()
             if engine.has_unfinished_requests():
+                start = time.perf_counter()
                 for output in engine.step():
                     self._publish(output)
                 self._load = load_report(engine, self.config.worker_id, self.config.role,
                                          self.config.max_cached_hashes)
+                self._metrics.update(engine.stats(), time.perf_counter() - start)
             else:
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()

@@ -1,0 +1,156 @@
+"""`yard serve`, `yard status` and `yard demo`: start (or join) a Ray cluster, run the
+cluster manager, the workers and the Serve application, and talk to it.
+
+The serve config file is YAML with the sections `build_app` takes (cluster, router,
+replicas) plus `http` and `grpc` (host and ports); docs/config.md lists every key.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+DEFAULT_HTTP_PORT = 8000
+DEFAULT_GRPC_PORT = 9000
+APP_NAME = "yard"
+GRPC_SERVICER = "router.grpc_stubs.add_YardServicer_to_server"
+
+
+def load_serve_config(path: Optional[str], model: Optional[str], workers: Optional[int],
+                      http_port: Optional[int], grpc_port: Optional[int], host: Optional[str]) -> dict[str, Any]:
+    """The YAML file (if any) with the command line's overrides applied."""
+    raw: dict[str, Any] = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: a serve config must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    cluster = raw.setdefault("cluster", {})
+    if model:
+        cluster.setdefault("engine", {})["model"] = model
+    if workers:
+        cluster["num_workers"] = workers
+    http = raw.setdefault("http", {})
+    grpc = raw.setdefault("grpc", {})
+    http.setdefault("host", host or "127.0.0.1")
+    http["port"] = http_port or http.get("port", DEFAULT_HTTP_PORT)
+    grpc["port"] = grpc_port or grpc.get("port", DEFAULT_GRPC_PORT)
+    return raw
+
+
+def connect_ray() -> None:
+    """Join the Ray cluster this machine belongs to, or start a local one."""
+    import ray
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto", log_to_driver=False)
+    except ConnectionError:
+        ray.init(log_to_driver=False)
+
+
+def start(config: dict[str, Any]) -> dict[str, str]:
+    """Start Serve and the application; returns the endpoints."""
+    from ray import serve
+
+    from router.app import build_app
+
+    connect_ray()
+    http, grpc = config["http"], config["grpc"]
+    serve.start(http_options={"host": http["host"], "port": http["port"]},
+                grpc_options={"port": grpc["port"], "grpc_servicer_functions": [GRPC_SERVICER]})
+    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas")}
+    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+    return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
+
+
+def stop(config: dict[str, Any]) -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    name = config.get("cluster", {}).get("name", "yard")
+    try:
+        manager = ray.get_actor(f"yard-manager-{name}")
+    except ValueError:
+        return
+    ray.get(manager.shutdown.remote())
+    ray.kill(manager)
+
+
+def serve_forever(config: dict[str, Any]) -> None:
+    endpoints = start(config)
+    print(f"yard is serving {config['cluster'].get('engine', {}).get('model', 'tiny-llama')}")
+    print(f"  OpenAI HTTP: {endpoints['http']}")
+    print(f"  gRPC:        {endpoints['grpc']} (service yard.v1.Yard)")
+    print("Ctrl-C to stop.", flush=True)
+    stopped = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopped.set())
+    try:
+        while not stopped.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        pass
+    stop(config)
+
+
+def print_status(cluster_name: str) -> int:
+    import ray
+
+    connect_ray()
+    try:
+        manager = ray.get_actor(f"yard-manager-{cluster_name}")
+    except ValueError:
+        print(f"no yard cluster named {cluster_name!r} is running")
+        return 1
+    status = ray.get(manager.status.remote())
+    print(f"cluster {status['cluster']}: {len(status['workers'])} workers, {status['replaced']} replaced")
+    print(f"{'worker':<24}{'role':<8}{'healthy':<9}{'running':>8}{'waiting':>8}{'free/total blocks':>20}")
+    for w in status["workers"]:
+        blocks = f"{w['free_blocks']}/{w['total_blocks']}" if w["total_blocks"] is not None else "-"
+        print(f"{w['id']:<24}{w['role']:<8}{str(w['healthy']):<9}{_dash(w['running']):>8}"
+              f"{_dash(w['waiting']):>8}{blocks:>20}")
+    return 0
+
+
+def _dash(value: Optional[int]) -> str:
+    return "-" if value is None else str(value)
+
+
+def demo(config: dict[str, Any]) -> None:
+    """Start the cluster, send one request through each API, print both, stop."""
+    import grpc
+    import openai
+
+    from router.grpc_stubs import load
+
+    endpoints = start(config)
+    try:
+        client = openai.OpenAI(base_url=endpoints["http"], api_key="unused")
+        reply = client.chat.completions.create(model=_model_name(config), max_tokens=24, temperature=0,
+                                               messages=[{"role": "user", "content": "What is a KV cache?"}])
+        print(f"HTTP  /v1/chat/completions -> {reply.choices[0].message.content!r}")
+        stubs = load()
+        with grpc.insecure_channel(endpoints["grpc"]) as channel:
+            stub = stubs.pb2_grpc.YardStub(channel)
+            sampling = stubs.pb2.SamplingParams(max_tokens=24, temperature=0)
+            request = stubs.pb2.GenerateRequest(model=_model_name(config), text="The quick brown fox",
+                                                sampling=sampling)
+            text = "".join(r.text for r in stub.Generate(request, metadata=(("application", APP_NAME),)))
+        print(f"gRPC  yard.v1.Yard/Generate -> {text!r}")
+    finally:
+        stop(config)
+        time.sleep(0.5)
+
+
+def _model_name(config: dict[str, Any]) -> str:
+    router = config.get("router", {})
+    return router.get("served_model_name") or config["cluster"].get("engine", {}).get("model", "tiny-llama")

@@ -1,0 +1,60 @@
+"""Metrics scraped from Ray's Prometheus endpoint match the traffic sent."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import openai
+from prometheus_client.parser import text_string_to_metric_families
+
+REQUESTS, TOKENS = 4, 8
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def total(samples: dict, name: str, **labels: str) -> float:
+    return sum(v for (n, lab), v in samples.items()
+               if n == name and all(dict(lab).get(k) == want for k, want in labels.items()))
+
+
+WATCHED = {
+    "ray_yard_router_requests_total": dict(status="ok"),
+    "ray_yard_router_dispatch_decisions_total": dict(policy="least_load"),
+    "ray_yard_router_time_to_first_token_seconds_count": {},
+    "ray_yard_router_e2e_latency_seconds_count": {},
+    "ray_yard_worker_generation_tokens_total": {},
+}
+
+
+def test_metrics_match_traffic(serve_app, metrics_port):
+    client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
+    client.completions.create(model="tiny-llama", prompt="warm", max_tokens=1)
+    time.sleep(12)  # let every metric that exists export once, so the baseline is settled
+    before = scrape(metrics_port)
+    for i in range(REQUESTS):
+        client.completions.create(model="tiny-llama", prompt=f"count {i}", max_tokens=TOKENS,
+                                  temperature=0, extra_body={"ignore_eos": True})
+    expected = {
+        "ray_yard_router_requests_total": REQUESTS,
+        "ray_yard_router_dispatch_decisions_total": REQUESTS,
+        "ray_yard_router_time_to_first_token_seconds_count": REQUESTS,
+        "ray_yard_router_e2e_latency_seconds_count": REQUESTS,
+        "ray_yard_worker_generation_tokens_total": REQUESTS * TOKENS,
+    }
+    deadline = time.monotonic() + 40
+    while True:
+        after = scrape(metrics_port)
+        got = {name: total(after, name, **WATCHED[name]) - total(before, name, **WATCHED[name])
+               for name in expected}
+        if got == expected or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert got == expected
+    assert total(after, "ray_yard_worker_kv_blocks_total") > 0
+    assert total(after, "ray_yard_router_requests_in_flight") == 0

@@ -1,0 +1,47 @@
+"""A worker's metrics, through Ray's metrics API: every node's Prometheus endpoint
+exports them (prefixed `ray_`). Names and meanings are listed in docs/metrics.md."""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+from workers.engine.outputs import EngineStats
+
+STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+
+
+class WorkerMetrics:
+    """Gauges are set and counters advanced from engine stats after every step."""
+
+    def __init__(self, worker_id: str, model: str) -> None:
+        self.tags = {"worker": worker_id, "model": model}
+        keys = ("worker", "model")
+        self.running = metrics.Gauge("yard_worker_requests_running", "requests running", keys)
+        self.waiting = metrics.Gauge("yard_worker_requests_waiting", "requests waiting", keys)
+        self.kv_used = metrics.Gauge("yard_worker_kv_blocks_used", "KV blocks in use", keys)
+        self.kv_total = metrics.Gauge("yard_worker_kv_blocks_total", "KV blocks in the cache", keys)
+        self.hit_rate = metrics.Gauge("yard_worker_prefix_cache_hit_rate",
+                                      "prompt tokens served from the prefix cache / prompt tokens", keys)
+        self.prompt_tokens = metrics.Counter("yard_worker_prompt_tokens", "prompt tokens admitted", keys)
+        self.generation_tokens = metrics.Counter("yard_worker_generation_tokens", "tokens generated", keys)
+        self.preemptions = metrics.Counter("yard_worker_preemptions", "requests preempted", keys)
+        self.step_time = metrics.Histogram("yard_worker_step_time_seconds", "engine step time",
+                                           STEP_TIME_BOUNDARIES, keys)
+        self._last: EngineStats | None = None
+
+    def update(self, stats: EngineStats, step_time_s: float) -> None:
+        t = self.tags
+        self.running.set(stats.num_running, t)
+        self.waiting.set(stats.num_waiting, t)
+        self.kv_used.set(stats.num_total_blocks - stats.num_free_blocks, t)
+        self.kv_total.set(stats.num_total_blocks, t)
+        self.hit_rate.set(stats.prefix_cache_hit_rate, t)
+        self.step_time.observe(step_time_s, t)
+        last = self._last
+        for counter, now, before in (
+                (self.prompt_tokens, stats.prompt_tokens, last.prompt_tokens if last else 0),
+                (self.generation_tokens, stats.generation_tokens, last.generation_tokens if last else 0),
+                (self.preemptions, stats.num_preemptions, last.num_preemptions if last else 0)):
+            if now > before:
+                counter.inc(now - before, t)
+        self._last = stats
