@@ -40,7 +40,7 @@ export TOKENIZERS_PARALLELISM := false
 .PHONY: help venv install demo test bench bench-tp peers bench-peers clean distclean
 
 help:
-	@echo "make demo         install, then generate with the built-in tiny model"
+	@echo "make demo         install, serve the built-in tiny model, send one HTTP and one gRPC request"
 	@echo "make test         install, then run the test suite"
 	@echo "make bench        engine throughput: ours vs transformers (and vLLM if .venv-peers exists)"
 	@echo "make bench-tp     tensor parallelism: TP=1,2,4 step latency, tokens/s, all-reduce bytes"
@@ -60,11 +60,10 @@ $(STAMP): pyproject.toml $(PACKAGE_MARKERS) | $(PY)
 	$(PY) -m router.grpc_stubs
 	touch $@
 
+# The cluster on the tiny model (two workers behind the Ray Serve router), one
+# request through the OpenAI HTTP API and one through gRPC, then everything stops.
 demo: install
-	$(VENV)/bin/yard generate --model $(DEMO_MODEL) --max-tokens 32 \
-		--prompt "The quick brown fox"
-	$(VENV)/bin/yard generate --model $(DEMO_MODEL) --max-tokens 32 --chat \
-		--prompt "What is a KV cache?"
+	$(VENV)/bin/yard demo --model $(DEMO_MODEL) --workers 2 --http-port 8000 --grpc-port 9000
 
 test: install
 	$(PY) -m pytest -q tests

@@ -16,6 +16,8 @@ from typing import Any, Optional
 
 import yaml
 
+from router.config import MANAGER_NAMESPACE
+
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
 APP_NAME = "yard"
@@ -67,7 +69,7 @@ def start(config: dict[str, Any]) -> dict[str, str]:
     http, grpc = config["http"], config["grpc"]
     serve.start(http_options={"host": http["host"], "port": http["port"]},
                 grpc_options={"port": grpc["port"], "grpc_servicer_functions": [GRPC_SERVICER]})
-    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas")}
+    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas", "router_cpus")}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
 
@@ -79,7 +81,7 @@ def stop(config: dict[str, Any]) -> None:
     serve.shutdown()
     name = config.get("cluster", {}).get("name", "yard")
     try:
-        manager = ray.get_actor(f"yard-manager-{name}")
+        manager = ray.get_actor(f"yard-manager-{name}", namespace=MANAGER_NAMESPACE)
     except ValueError:
         return
     ray.get(manager.shutdown.remote())
@@ -107,7 +109,7 @@ def print_status(cluster_name: str) -> int:
 
     connect_ray()
     try:
-        manager = ray.get_actor(f"yard-manager-{cluster_name}")
+        manager = ray.get_actor(f"yard-manager-{cluster_name}", namespace=MANAGER_NAMESPACE)
     except ValueError:
         print(f"no yard cluster named {cluster_name!r} is running")
         return 1
@@ -132,6 +134,8 @@ def demo(config: dict[str, Any]) -> None:
 
     from router.grpc_stubs import load
 
+    # Two workers and a router share a laptop's cores: ask Ray for half a CPU each.
+    config["cluster"].setdefault("worker_cpus", 0.5)
     endpoints = start(config)
     try:
         client = openai.OpenAI(base_url=endpoints["http"], api_key="unused")

@@ -17,7 +17,7 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
-from router.config import RouterConfig
+from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.core import Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
 from router.grpc_ingress import GrpcIngress
@@ -134,14 +134,16 @@ class Router(GrpcIngress):
 def ensure_cluster(cluster: ClusterConfig, timeout_s: float = 300.0) -> Any:
     """The cluster manager of this name, started (with its workers) if not yet running."""
     manager = ray.remote(ClusterManager).options(
-        name=f"yard-manager-{cluster.name}", lifetime="detached", get_if_exists=True,
+        name=f"yard-manager-{cluster.name}", namespace=MANAGER_NAMESPACE, lifetime="detached",
+        get_if_exists=True,
         num_cpus=0).remote(cluster)
     ray.get(manager.start.remote(), timeout=timeout_s)
     return manager
 
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
-    """args: {"cluster": {...ClusterConfig...}, "router": {...RouterConfig...}, "replicas": n}."""
+    """args: {"cluster": {...ClusterConfig...}, "router": {...RouterConfig...}, "replicas": n,
+    "router_cpus": Ray CPUs per router replica (default 0.5)}."""
     args = dict(args or {})
     cluster = ClusterConfig.from_dict(args.get("cluster", {}))
     router_args = dict(args.get("router", {}))
@@ -149,4 +151,5 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     router_args.setdefault("block_size", cluster.engine.block_size)
     router = RouterConfig(cluster_name=cluster.name, **router_args)
     ensure_cluster(cluster)
-    return Router.options(num_replicas=int(args.get("replicas", 1))).bind(router)
+    return Router.options(num_replicas=int(args.get("replicas", 1)),
+                          ray_actor_options={"num_cpus": float(args.get("router_cpus", 0.5))}).bind(router)

@@ -19,7 +19,7 @@ from typing import Any, AsyncIterator, Optional
 
 import ray
 
-from router.config import RouterConfig
+from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.dispatch import DispatchRequest
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad
@@ -53,7 +53,7 @@ class RouterCore:
         self.max_model_len = self.model_config.max_position_embeddings
         self.policy = make_policy(config.policy, **config.policy_arguments())
         self.metrics = RouterMetrics(config.model_name)
-        self.manager = ray.get_actor(config.manager_actor_name)
+        self.manager = ray.get_actor(config.manager_actor_name, namespace=MANAGER_NAMESPACE)
         self.handles: dict[str, Any] = {}
         self.loads: dict[str, WorkerLoad] = {}
         self.in_flight: collections.Counter[str] = collections.Counter()

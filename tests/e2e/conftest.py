@@ -31,6 +31,6 @@ def serve_app(ray_local, make_model):
     serve.run(app, name="yard", route_prefix="/")
     yield {"base_url": f"http://127.0.0.1:{port}", "grpc_target": f"127.0.0.1:{grpc_port}", "model_dir": model}
     serve.shutdown()
-    manager = ray_local.get_actor("yard-manager-e2e")
+    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     ray_local.get(manager.shutdown.remote())
     ray_local.kill(manager)

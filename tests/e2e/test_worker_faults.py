@@ -27,7 +27,7 @@ def test_killed_worker_mid_stream_loses_nothing(ray_local, serve_app):
     expected = LLM(model=serve_app["model_dir"]).generate(
         PROMPT, SamplingParams(temperature=0, max_tokens=TOKENS, ignore_eos=True))[0].text
     client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
-    manager = ray_local.get_actor("yard-manager-e2e")
+    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     stream = client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=TOKENS, temperature=0,
                                        stream=True, extra_body={"ignore_eos": True})
     chunks = []
