@@ -18,6 +18,7 @@ class ClusterConfig:
     load_poll_interval_s: float = 0.5
     health_timeout_s: float = 5.0
     failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
+    startup_timeout_s: float = 600.0  # a worker still starting after this has failed
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum():
@@ -26,7 +27,7 @@ class ClusterConfig:
             raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
         if not isinstance(self.failures_before_replace, int) or self.failures_before_replace < 1:
             raise ValueError(f"failures_before_replace must be an integer >= 1, got {self.failures_before_replace!r}")
-        for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s"):
+        for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
 

@@ -29,7 +29,10 @@ class WorkerEntry:
     healthy: bool = False  # until its first load report arrives
     load: Optional[LoadReport] = None
     failures: int = 0
-    created_at: float = field(default_factory=time.time)
+    created_at: float = field(default_factory=time.monotonic)
+    # The first load report, asked for at creation: until it arrives the worker is
+    # starting (importing, loading weights), which is not a failure.
+    booting: Optional[Any] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,9 @@ class WorkerSnapshot:
     role: str
     healthy: bool
     load: Optional[LoadReport]
+
+
+_BOOTING = object()  # a poll result: the worker has not finished starting
 
 
 class ClusterManager:
@@ -58,13 +64,18 @@ class ClusterManager:
         handle = ray.remote(Worker).options(
             num_cpus=self.config.worker_cpus,
             name=f"yard-{worker_id}", lifetime=None).remote(wc)
-        entry = WorkerEntry(worker_id, handle, role)
+        entry = WorkerEntry(worker_id, handle, role, booting=handle.load.remote())
         self.workers[worker_id] = entry
         return entry
 
     async def start(self) -> int:
-        """Begin polling; returns the number of workers healthy after the first poll."""
+        """Wait for the workers to start (up to startup_timeout_s), then begin polling;
+        returns the number of healthy workers."""
+        deadline = time.monotonic() + self.config.startup_timeout_s
         await self.poll_once()
+        while any(e.booting is not None for e in self.workers.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            await self.poll_once()
         if self._loop_task is None:
             self._loop_task = asyncio.get_running_loop().create_task(self._poll_forever())
         return sum(w.healthy for w in self.workers.values())
@@ -78,6 +89,8 @@ class ClusterManager:
         entries = list(self.workers.values())
         results = await asyncio.gather(*(self._poll(e) for e in entries))
         for entry, report in zip(entries, results):
+            if report is _BOOTING:
+                continue
             if report is not None:
                 entry.load, entry.healthy, entry.failures = report, report.healthy, 0
                 continue
@@ -86,11 +99,26 @@ class ClusterManager:
             if entry.failures >= self.config.failures_before_replace:
                 self._replace(entry)
 
-    async def _poll(self, entry: WorkerEntry) -> Optional[LoadReport]:
+    async def _poll(self, entry: WorkerEntry) -> Any:
+        """The worker's load report; None if it failed; _BOOTING while it starts."""
+        if entry.booting is not None:
+            return self._boot_status(entry)
         try:
             return await asyncio.wait_for(entry.handle.load.remote(), self.config.health_timeout_s)
         except (asyncio.TimeoutError, ray.exceptions.RayError):
             return None
+
+    def _boot_status(self, entry: WorkerEntry) -> Any:
+        ready, _ = ray.wait([entry.booting], timeout=0)
+        if not ready:
+            started_long_ago = time.monotonic() - entry.created_at > self.config.startup_timeout_s
+            return None if started_long_ago else _BOOTING
+        try:
+            report = ray.get(entry.booting)
+        except ray.exceptions.RayError:
+            return None
+        entry.booting = None
+        return report
 
     def _replace(self, entry: WorkerEntry) -> None:
         del self.workers[entry.worker_id]

@@ -131,13 +131,13 @@ class Router(GrpcIngress):
                 yield line
 
 
-def ensure_cluster(cluster: ClusterConfig, timeout_s: float = 300.0) -> Any:
+def ensure_cluster(cluster: ClusterConfig) -> Any:
     """The cluster manager of this name, started (with its workers) if not yet running."""
     manager = ray.remote(ClusterManager).options(
         name=f"yard-manager-{cluster.name}", namespace=MANAGER_NAMESPACE, lifetime="detached",
         get_if_exists=True,
         num_cpus=0).remote(cluster)
-    ray.get(manager.start.remote(), timeout=timeout_s)
+    ray.get(manager.start.remote(), timeout=cluster.startup_timeout_s + 60)
     return manager
 
 

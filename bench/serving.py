@@ -1,0 +1,605 @@
+"""Serving: open-loop load on the OpenAI HTTP API, the router's overhead over calling a
+worker directly, and vLLM's server under vLLM's own benchmark client.
+
+Three parts, one invocation (these machines are shared and noisy: compare within a
+run, not across runs):
+
+1. Load. The same requests go (a) straight to a `Worker` actor created here, its
+   `generate` called over Ray from this process, and (b) through the Serve
+   application (HTTP proxy, router replica, cluster manager, one worker with the same
+   engine config) as streaming `/v1/completions` with token-id prompts. Arrivals:
+   Poisson at --rate, bursty Gamma (CV --cv, 3 by default) at the same mean rate, and
+   `saturate` (all at t=0: the throughput ceiling). Per scenario the two paths run
+   back to back, in alternating order; TTFT, TPOT, end-to-end latency (p50/p99) and
+   output tokens/s for each.
+2. Router overhead: per scenario, what (b) adds to (a) at p50 and the throughput
+   ratio (b)/(a), against the issue's targets (at most 2 ms added at p50, at most 5%
+   throughput lost; the throughput target is judged on `saturate`, where the
+   throughput is the system's, not the arrival rate's).
+3. Peers, where `.venv-peers` exists (`make peers`): the same model under
+   `vllm serve` and `vllm bench serve` as the client, with the same flags against
+   vLLM's server and ours (random dataset at this workload's mean lengths,
+   --random-range-ratio 0.5, ignore_eos, the same arrivals); the summaries side by
+   side with ratios. Skipped with a message when the venv is missing.
+
+Workload: lengths from the Azure 2023 conversation trace scaled down (bench/load_client.py
+says how; the run prints it), random token-id prompts, greedy, EOS ignored.
+
+    python bench/serving.py                       # everything, a few minutes on 2 cores
+    python bench/serving.py --num-requests 32 --rate 2 --scenarios poisson
+    python bench/serving.py --no-peers            # skip vLLM
+
+Prints tables; writes JSON to bench/results/serving-<timestamp>.json (vLLM's logs
+next to it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+import traceback
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+sys.path.insert(0, str(BENCH))
+sys.path.insert(1, str(REPO))  # workers/, cluster/, router/ even where not installed
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local Ray of our own: no token
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import load_client as lc  # noqa: E402
+from workload import special_ids, vocab_size  # noqa: E402
+
+DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
+PATHS = ("direct", "serve")
+TARGET_ADDED_MS = 2.0
+TARGET_THROUGHPUT_LOSS = 0.05
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="\n".join(__doc__.splitlines()[2:]))
+    p.add_argument("--model", default="tiny-llama",
+                   help="built-in model name (workers.models.tiny) or a Hugging Face model directory")
+    p.add_argument("--served-model-name", default="tiny-llama",
+                   help="the model name both OpenAI servers answer to")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per scenario and path")
+    p.add_argument("--rate", type=float, default=4.0, help="mean arrival rate, requests/s")
+    p.add_argument("--cv", type=float, default=3.0, help="coefficient of variation of the bursty gaps")
+    p.add_argument("--scenarios", default=",".join(lc.ARRIVALS),
+                   help=f"comma-separated, from {','.join(lc.ARRIVALS)}")
+    p.add_argument("--paths", default=",".join(PATHS), help="direct (worker actor), serve (HTTP), or both")
+    p.add_argument("--trace", type=Path, default=DEFAULT_TRACE,
+                   help="CSV with num_prefill_tokens,num_decode_tokens (the Azure 2023 trace); "
+                   "missing: synthetic ShareGPT-like lengths")
+    p.add_argument("--prompt-scale", type=float, default=1 / 8, help="trace prompt lengths times this")
+    p.add_argument("--output-scale", type=float, default=1 / 2, help="trace output lengths times this")
+    p.add_argument("--max-prompt-len", type=int, default=512)
+    p.add_argument("--max-output-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup-requests", type=int, default=4, help="untimed, per path, before the scenarios")
+    p.add_argument("--max-duration-s", type=float, default=60.0,
+                   help="per scenario: requests due later are not sent")
+    p.add_argument("--request-timeout-s", type=float, default=120.0)
+    p.add_argument("--worker-cpus", type=float, default=2.0,
+                   help="Ray CPUs of the worker actor (both paths); its torch threads follow it")
+    p.add_argument("--ray-cpus", type=int, default=8,
+                   help="logical CPUs of the local Ray instance (oversubscribed on purpose, as in the tests)")
+    p.add_argument("--no-peers", action="store_true", help="skip vllm serve / vllm bench serve")
+    p.add_argument("--peer-scenarios", default="poisson,saturate",
+                   help="arrivals for vllm bench serve against both servers")
+    p.add_argument("--peer-num-requests", type=int, default=None, help="default: --num-requests")
+    p.add_argument("--peers-python", type=Path, default=REPO / ".venv-peers/bin/python",
+                   help="interpreter that has vLLM's CPU build")
+    p.add_argument("--vllm-kv-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")
+    p.add_argument("--vllm-reserved-cpus", type=int, default=0,
+                   help="VLLM_CPU_NUM_OF_RESERVED_CPU (0: the model gets both cores; -1: vLLM's default)")
+    p.add_argument("--vllm-startup-timeout-s", type=float, default=300.0)
+    p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    args = p.parse_args(argv)
+
+    args.scenarios = _names(p, "--scenarios", args.scenarios, lc.ARRIVALS)
+    args.peer_scenarios = _names(p, "--peer-scenarios", args.peer_scenarios, lc.ARRIVALS)
+    args.paths = _names(p, "--paths", args.paths, PATHS)
+    for name in ("num_requests", "max_prompt_len", "max_output_len", "ray_cpus"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.max_output_len < 2:
+        p.error("--max-output-len must be >= 2 (TPOT needs two output tokens)")
+    for name in ("rate", "cv", "prompt_scale", "output_scale", "max_duration_s", "request_timeout_s",
+                 "worker_cpus"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.warmup_requests < 0:
+        p.error("--warmup-requests must be >= 0")
+    args.peer_num_requests = args.peer_num_requests or args.num_requests
+    return args
+
+
+def _names(p: argparse.ArgumentParser, flag: str, value: str, known: tuple[str, ...]) -> list[str]:
+    names = [s.strip() for s in value.split(",") if s.strip()]
+    bad = [s for s in names if s not in known]
+    if bad:
+        p.error(f"{flag} takes some of {','.join(known)}; got {bad}")
+    return names
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------- workload
+
+
+def make_workload(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    scaling = lc.LengthScaling(args.prompt_scale, args.output_scale, args.max_prompt_len,
+                               args.max_output_len)
+    if args.trace.is_file():
+        lengths = lc.trace_lengths(args.trace, args.num_requests, args.seed, scaling)
+        warm = lc.trace_lengths(args.trace, max(args.warmup_requests, 1), args.seed + 99, scaling)
+        source = (f"lengths sampled from {args.trace.name} (Azure 2023 conversation trace), prompt tokens "
+                  f"x{args.prompt_scale:g} (cap {args.max_prompt_len}), output tokens x{args.output_scale:g} "
+                  f"(cap {args.max_output_len})")
+    else:
+        lengths = lc.synthetic_lengths(args.num_requests, args.seed, scaling)
+        warm = lc.synthetic_lengths(max(args.warmup_requests, 1), args.seed + 99, scaling)
+        source = (f"trace {args.trace} not found: synthetic ShareGPT-like log-normal lengths (median "
+                  f"100 in / 90 out, caps {args.max_prompt_len} / {args.max_output_len})")
+    vocab, avoid = vocab_size(model_dir), special_ids(model_dir)
+    scenarios = {}
+    for k, kind in enumerate(lc.ARRIVALS):
+        times = lc.arrival_times(len(lengths), kind, args.rate, args.cv, args.seed + 10 + k)
+        scenarios[kind] = lc.build_specs(lengths, times, vocab, avoid, args.seed + 100 + k)
+    warmup = lc.build_specs(warm[: args.warmup_requests], [0.0] * len(warm), vocab, avoid, args.seed + 99)
+    prompts = [p for p, _ in lengths]
+    outputs = [o for _, o in lengths]
+    return {
+        "source": source, "scenarios": scenarios, "warmup": warmup,
+        "mean_prompt_len": sum(prompts) / len(prompts), "mean_output_len": sum(outputs) / len(outputs),
+        "p50_prompt_len": lc.percentile(prompts, 50), "p50_output_len": lc.percentile(outputs, 50),
+        "max_prompt_len": max(prompts), "max_output_len": max(outputs),
+    }
+
+
+def arrival_label(kind: str, args: argparse.Namespace) -> str:
+    if kind == "poisson":
+        return f"Poisson {args.rate:g} req/s"
+    if kind == "bursty":
+        return f"Gamma CV {args.cv:g}, {args.rate:g} req/s"
+    return "all at t=0"
+
+
+# --------------------------------------------------------------------------- our cluster
+
+
+class Ours:
+    """A local Ray instance with a directly created worker and the Serve application."""
+
+    def __init__(self, args: argparse.Namespace, model_dir: Path) -> None:
+        self.args, self.model_dir = args, model_dir
+        self.config: Optional[dict[str, Any]] = None
+        self.direct: Any = None
+        self.base_url: Optional[str] = None
+        self.info: dict[str, Any] = {}
+
+    def start(self) -> None:
+        import ray
+
+        from cluster.config import ClusterConfig
+        from cluster.serving import load_serve_config, start
+        from workers.worker import Worker, WorkerConfig
+
+        t0 = time.perf_counter()
+        ray.init(address="local", num_cpus=self.args.ray_cpus, include_dashboard=False, log_to_driver=False)
+        config = load_serve_config(None, str(self.model_dir), 1, free_port(), free_port(), "127.0.0.1")
+        config["cluster"].update(name="bench", worker_cpus=self.args.worker_cpus)
+        # No load shedding: the direct path has none, and the bursts must be served, not refused.
+        config["router"] = {"served_model_name": self.args.served_model_name, "max_queue_per_worker": 100_000}
+        engine = ClusterConfig.from_dict(config["cluster"]).engine  # exactly what the app's worker runs
+        self.info = {"engine": {k: v for k, v in vars(engine).items()}, "worker_cpus": self.args.worker_cpus,
+                     "ray_cpus": self.args.ray_cpus, "serve_workers": 1, "router_replicas": 1}
+        if "direct" in self.args.paths:
+            self.direct = ray.remote(Worker).options(num_cpus=self.args.worker_cpus).remote(
+                WorkerConfig(worker_id="bench-direct", engine=engine))
+            ok, why = ray.get(self.direct.health.remote(), timeout=300)
+            if not ok:
+                raise RuntimeError(f"the direct worker is unhealthy: {why}")
+            # Ray sets OMP_NUM_THREADS from an actor's CPUs; a task with as many shows it.
+            self.info["worker_torch_threads"] = ray.get(ray.remote(_torch_threads).options(
+                num_cpus=self.args.worker_cpus).remote())
+        if "serve" in self.args.paths or (self.args.peer_scenarios and not self.args.no_peers):
+            self.config = config
+            self.base_url = start(config)["http"]
+            self._wait_healthy()
+        self.info["startup_s"] = time.perf_counter() - t0
+
+    def _wait_healthy(self, timeout_s: float = 120.0) -> None:
+        url = self.base_url.removesuffix("/v1") + "/health"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{url} did not report a healthy worker within {timeout_s:g} s")
+
+    def client(self, path: str) -> Any:
+        if path == "direct":
+            return lc.WorkerClient(self.direct)
+        return lc.HttpClient(self.base_url, self.args.served_model_name)
+
+    def stop_direct(self) -> None:
+        import ray
+
+        if self.direct is not None:
+            try:
+                ray.get(self.direct.shutdown.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - best effort; the kill below ends it
+                pass
+            ray.kill(self.direct)
+            self.direct = None
+
+    def stop(self) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            return
+        self.stop_direct()
+        if self.config is not None:
+            from cluster.serving import stop
+
+            try:
+                stop(self.config)
+            except Exception as e:  # noqa: BLE001
+                say(f"stopping the Serve application: {type(e).__name__}: {e}")
+            self.config = None
+        ray.shutdown()
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+async def run_our_load(ours: Ours, workload: dict[str, Any], args: argparse.Namespace
+                       ) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    http = lc.HttpClient(ours.base_url, args.served_model_name) if "serve" in args.paths else None
+    if http is not None:
+        await http.__aenter__()
+    try:
+        senders = {"direct": ours.client("direct").send if "direct" in args.paths else None,
+                   "serve": http.send if http is not None else None}
+        for path in args.paths:
+            if workload["warmup"]:
+                warm = await lc.warm_up(senders[path], workload["warmup"], args.request_timeout_s)
+                bad = [o.error for o in warm if not o.ok]
+                if bad:
+                    raise RuntimeError(f"warm-up through {path} failed: {bad[0]}")
+        for k, kind in enumerate(args.scenarios):
+            specs = workload["scenarios"][kind]
+            order = args.paths if k % 2 == 0 else list(reversed(args.paths))
+            results[kind] = {}
+            for path in order:
+                say(f"[{kind}] {path}: {len(specs)} requests, {arrival_label(kind, args)} ...")
+                outcomes, wall = await lc.run_load(specs, senders[path], args.max_duration_s,
+                                                   args.request_timeout_s)
+                summary = lc.summarize(outcomes, wall)
+                say(f"[{kind}] {path}: {summary['completed']}/{summary['requests']} done in {wall:.1f} s, "
+                    f"{_f(summary['output_throughput'], 0)} out tok/s, p50 TTFT {_f(summary['p50_ttft_ms'])} ms, "
+                    f"p50 TPOT {_f(summary['p50_tpot_ms'])} ms"
+                    + (f"; errors: {summary['errors']}" if summary.get("errors") else ""))
+                results[kind][path] = {**summary, "order": order.index(path), "per_request": lc.compact(outcomes)}
+            await asyncio.sleep(0.5)  # let the last aborts and the load reports settle
+    finally:
+        if http is not None:
+            await http.__aexit__(None, None, None)
+    return results
+
+
+def router_overhead(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind, paths in results.items():
+        d, s = paths.get("direct"), paths.get("serve")
+        if not d or not s or not d["completed"] or not s["completed"]:
+            continue
+        row: dict[str, Any] = {}
+        for m in ("ttft", "tpot", "e2e"):
+            for q in ("p50", "p99"):
+                a, b = d.get(f"{q}_{m}_ms"), s.get(f"{q}_{m}_ms")
+                row[f"{q}_{m}_added_ms"] = None if a is None or b is None else b - a
+        ratio = (s["output_throughput"] / d["output_throughput"]
+                 if d["output_throughput"] and s["output_throughput"] else None)
+        row["throughput_ratio"] = ratio
+        row["latency_target_met"] = all(row[f"p50_{m}_added_ms"] is not None
+                                        and row[f"p50_{m}_added_ms"] <= TARGET_ADDED_MS
+                                        for m in ("ttft", "tpot", "e2e"))
+        row["throughput_target_met"] = ratio is not None and ratio >= 1 - TARGET_THROUGHPUT_LOSS
+        row["failed"] = {"direct": d["failed"], "serve": s["failed"]}
+        out[kind] = row
+    return out
+
+
+# --------------------------------------------------------------------------- peers
+
+
+def vllm_flags(kind: str, args: argparse.Namespace, workload: dict[str, Any]) -> list[str]:
+    """The same `vllm bench serve` flags for both servers."""
+    rate = "inf" if kind == "saturate" else f"{args.rate:g}"
+    flags = ["--dataset-name", "random",
+             "--random-input-len", str(round(workload["mean_prompt_len"])),
+             "--random-output-len", str(round(workload["mean_output_len"])),
+             "--random-range-ratio", "0.5",
+             "--num-prompts", str(args.peer_num_requests), "--request-rate", rate,
+             "--ignore-eos", "--temperature", "0", "--seed", str(args.seed),
+             "--num-warmups", str(args.warmup_requests),
+             "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+             "--disable-tqdm"]
+    if kind == "bursty":
+        flags += ["--burstiness", f"{1 / (args.cv * args.cv):.6g}"]
+    return flags
+
+
+def run_peer_bench(server: str, base_url: str, model_dir: Path, args: argparse.Namespace,
+                   workload: dict[str, Any], stamp: str) -> dict[str, Any]:
+    from peers.vllm_serve import bench_serve
+
+    out: dict[str, Any] = {}
+    for kind in args.peer_scenarios:
+        say(f"[vllm bench serve -> {server}] {kind} ...")
+        log = args.results_dir / f"serving-{stamp}-bench-{server}-{kind}.log"
+        try:
+            r = bench_serve(args.peers_python, base_url, args.served_model_name, model_dir,
+                            vllm_flags(kind, args, workload), log)
+        except Exception as e:  # noqa: BLE001 - report it and carry on with the rest
+            say(f"[vllm bench serve -> {server}] {kind}: FAILED: {e}")
+            out[kind] = {"error": str(e)}
+            continue
+        r["log"] = _rel(log)
+        say(f"[vllm bench serve -> {server}] {kind}: {r.get('completed')} done, "
+            f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms")
+        out[kind] = r
+    return out
+
+
+def run_vllm_server(model_dir: Path, args: argparse.Namespace, workload: dict[str, Any],
+                    stamp: str) -> dict[str, Any]:
+    from peers.vllm_serve import VllmServer
+
+    log = args.results_dir / f"serving-{stamp}-vllm-serve.log"
+    reserved = None if args.vllm_reserved_cpus < 0 else args.vllm_reserved_cpus
+    server = VllmServer(args.peers_python, model_dir, args.served_model_name, free_port(), log,
+                        args.vllm_kv_gib, reserved)
+    say(f"starting vllm serve (log {_rel(log)}) ...")
+    with server.start(args.vllm_startup_timeout_s):
+        say(f"vllm serve ready in {server.startup_s:.0f} s")
+        results = run_peer_bench("vllm", server.base_url, model_dir, args, workload, stamp)
+    return {"server_log": _rel(log), "startup_s": server.startup_s, "kv_cache_gib": args.vllm_kv_gib,
+            "reserved_cpus": reserved, "results": results}
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _f(v: Any, digits: int = 1) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.{digits}f}"
+
+
+def _signed(v: Optional[float], digits: int = 2) -> str:
+    return "-" if v is None else f"{v:+.{digits}f}"
+
+
+def _rel(path: Path) -> str:
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
+def format_table(head: list[str], rows: list[list[str]], left: int = 2) -> str:
+    widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head] + rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def load_table(results: dict[str, dict[str, Any]], args: argparse.Namespace) -> str:
+    head = ["scenario", "path", "done", "req/s", "out tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99",
+            "E2E p50", "E2E p99"]
+    rows = []
+    for kind, paths in results.items():
+        for path in PATHS:
+            r = paths.get(path)
+            if r is None:
+                continue
+            rows.append([kind, path, f"{r['completed']}/{r['requests']}", _f(r["request_throughput"], 2),
+                         _f(r["output_throughput"], 0), _f(r["p50_ttft_ms"]), _f(r["p99_ttft_ms"]),
+                         _f(r["p50_tpot_ms"], 2), _f(r["p99_tpot_ms"], 2), _f(r["p50_e2e_ms"]),
+                         _f(r["p99_e2e_ms"])])
+    return format_table(head, rows)
+
+
+def overhead_table(over: dict[str, Any]) -> str:
+    head = ["scenario", "+TTFT p50", "+TPOT p50", "+E2E p50", "+TTFT p99", "+TPOT p99", "+E2E p99",
+            "tput serve/direct", "<=2 ms at p50", ">=95% tput"]
+    rows = []
+    for kind, r in over.items():
+        rows.append([kind, _signed(r["p50_ttft_added_ms"]), _signed(r["p50_tpot_added_ms"], 3),
+                     _signed(r["p50_e2e_added_ms"]), _signed(r["p99_ttft_added_ms"]),
+                     _signed(r["p99_tpot_added_ms"], 3), _signed(r["p99_e2e_added_ms"]),
+                     "-" if r["throughput_ratio"] is None else f"{r['throughput_ratio']:.3f}",
+                     "met" if r["latency_target_met"] else "NOT met",
+                     "met" if r["throughput_target_met"] else "NOT met"])
+    return format_table(head, rows, left=1)
+
+
+def peers_table(vllm: dict[str, Any], ours: dict[str, Any]) -> str:
+    from peers.vllm_serve import SUMMARY_KEYS
+
+    kinds = [k for k in vllm if k in ours]
+    head = ["metric"]
+    for k in kinds:
+        head += [f"{k}: vllm", "ours", "ours/vllm"]
+    rows = []
+    for key in SUMMARY_KEYS:
+        row = [key]
+        for k in kinds:
+            a, b = vllm[k].get(key), ours[k].get(key)
+            digits = 0 if key in ("completed", "failed") else 2
+            ratio = f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+            row += [_f(a, digits) if a is not None else "-", _f(b, digits) if b is not None else "-",
+                    ratio if key not in ("completed", "failed") else ""]
+        rows.append(row)
+    return format_table(head, rows, left=1)
+
+
+def environment() -> dict[str, Any]:
+    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
+                           "cpus": os.cpu_count()}
+    try:
+        import ray
+        import torch
+
+        env.update(torch=torch.__version__, ray=ray.__version__)
+    except ImportError:
+        pass
+    return env
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    from workers.models.tiny import resolve_model
+
+    model_dir = Path(resolve_model(args.model)).resolve()
+    workload = make_workload(args, model_dir)
+    say(f"workload: {args.num_requests} requests per scenario; {workload['source']}; "
+        f"mean {workload['mean_prompt_len']:.0f} in / {workload['mean_output_len']:.0f} out "
+        f"(p50 {workload['p50_prompt_len']:.0f} / {workload['p50_output_len']:.0f}, "
+        f"max {workload['max_prompt_len']} / {workload['max_output_len']}); random token-id prompts, "
+        f"greedy, EOS ignored")
+
+    report: dict[str, Any] = {
+        "benchmark": "serving",
+        "workload": {k: v for k, v in workload.items() if k not in ("scenarios", "warmup")}
+        | {"num_requests": args.num_requests, "rate": args.rate, "cv": args.cv,
+           "scenarios": {k: arrival_label(k, args) for k in args.scenarios},
+           "warmup_requests": args.warmup_requests, "seed": args.seed, "model": args.model,
+           "served_model_name": args.served_model_name, "max_duration_s": args.max_duration_s},
+        "targets": {"added_p50_ms": TARGET_ADDED_MS, "throughput_loss": TARGET_THROUGHPUT_LOSS},
+        "environment": environment(),
+    }
+    peers_ok = not args.no_peers and bool(args.peer_scenarios)
+    if peers_ok and not args.peers_python.exists():
+        reason = f"{_rel(args.peers_python)} not found; `make peers` builds vLLM's CPU build into it"
+        say(f"peers: skipped: {reason}")
+        report["peers"] = {"skipped": reason}
+        peers_ok = False
+    elif not peers_ok:
+        report["peers"] = {"skipped": "--no-peers" if args.no_peers else "no --peer-scenarios"}
+    if not peers_ok:
+        args.peer_scenarios = []
+
+    failed = False
+    ours = Ours(args, model_dir)
+    peer_ours: dict[str, Any] = {}
+    try:
+        say("starting Ray, the direct worker and the Serve application ...")
+        ours.start()
+        say(f"ours ready in {ours.info['startup_s']:.0f} s")
+        report["ours"] = ours.info
+        results = asyncio.run(run_our_load(ours, workload, args))
+        report["load"] = results
+        report["router_overhead"] = router_overhead(results)
+        if peers_ok:
+            ours.stop_direct()  # idle, but it should not share the cores with the peer runs
+            peer_ours = run_peer_bench("ours", ours.base_url, model_dir, args, workload, stamp)
+    except Exception as e:  # noqa: BLE001 - still write what we have
+        traceback.print_exc()
+        report["error"] = f"{type(e).__name__}: {e}"
+        failed = True
+    finally:
+        ours.stop()
+
+    if peers_ok and not failed:
+        try:
+            vllm = run_vllm_server(model_dir, args, workload, stamp)
+            report["peers"] = {"vllm": vllm, "ours": {"results": peer_ours},
+                               "flags": {k: vllm_flags(k, args, workload) for k in args.peer_scenarios}}
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            report["peers"] = {"error": f"{type(e).__name__}: {e}", "ours": {"results": peer_ours}}
+            failed = True
+
+    print()
+    print(f"serving benchmark ({args.model}, served as {args.served_model_name}): {args.num_requests} requests "
+          f"per scenario, {workload['source']}")
+    print(f"mean {workload['mean_prompt_len']:.0f} prompt / {workload['mean_output_len']:.0f} output tokens; "
+          f"random token-id prompts, greedy, ignore_eos; worker: {args.worker_cpus:g} CPUs; times in ms")
+    if report.get("load"):
+        print("\nload: direct = Worker actor over Ray from this process; serve = OpenAI HTTP through "
+              "Ray Serve (proxy, router, worker)")
+        print(load_table(report["load"], args))
+    if report.get("router_overhead"):
+        print(f"\nrouter overhead (serve minus direct; targets: <= {TARGET_ADDED_MS:g} ms added at p50, "
+              f">= {1 - TARGET_THROUGHPUT_LOSS:.0%} of direct throughput, the latter judged on saturate)")
+        print(overhead_table(report["router_overhead"]))
+        verdict(report["router_overhead"])
+    peers = report.get("peers", {})
+    if "vllm" in peers:
+        print(f"\nvllm bench serve against both servers, same flags (random dataset, "
+              f"{round(workload['mean_prompt_len'])} in / {round(workload['mean_output_len'])} out, range "
+              f"ratio 0.5, {args.peer_num_requests} prompts; poisson = {args.rate:g} req/s, saturate = inf); "
+              f"ratios ours/vllm: > 1 is better for throughput, worse for latency")
+        print(peers_table(peers["vllm"]["results"], peers["ours"]["results"]))
+    elif "skipped" in peers:
+        print(f"\npeers: skipped: {peers['skipped']}")
+    elif "error" in peers:
+        print(f"\npeers: FAILED: {peers['error']}")
+
+    out = args.results_dir / f"serving-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {_rel(out)}")
+    return 1 if failed or "error" in report else 0
+
+
+def verdict(over: dict[str, Any]) -> None:
+    lat = {k: r["latency_target_met"] for k, r in over.items()}
+    sat = over.get("saturate")
+    lines = [f"  p50 latency added <= {TARGET_ADDED_MS:g} ms: "
+             + ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in lat.items())]
+    if sat is not None and sat["throughput_ratio"] is not None:
+        lines.append(f"  throughput at saturation: serve/direct = {sat['throughput_ratio']:.3f} "
+                     f"({'met' if sat['throughput_target_met'] else 'NOT met'})")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":  # vLLM's spawn re-imports __main__ only in its subprocesses
+    sys.exit(main())
