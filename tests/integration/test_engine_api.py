@@ -144,3 +144,24 @@ def test_unclaimed_reservation_expires(llama_dir):
     assert engine.stats().num_free_blocks == total
     with pytest.raises(KeyError, match="no KV reservation"):
         engine.import_kv(res.reservation_id, engine.export_kv([0]))
+
+
+def test_resume_at_every_index_streams_the_same_text(llama_dir):
+    """A request resumed elsewhere (output_token_ids) continues the undisturbed text
+    exactly, wherever it was cut: held-back bytes and partial characters included."""
+    engine = LLMEngine(EngineConfig(model=str(llama_dir)))
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    tokens = prompt(8, 12)
+    engine.add_request("full", tokens, params)
+    steps = []
+    while engine.has_unfinished_requests():
+        steps.extend(o for o in engine.step() if o.new_token_ids)
+    output = [t for o in steps for t in o.new_token_ids]
+    for cut in range(1, len(output)):
+        sent_text = "".join(o.new_text for o in steps[:cut])
+        engine.add_request(f"resume-{cut}", tokens, params, output_token_ids=output[:cut])
+        rest = []
+        while engine.has_unfinished_requests():
+            rest.extend(engine.step())
+        assert [t for o in rest for t in o.new_token_ids] == output[cut:]
+        assert sent_text + "".join(o.new_text for o in rest) == "".join(o.new_text for o in steps)

@@ -152,7 +152,14 @@ class LLMEngine:
             raise ValueError(f"{field} holds {bad!r}, not a token id in [0, {vocab})")
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, seq.token_ids, seq.params)
+        """A detokenizer in the state the request's own would be in now. Output tokens
+        produced elsewhere (a resumed or migrated request) are replayed and their text
+        dropped, since the client has it; what was held back there (half a UTF-8
+        character, the start of a possible stop string) stays held back here."""
+        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params)
+        if seq.num_output_tokens and detok.update(seq.output_token_ids).stop_string is not None:
+            raise ValueError(f"request {seq.request_id}: its output already ends in a stop string")
+        return detok
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks are freed at once."""
