@@ -69,7 +69,8 @@ def start(config: dict[str, Any]) -> dict[str, str]:
     http, grpc = config["http"], config["grpc"]
     serve.start(http_options={"host": http["host"], "port": http["port"]},
                 grpc_options={"port": grpc["port"], "grpc_servicer_functions": [GRPC_SERVICER]})
-    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas", "router_cpus")}
+    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas", "router_cpus",
+                                                               "max_ongoing_requests")}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
 

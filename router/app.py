@@ -143,7 +143,7 @@ def ensure_cluster(cluster: ClusterConfig) -> Any:
 
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     """args: {"cluster": {...ClusterConfig...}, "router": {...RouterConfig...}, "replicas": n,
-    "router_cpus": Ray CPUs per router replica (default 0.5)}."""
+    "router_cpus": Ray CPUs per replica (0.5), "max_ongoing_requests": per replica (1024)}."""
     args = dict(args or {})
     cluster = ClusterConfig.from_dict(args.get("cluster", {}))
     router_args = dict(args.get("router", {}))
@@ -151,5 +151,9 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     router_args.setdefault("block_size", cluster.engine.block_size)
     router = RouterConfig(cluster_name=cluster.name, **router_args)
     ensure_cluster(cluster)
+    # A replica streams many requests at once (it is async and mostly waits on
+    # workers). Serve's default of 5 would queue the rest in front of the router,
+    # where load shedding cannot see them.
     return Router.options(num_replicas=int(args.get("replicas", 1)),
+                          max_ongoing_requests=int(args.get("max_ongoing_requests", 1024)),
                           ray_actor_options={"num_cpus": float(args.get("router_cpus", 0.5))}).bind(router)

@@ -63,9 +63,13 @@ class RouterCore:
     # -- the worker snapshot ---------------------------------------------------------------
     async def refresh(self) -> None:
         snapshot = await self.manager.snapshot.remote()
+        loads = {s.worker_id: _as_load(s) for s in snapshot if s.load is not None}
+        for wid, load in loads.items():
+            old = self.loads.get(wid)
+            if old is None or load.reported_at > old.reported_at:
+                self.in_flight[wid] = 0  # a fresh report counts what this replica sent before it
         self.handles = {s.worker_id: s.handle for s in snapshot}
-        self.loads = {s.worker_id: _as_load(s) for s in snapshot if s.load is not None}
-        self.in_flight.clear()  # the fresh loads include what this replica sent
+        self.loads = loads
 
     def ensure_refreshing(self) -> None:
         if self._refresher is None:
@@ -141,9 +145,9 @@ class RouterCore:
         return decision.worker_id, self.handles[decision.worker_id]
 
     def _current_loads(self) -> list[WorkerLoad]:
-        # Requests sent since the snapshot count as waiting there, so a burst spreads.
-        return [dataclasses.replace(load, num_waiting=load.num_waiting + self.in_flight[wid])
-                for wid, load in self.loads.items()]
+        """The snapshot plus what this replica sent since: those requests count as
+        waiting there and share its free KV slots, so a burst spreads out."""
+        return [_with_sent(load, self.in_flight[wid]) for wid, load in self.loads.items()]
 
     async def _report_failure(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)
@@ -156,6 +160,14 @@ class RouterCore:
 async def _open_stream(handle: Any, request: WorkerRequest) -> AsyncIterator[list[Event]]:
     async for ref in handle.generate.remote(request):
         yield await ref
+
+
+def _with_sent(load: WorkerLoad, sent: int) -> WorkerLoad:
+    if not sent:
+        return load
+    sharing = max(load.num_running, 1)
+    return dataclasses.replace(load, num_waiting=load.num_waiting + sent,
+                               freeness=load.freeness * sharing / (load.num_running + sent))
 
 
 def _as_load(snapshot: Any) -> WorkerLoad:

@@ -17,9 +17,9 @@ def post(base_url: str, body: dict) -> tuple[int, dict, dict]:
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, dict(r.headers), json.loads(r.read())
+            return r.status, {k.lower(): v for k, v in r.headers.items()}, json.loads(r.read())
     except urllib.error.HTTPError as e:
-        return e.code, dict(e.headers), json.loads(e.read())
+        return e.code, {k.lower(): v for k, v in e.headers.items()}, json.loads(e.read())
 
 
 def test_bad_input_does_not_disturb_requests_in_flight(serve_app):
@@ -52,5 +52,5 @@ def test_saturated_cluster_sheds_with_429(serve_app):
     done = [b for code, _, b in results if code == 200]
     assert shed and done
     assert len(shed) + len(done) == 40
-    assert all(h.get("Retry-After") == "1" and b["error"]["code"] == "overloaded" for h, b in shed)
+    assert all(h.get("retry-after") == "1" and b["error"]["code"] == "overloaded" for h, b in shed)
     assert all(b["usage"]["completion_tokens"] == 200 for b in done)
