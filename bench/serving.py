@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -48,7 +49,7 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -224,7 +225,13 @@ class Ours:
             if not ok:
                 raise RuntimeError(f"the direct worker is unhealthy: {why}")
             # Ray sets OMP_NUM_THREADS from an actor's CPUs; a task with as many shows it.
-            self.info["worker_torch_threads"] = ray.get(ray.remote(_torch_threads).options(
+            # (Nested, so Ray ships it by value: workers cannot import this script.)
+            def torch_threads() -> int:
+                import torch
+
+                return torch.get_num_threads()
+
+            self.info["worker_torch_threads"] = ray.get(ray.remote(torch_threads).options(
                 num_cpus=self.args.worker_cpus).remote())
         if "serve" in self.args.paths or (self.args.peer_scenarios and not self.args.no_peers):
             self.config = config
@@ -244,11 +251,6 @@ class Ours:
                 pass
             time.sleep(0.5)
         raise RuntimeError(f"{url} did not report a healthy worker within {timeout_s:g} s")
-
-    def client(self, path: str) -> Any:
-        if path == "direct":
-            return lc.WorkerClient(self.direct)
-        return lc.HttpClient(self.base_url, self.args.served_model_name)
 
     def stop_direct(self) -> None:
         import ray
@@ -278,27 +280,23 @@ class Ours:
         ray.shutdown()
 
 
-def _torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
 async def run_our_load(ours: Ours, workload: dict[str, Any], args: argparse.Namespace
                        ) -> dict[str, dict[str, Any]]:
+    """Warm both paths up, then run each scenario through each path, alternating
+    which path goes first so slow drift on a shared machine does not favour one."""
     results: dict[str, dict[str, Any]] = {}
-    http = lc.HttpClient(ours.base_url, args.served_model_name) if "serve" in args.paths else None
-    if http is not None:
-        await http.__aenter__()
-    try:
-        senders = {"direct": ours.client("direct").send if "direct" in args.paths else None,
-                   "serve": http.send if http is not None else None}
+    async with contextlib.AsyncExitStack() as stack:
+        senders: dict[str, lc.Send] = {}
+        if "direct" in args.paths:
+            senders["direct"] = lc.WorkerClient(ours.direct).send
+        if "serve" in args.paths:
+            http = await stack.enter_async_context(lc.HttpClient(ours.base_url, args.served_model_name))
+            senders["serve"] = http.send
         for path in args.paths:
-            if workload["warmup"]:
-                warm = await lc.warm_up(senders[path], workload["warmup"], args.request_timeout_s)
-                bad = [o.error for o in warm if not o.ok]
-                if bad:
-                    raise RuntimeError(f"warm-up through {path} failed: {bad[0]}")
+            warm = await lc.warm_up(senders[path], workload["warmup"], args.request_timeout_s)
+            bad = [o.error for o in warm if not o.ok]
+            if bad:
+                raise RuntimeError(f"warm-up through {path} failed: {bad[0]}")
         for k, kind in enumerate(args.scenarios):
             specs = workload["scenarios"][kind]
             order = args.paths if k % 2 == 0 else list(reversed(args.paths))
@@ -310,13 +308,11 @@ async def run_our_load(ours: Ours, workload: dict[str, Any], args: argparse.Name
                 summary = lc.summarize(outcomes, wall)
                 say(f"[{kind}] {path}: {summary['completed']}/{summary['requests']} done in {wall:.1f} s, "
                     f"{_f(summary['output_throughput'], 0)} out tok/s, p50 TTFT {_f(summary['p50_ttft_ms'])} ms, "
-                    f"p50 TPOT {_f(summary['p50_tpot_ms'])} ms"
+                    f"p50 TPOT {_f(summary['p50_tpot_ms'], 2)} ms"
                     + (f"; errors: {summary['errors']}" if summary.get("errors") else ""))
-                results[kind][path] = {**summary, "order": order.index(path), "per_request": lc.compact(outcomes)}
-            await asyncio.sleep(0.5)  # let the last aborts and the load reports settle
-    finally:
-        if http is not None:
-            await http.__aexit__(None, None, None)
+                results[kind][path] = {**summary, "ran": order.index(path) + 1, "loadavg_1m": os.getloadavg()[0],
+                                       "per_request": lc.compact(outcomes)}
+                await asyncio.sleep(0.5)  # let the finished requests' bookkeeping settle
     return results
 
 
@@ -379,6 +375,7 @@ def run_peer_bench(server: str, base_url: str, model_dir: Path, args: argparse.N
             out[kind] = {"error": str(e)}
             continue
         r["log"] = _rel(log)
+        r["loadavg_1m"] = os.getloadavg()[0]
         say(f"[vllm bench serve -> {server}] {kind}: {r.get('completed')} done, "
             f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms")
         out[kind] = r
@@ -469,7 +466,9 @@ def peers_table(vllm: dict[str, Any], ours: dict[str, Any]) -> str:
         for k in kinds:
             a, b = vllm[k].get(key), ours[k].get(key)
             digits = 0 if key in ("completed", "failed") else 2
-            ratio = f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and a else "-"
+            # No ratio against (near) zero: vLLM's median ITL is 0 when tokens arrive bunched.
+            ratio = (f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float))
+                     and abs(a) >= 0.05 else "-")
             row += [_f(a, digits) if a is not None else "-", _f(b, digits) if b is not None else "-",
                     ratio if key not in ("completed", "failed") else ""]
         rows.append(row)
@@ -563,6 +562,13 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"per scenario, {workload['source']}")
     print(f"mean {workload['mean_prompt_len']:.0f} prompt / {workload['mean_output_len']:.0f} output tokens; "
           f"random token-id prompts, greedy, ignore_eos; worker: {args.worker_cpus:g} CPUs; times in ms")
+    loads = [r["loadavg_1m"] for paths in report.get("load", {}).values() for r in paths.values()]
+    loads += [r["loadavg_1m"] for side in ("vllm", "ours") for r in
+              report.get("peers", {}).get(side, {}).get("results", {}).values() if "loadavg_1m" in r]
+    if loads:
+        busy = max(loads) > 2 * (os.cpu_count() or 1) + 1  # this benchmark alone stays below
+        print(f"1-minute load average after each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} "
+              f"cores" + (" -- the machine was busy with other work: trust the ratios less" if busy else ""))
     if report.get("load"):
         print("\nload: direct = Worker actor over Ray from this process; serve = OpenAI HTTP through "
               "Ray Serve (proxy, router, worker)")
@@ -579,6 +585,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"ratio 0.5, {args.peer_num_requests} prompts; poisson = {args.rate:g} req/s, saturate = inf); "
               f"ratios ours/vllm: > 1 is better for throughput, worse for latency")
         print(peers_table(peers["vllm"]["results"], peers["ours"]["results"]))
+        print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours "
+              "coalesces a request's tokens over 5 ms); TPOT is the per-token figure to compare")
     elif "skipped" in peers:
         print(f"\npeers: skipped: {peers['skipped']}")
     elif "error" in peers:

@@ -52,6 +52,17 @@ def _env(kv_cache_gib: Optional[int] = None, reserved_cpus: Optional[int] = None
     return env
 
 
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send sig to the process group; False when no process of it is left."""
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # a zombie leader still holds the group id
+
+
 def _tail(path: Path, n: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
@@ -76,14 +87,25 @@ class VllmServer:
         self.startup_s: Optional[float] = None
 
     def start(self, timeout_s: float = 300.0) -> "VllmServer":
+        if self.proc is not None:
+            raise RuntimeError("this vllm serve is already started")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "w")
-        log.write("$ " + " ".join(self.cmd) + "\n")
-        log.flush()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
-        log.close()  # the child holds its own descriptor
+        with open(self.log_path, "w") as log:
+            log.write("$ " + " ".join(self.cmd) + "\n")
+            log.flush()
+            t0 = time.perf_counter()
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=self.env, start_new_session=True)
+        try:
+            self._wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_s = time.perf_counter() - t0
+        return self
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -91,46 +113,38 @@ class VllmServer:
                                    f"starting; {self.log_path} ends:\n{_tail(self.log_path)}")
             try:
                 with urllib.request.urlopen(self.base_url + "/models", timeout=2) as r:
-                    if r.status == 200:
-                        self.startup_s = time.perf_counter() - t0
-                        return self
+                    # Ours only if our process is still the one alive (not another
+                    # server that took the port first).
+                    if r.status == 200 and self.proc.poll() is None:
+                        return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             time.sleep(1.0)
-        self.stop()
         raise RuntimeError(f"vllm serve was not ready within {timeout_s:g} s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """SIGTERM to the server's process group (its id is the server's pid: it was
-        started in a session of its own), SIGKILL if it lingers."""
+        started in a session of its own), SIGKILL to whatever of it is left after
+        `timeout_s` (engine processes can outlive their parent)."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        for sig, wait_s in ((signal.SIGTERM, timeout_s), (signal.SIGKILL, 10.0)):
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait_s)
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        # The group may outlive its leader for a moment (engine processes).
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                return
+        pgid = proc.pid
+        if not _signal_group(pgid, signal.SIGTERM):
+            proc.wait()
+            return
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and _signal_group(pgid, 0):
+            proc.poll()  # reap the leader so the group can empty
             time.sleep(0.2)
+        _signal_group(pgid, signal.SIGKILL)
         try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
             pass
 
     def __enter__(self) -> "VllmServer":
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
