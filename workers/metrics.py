@@ -11,7 +11,7 @@ STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 
 
 class WorkerMetrics:
-    """Gauges are set and counters advanced from engine stats after every step."""
+    """Gauges are set and counters advanced from engine stats every few steps."""
 
     def __init__(self, worker_id: str, model: str) -> None:
         self.tags = {"worker": worker_id, "model": model}
@@ -29,14 +29,14 @@ class WorkerMetrics:
                                            STEP_TIME_BOUNDARIES, keys)
         self._last: EngineStats | None = None
 
-    def update(self, stats: EngineStats, step_time_s: float) -> None:
+    def update(self, stats: EngineStats) -> None:
+        """Gauges and counters from the engine's stats; step times are observed per step."""
         t = self.tags
         self.running.set(stats.num_running, t)
         self.waiting.set(stats.num_waiting, t)
         self.kv_used.set(stats.num_total_blocks - stats.num_free_blocks, t)
         self.kv_total.set(stats.num_total_blocks, t)
         self.hit_rate.set(stats.prefix_cache_hit_rate, t)
-        self.step_time.observe(step_time_s, t)
         last = self._last
         for counter, now, before in (
                 (self.prompt_tokens, stats.prompt_tokens, last.prompt_tokens if last else 0),

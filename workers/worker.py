@@ -24,6 +24,7 @@ from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
+_REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class Worker:
         self._draining = False
         self._load = load_report(self.engine, config.worker_id, config.role, config.max_cached_hashes)
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
+        self._reported_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
     async def generate(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
@@ -144,12 +146,20 @@ class Worker:
                 start = time.perf_counter()
                 for output in engine.step():
                     self._publish(output)
-                self._load = load_report(engine, self.config.worker_id, self.config.role,
-                                         self.config.max_cached_hashes)
-                self._metrics.update(engine.stats(), time.perf_counter() - start)
+                self._metrics.step_time.observe(time.perf_counter() - start, self._metrics.tags)
+                # The report copies up to max_cached_hashes hashes: refresh it every few
+                # steps, and always when the worker falls idle, not on every token.
+                if start - self._reported_at >= _REPORT_INTERVAL_S or not engine.has_unfinished_requests():
+                    self._report(start)
             else:
                 self._wake.wait(_IDLE_WAIT_S)
                 self._wake.clear()
+
+    def _report(self, now: float) -> None:
+        self._load = load_report(self.engine, self.config.worker_id, self.config.role,
+                                 self.config.max_cached_hashes)
+        self._metrics.update(self.engine.stats())
+        self._reported_at = now
 
     def _apply_commands(self) -> None:
         while True:
