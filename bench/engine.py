@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 import traceback
@@ -33,6 +31,7 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))  # workers/ even where the package is not installed
 
+from environment import environment  # noqa: E402
 from workload import workload_prompts  # noqa: E402
 
 SYSTEMS = ("ours", "hf", "vllm")
@@ -240,20 +239,6 @@ def table(entries: list[dict[str, Any]]) -> str:
     return "\n".join(lines + [""] + notes)
 
 
-def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(),
-                           "platform": platform.platform(),
-                           "cpus": os.cpu_count()}
-    try:
-        import torch
-        import transformers
-        env.update(torch=torch.__version__, transformers=transformers.__version__,
-                   torch_threads=torch.get_num_threads())
-    except ImportError:
-        pass
-    return env
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -281,7 +266,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                      "output_len": args.output_len, "seed": args.seed,
                      "greedy": True, "ignore_eos": True,
                      "warmup_prompts": args.warmup_prompts},
-        "environment": environment(),
+        "environment": environment("torch", "transformers"),
         "results": entries,
     }, indent=2) + "\n")
     print(f"\nwrote {out.relative_to(REPO) if out.is_relative_to(REPO) else out}")

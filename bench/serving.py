@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import platform
 import socket
 import sys
 import time
@@ -61,6 +60,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import load_client as lc  # noqa: E402
+from environment import environment  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
@@ -475,19 +475,6 @@ def peers_table(vllm: dict[str, Any], ours: dict[str, Any]) -> str:
     return format_table(head, rows, left=1)
 
 
-def environment() -> dict[str, Any]:
-    env: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform(),
-                           "cpus": os.cpu_count()}
-    try:
-        import ray
-        import torch
-
-        env.update(torch=torch.__version__, ray=ray.__version__)
-    except ImportError:
-        pass
-    return env
-
-
 # --------------------------------------------------------------------------- main
 
 
@@ -513,7 +500,7 @@ def main(argv: Optional[list[str]] = None) -> int:
            "warmup_requests": args.warmup_requests, "seed": args.seed, "model": args.model,
            "served_model_name": args.served_model_name, "max_duration_s": args.max_duration_s},
         "targets": {"added_p50_ms": TARGET_ADDED_MS, "throughput_loss": TARGET_THROUGHPUT_LOSS},
-        "environment": environment(),
+        "environment": environment("torch", "ray"),
     }
     peers_ok = not args.no_peers and bool(args.peer_scenarios)
     if peers_ok and not args.peers_python.exists():
