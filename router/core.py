@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import itertools
 import logging
 import time
 import uuid
@@ -57,7 +56,6 @@ class RouterCore:
         self.handles: dict[str, Any] = {}
         self.loads: dict[str, WorkerLoad] = {}
         self.in_flight: collections.Counter[str] = collections.Counter()
-        self._ids = itertools.count()
         self._refresher: Optional[asyncio.Task] = None
 
     # -- the worker snapshot ---------------------------------------------------------------

@@ -93,7 +93,7 @@ def test_killed_rank_fails_in_flight_requests_within_timeout(ray_local, make_mod
         for i in range(3):
             engine.add_request(f"r{i}", prompts()[i], PARAMS)
         engine.step()
-        ray_local.kill(engine.executor.rank_actors()[0])
+        ray_local.kill(engine.executor.ranks[0])
         start = time.monotonic()
         failed = []
         while engine.has_unfinished_requests() and time.monotonic() - start < 15:

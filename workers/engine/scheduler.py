@@ -34,10 +34,6 @@ class SchedulerOutput:
     chunks: dict[str, int] = field(default_factory=dict)
     preempted: list[Sequence] = field(default_factory=list)
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.chunks.values())
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, blocks: BlockManager) -> None:

@@ -11,7 +11,7 @@ within it instead of hanging the caller.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -68,6 +68,3 @@ class TPExecutor:
         for rank in self.ranks:
             ray.kill(rank)
         remove_placement_group(self.placement)
-
-    def rank_actors(self) -> list[Any]:
-        return list(self.ranks)

@@ -72,8 +72,10 @@ class TPGroup:
 
     def gather_to_leader(self, x: torch.Tensor) -> Optional[list[torch.Tensor]]:
         """Every rank's `x` (same shape on all ranks), on the leader; None elsewhere."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        _wait(self.pg.allgather([parts], [x.contiguous()]))
+        opts = dist.GatherOptions()
+        opts.rootRank = 0
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_leader else []
+        _wait(self.pg.gather([parts] if self.is_leader else [], [x.contiguous()], opts))
         return parts if self.is_leader else None
 
     def scatter_from_leader(self, parts: Optional[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:

@@ -55,6 +55,3 @@ class RankWorker:
                 return "stopped"
             else:
                 raise ValueError(f"unknown tensor-parallel command {command!r}")
-
-    def ping(self) -> int:
-        return self.rank
