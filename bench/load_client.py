@@ -307,23 +307,26 @@ class HttpClient:
 
 @dataclass
 class WorkerClient:
-    """Straight to one `Worker` actor: `generate` called over Ray from this process, the
-    way a router replica calls it, with no HTTP, proxy or router in between."""
+    """Straight to one `Worker` actor over Ray from this process, through the same
+    `WorkerLink` a router replica uses, with no HTTP, proxy or router in between."""
 
     handle: Any
     tag: str = "direct"
+    link: Any = None
 
     async def send(self, spec: RequestSpec, outcome: Outcome) -> None:
+        from router.worker_link import WorkerLink
         from workers.events import Failed, Finished, Tokens, WorkerRequest
         from workers.sampling_params import SamplingParams
 
+        if self.link is None:
+            self.link = WorkerLink(self.tag, self.handle)
         request = WorkerRequest(f"bench-{self.tag}-{spec.index}-{time.monotonic_ns()}",
                                 spec.prompt_token_ids,
                                 SamplingParams(temperature=0.0, max_tokens=spec.output_len, ignore_eos=True))
         t0 = time.perf_counter()
         finished = False
-        async for ref in self.handle.generate.remote(request):
-            batch = await ref
+        async for batch in self.link.stream(request):
             for event in batch:
                 if isinstance(event, Tokens):
                     if outcome.ttft_s is None:

@@ -99,6 +99,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="Ray CPUs of the worker actor (both paths); its torch threads follow it")
     p.add_argument("--ray-cpus", type=int, default=8,
                    help="logical CPUs of the local Ray instance (oversubscribed on purpose, as in the tests)")
+    p.add_argument("--serve-env", choices=("streaming", "default"), default="streaming",
+                   help="streaming: the Serve settings yard serve uses (cluster/serve_env.py); "
+                   "default: Ray Serve's own defaults")
+    p.add_argument("--stream-interval-s", type=float, default=None,
+                   help="worker stream interval (WorkerConfig.stream_interval_s; default: its default)")
     p.add_argument("--no-peers", action="store_true", help="skip vllm serve / vllm bench serve")
     p.add_argument("--peer-scenarios", default="poisson,saturate",
                    help="arrivals for vllm bench serve against both servers")
@@ -206,21 +211,27 @@ class Ours:
         import ray
 
         from cluster.config import ClusterConfig
+        from cluster.serve_env import apply_streaming_serve_env
         from cluster.serving import load_serve_config, start
         from workers.worker import Worker, WorkerConfig
 
         t0 = time.perf_counter()
+        serve_env = apply_streaming_serve_env() if self.args.serve_env == "streaming" else {}
         ray.init(address="local", num_cpus=self.args.ray_cpus, include_dashboard=False, log_to_driver=False)
         config = load_serve_config(None, str(self.model_dir), 1, free_port(), free_port(), "127.0.0.1")
         config["cluster"].update(name="bench", worker_cpus=self.args.worker_cpus)
+        if self.args.stream_interval_s is not None:
+            config["cluster"]["stream_interval_s"] = self.args.stream_interval_s
         # No load shedding: the direct path has none, and the bursts must be served, not refused.
         config["router"] = {"served_model_name": self.args.served_model_name, "max_queue_per_worker": 100_000}
-        engine = ClusterConfig.from_dict(config["cluster"]).engine  # exactly what the app's worker runs
+        cluster = ClusterConfig.from_dict(config["cluster"])  # exactly what the app's worker runs
+        engine = cluster.engine
         self.info = {"engine": {k: v for k, v in vars(engine).items()}, "worker_cpus": self.args.worker_cpus,
-                     "ray_cpus": self.args.ray_cpus, "serve_workers": 1, "router_replicas": 1}
+                     "ray_cpus": self.args.ray_cpus, "serve_workers": 1, "router_replicas": 1,
+                     "stream_interval_s": cluster.stream_interval_s, "serve_env": serve_env}
         if "direct" in self.args.paths:
             self.direct = ray.remote(Worker).options(num_cpus=self.args.worker_cpus).remote(
-                WorkerConfig(worker_id="bench-direct", engine=engine))
+                WorkerConfig(worker_id="bench-direct", engine=engine, stream_interval_s=cluster.stream_interval_s))
             ok, why = ray.get(self.direct.health.remote(), timeout=300)
             if not ok:
                 raise RuntimeError(f"the direct worker is unhealthy: {why}")

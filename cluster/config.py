@@ -19,6 +19,9 @@ class ClusterConfig:
     health_timeout_s: float = 5.0
     failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
     startup_timeout_s: float = 600.0  # a worker still starting after this has failed
+    # A running request's tokens leave a worker at most this often (first and last at
+    # once): larger values cost the relay less per token (WorkerConfig).
+    stream_interval_s: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum():
@@ -30,6 +33,8 @@ class ClusterConfig:
         for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not 0 <= self.stream_interval_s <= 1:
+            raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s!r}")
 
     def pools(self) -> list[tuple[str, int]]:
         """(role, count) of the workers to run. Prefill/decode pools come later."""

@@ -60,7 +60,8 @@ class ClusterManager:
 
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
-        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role)
+        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role,
+                          stream_interval_s=self.config.stream_interval_s)
         handle = ray.remote(Worker).options(
             num_cpus=self.config.worker_cpus,
             name=f"yard-{worker_id}", lifetime=None).remote(wc)

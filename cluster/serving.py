@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
+from cluster.serve_env import apply_streaming_serve_env
 from router.config import MANAGER_NAMESPACE
 
 DEFAULT_HTTP_PORT = 8000
@@ -53,6 +54,8 @@ def connect_ray() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
         return
+    # Reaches the processes of a Ray started here; a cluster joined must have them already.
+    apply_streaming_serve_env()
     try:
         ray.init(address="auto", log_to_driver=False)
     except ConnectionError:

@@ -119,16 +119,17 @@ class Router(GrpcIngress):
     async def _sse(self, gen: GenerateRequest, worker_request: Any) -> AsyncIterator[str]:
         enc = StreamEncoder(gen.kind, worker_request.request_id, self.config.model_name, int(time.time()),
                             include_usage=gen.include_usage)
-        for line in enc.start():
-            yield line
+        # One chunk per event, however many SSE lines it makes: each chunk is a
+        # message through Serve's proxy.
+        for chunk in enc.start():
+            yield chunk
         try:
             async for event in self.core.stream(worker_request):
-                lines = _stream_lines(enc, event)
-                for line in lines:
-                    yield line
+                chunk = "".join(_stream_lines(enc, event))
+                if chunk:  # a token may end inside a character: no text yet
+                    yield chunk
         except NoWorkerAvailable as e:
-            for line in enc.error(_unavailable(str(e))):
-                yield line
+            yield "".join(enc.error(_unavailable(str(e))))
 
 
 def ensure_cluster(cluster: ClusterConfig) -> Any:

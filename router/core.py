@@ -26,6 +26,7 @@ from router.metrics import RouterMetrics
 from router.openai_errors import APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
 from router.policies import make_policy
+from router.worker_link import WorkerLink
 from workers.events import Event, Failed, Finished, Tokens, WorkerRequest
 from workers.models.config import load_model_config
 from workers.models.tiny import resolve_model
@@ -54,8 +55,12 @@ class RouterCore:
         self.metrics = RouterMetrics(config.model_name)
         self.manager = ray.get_actor(config.manager_actor_name, namespace=MANAGER_NAMESPACE)
         self.handles: dict[str, Any] = {}
+        self.links: dict[str, WorkerLink] = {}  # worker id → this replica's event stream from it
         self.loads: dict[str, WorkerLoad] = {}
-        self.in_flight: collections.Counter[str] = collections.Counter()
+        # Per worker, this replica's requests sent there and ended there since the
+        # worker's last load report: the snapshot lags, these do not.
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.ended: collections.Counter[str] = collections.Counter()
         self._refresher: Optional[asyncio.Task] = None
 
     # -- the worker snapshot ---------------------------------------------------------------
@@ -65,9 +70,11 @@ class RouterCore:
         for wid, load in loads.items():
             old = self.loads.get(wid)
             if old is None or load.reported_at > old.reported_at:
-                self.in_flight[wid] = 0  # a fresh report counts what this replica sent before it
+                self.sent[wid] = self.ended[wid] = 0  # a fresh report counts them
         self.handles = {s.worker_id: s.handle for s in snapshot}
         self.loads = loads
+        for wid in [w for w in self.links if w not in self.handles]:
+            self.links.pop(wid).close()
 
     def ensure_refreshing(self) -> None:
         if self._refresher is None:
@@ -124,6 +131,8 @@ class RouterCore:
                     status = event.code
                 yield event
         finally:
+            for attempt in stream.attempts:
+                self.ended[attempt.worker_id] += 1
             self.metrics.started(-1)
             self.metrics.finished(status)
 
@@ -139,13 +148,21 @@ class RouterCore:
         decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
                                                       request.session_id), candidates)
         self.metrics.dispatched(decision.policy, decision.worker_id, decision.predicted_hit_blocks)
-        self.in_flight[decision.worker_id] += 1
-        return decision.worker_id, self.handles[decision.worker_id]
+        self.sent[decision.worker_id] += 1
+        return decision.worker_id, self._link(decision.worker_id)
+
+    def _link(self, worker_id: str) -> WorkerLink:
+        link = self.links.get(worker_id)
+        if link is None or link.broken is not None:
+            link = self.links[worker_id] = WorkerLink(worker_id, self.handles[worker_id])
+        return link
 
     def _current_loads(self) -> list[WorkerLoad]:
-        """The snapshot plus what this replica sent since: those requests count as
-        waiting there and share its free KV slots, so a burst spreads out."""
-        return [_with_sent(load, self.in_flight[wid]) for wid, load in self.loads.items()]
+        """The snapshot corrected by what this replica sent and saw end since: sent
+        requests count as waiting there and share its free KV slots, so a burst
+        spreads out; ended ones no longer count, so a stale report of a full queue
+        does not shed load that the worker could already take."""
+        return [_adjusted(load, self.sent[wid] - self.ended[wid]) for wid, load in self.loads.items()]
 
     async def _report_failure(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)
@@ -155,17 +172,23 @@ class RouterCore:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
 
 
-async def _open_stream(handle: Any, request: WorkerRequest) -> AsyncIterator[list[Event]]:
-    async for ref in handle.generate.remote(request):
-        yield await ref
+def _open_stream(link: WorkerLink, request: WorkerRequest) -> AsyncIterator[list[Event]]:
+    return link.stream(request)
 
 
-def _with_sent(load: WorkerLoad, sent: int) -> WorkerLoad:
-    if not sent:
+def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:
+    """`load` with `change` more requests (fewer, if negative): added ones wait,
+    removed ones leave the waiting queue first, then the running batch."""
+    if change == 0:
         return load
-    sharing = max(load.num_running, 1)
-    return dataclasses.replace(load, num_waiting=load.num_waiting + sent,
-                               freeness=load.freeness * sharing / (load.num_running + sent))
+    if change > 0:
+        sharing = max(load.num_running, 1)
+        return dataclasses.replace(load, num_waiting=load.num_waiting + change,
+                                   freeness=load.freeness * sharing / (load.num_running + change))
+    gone = -change
+    from_waiting = min(gone, load.num_waiting)
+    return dataclasses.replace(load, num_waiting=load.num_waiting - from_waiting,
+                               num_running=max(0, load.num_running - (gone - from_waiting)))
 
 
 def _as_load(snapshot: Any) -> WorkerLoad:

@@ -17,7 +17,7 @@ from workers.events import Event, Failed, Finished, Tokens, WorkerRequest
 # Failures another worker can fix; anything else (bad input) is the request's own.
 RETRYABLE = frozenset({"worker_unhealthy", "draining"})
 
-PickWorker = Callable[[frozenset[str]], tuple[str, Any]]  # excluded ids → (worker id, handle)
+PickWorker = Callable[[frozenset[str]], tuple[str, Any]]  # excluded ids → (worker id, its link)
 OpenStream = Callable[[Any, WorkerRequest], AsyncIterator[list[Event]]]
 
 

@@ -2,14 +2,20 @@
 thread, streaming typed events per request.
 
 Ray calls arrive on the actor's asyncio loop; the engine is touched only by the
-stepping thread. Calls hand it commands through a queue, and it hands events back
-with `call_soon_threadsafe`. Each request's stream coalesces the events of a few
-milliseconds into one batch, so a token does not cost an actor round trip.
+stepping thread. Calls hand it commands through a queue, and it hands each step's
+events back with one `call_soon_threadsafe`. Events travel on channels: a router
+replica subscribes once and submits many requests on its channel (`subscribe`,
+`submit`); `generate` is a channel of one request. A channel sends a request's first
+and last events at once and the tokens in between at most every
+`stream_interval_s`, all of its requests in one message, so a token does not cost an
+actor round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
 import queue
 import threading
 import time
@@ -25,6 +31,7 @@ from workers.metrics import WorkerMetrics
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
+_CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 
 
 @dataclass(frozen=True)
@@ -32,14 +39,16 @@ class WorkerConfig:
     worker_id: str
     engine: EngineConfig
     role: str = "mixed"  # mixed, prefill or decode
-    batch_window_s: float = 0.005  # events of one request coalesce over this long
+    # A running request's tokens go out at most this often (its first and last at
+    # once): fewer, larger messages through the router and the proxy.
+    stream_interval_s: float = 0.05
     max_cached_hashes: int = 4096  # bound on the block hashes a load report carries
 
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):
             raise ValueError(f"role must be mixed, prefill or decode, got {self.role!r}")
-        if not 0 <= self.batch_window_s <= 1:
-            raise ValueError(f"batch_window_s must be in [0, 1], got {self.batch_window_s}")
+        if not 0 <= self.stream_interval_s <= 1:
+            raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s}")
 
 
 class Worker:
@@ -48,7 +57,10 @@ class Worker:
         self.engine = LLMEngine(config.engine)
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, asyncio.Queue[Event]] = {}
+        self._channels: dict[str, _Channel] = {}  # channel id → its open stream
+        self._channel_of: dict[str, _Channel] = {}  # running request id → its channel
+        self._closed_channels: dict[str, None] = {}  # recent ones, oldest first
+        self._generate_ids = itertools.count()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
@@ -59,43 +71,72 @@ class Worker:
 
     # -- calls from routers -----------------------------------------------------------------
     async def generate(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
-        """Stream the request's events, in batches; the last batch ends with
-        Finished or Failed. If the caller goes away, the request is aborted."""
-        self._ensure_thread()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-        rid = request.request_id
-        if rid in self._streams:
-            yield [Failed(rid, "invalid_request", f"request_id {rid!r} is already running here")]
-            return
-        if self._draining or not self.engine.healthy:
-            code = "draining" if self._draining else "worker_unhealthy"
-            yield [Failed(rid, code, f"worker {self.config.worker_id} is not taking requests ({code})")]
-            return
-        self._streams[rid] = events
-        self._send(("add", request))
-        done = False
+        """Stream one request's events, in batches; the last batch ends with Finished
+        or Failed. If the caller goes away, the request is aborted."""
+        channel = self._open_channel(f"generate-{next(self._generate_ids)}")
+        self._admit(channel, request)
         try:
-            while not done:
-                batch = await self._next_batch(events)
-                done = isinstance(batch[-1], (Finished, Failed))
-                yield _coalesce(batch)
+            ended = False
+            while not ended:
+                batch = _coalesce(await channel.next_batch())
+                ended = isinstance(batch[-1], (Finished, Failed))
+                yield batch
         finally:
-            self._streams.pop(rid, None)
-            if not done:
-                self._send(("abort", rid))
+            self._close_channel(channel)
 
-    async def _next_batch(self, events: "asyncio.Queue[Event]") -> list[Event]:
-        batch = [await events.get()]
-        deadline = time.monotonic() + self.config.batch_window_s
-        while not isinstance(batch[-1], (Finished, Failed)):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(events.get(), remaining))
-            except asyncio.TimeoutError:
-                break
-        return batch
+    async def subscribe(self, channel_id: str) -> AsyncIterator[list[Event]]:
+        """One stream for every request `submit`ted on `channel_id`, for as long as the
+        caller listens: a router replica keeps one per worker, so a decode step costs
+        one message for all its requests instead of one per request. When the caller
+        goes away, its requests are aborted."""
+        channel = self._open_channel(channel_id)
+        try:
+            while True:
+                yield _coalesce(await channel.next_batch())
+        finally:
+            self._close_channel(channel)
+
+    async def submit(self, channel_id: str, request: WorkerRequest) -> None:
+        """Start `request`; its events go out on `channel_id`'s `subscribe` stream."""
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            if channel_id in self._closed_channels:
+                raise ChannelClosed(f"channel {channel_id!r} is closed on worker {self.config.worker_id}")
+            channel = self._open_channel(channel_id)  # the subscribe call is still on its way
+        self._admit(channel, request)
+
+    def _admit(self, channel: "_Channel", request: WorkerRequest) -> None:
+        self._ensure_thread()
+        rid = request.request_id
+        refusal = None
+        if rid in self._channel_of:
+            refusal = Failed(rid, "invalid_request", f"request_id {rid!r} is already running here")
+        elif self._draining or not self.engine.healthy:
+            code = "draining" if self._draining else "worker_unhealthy"
+            refusal = Failed(rid, code, f"worker {self.config.worker_id} is not taking requests ({code})")
+        if refusal is not None:
+            channel.deliver(refusal)
+            return
+        channel.requests.add(rid)
+        self._channel_of[rid] = channel
+        self._send(("add", request))
+
+    def _open_channel(self, channel_id: str) -> "_Channel":
+        channel = self._channels.get(channel_id)
+        if channel is None:
+            channel = self._channels[channel_id] = _Channel(channel_id, self.config.stream_interval_s)
+        return channel
+
+    def _close_channel(self, channel: "_Channel") -> None:
+        """The listener is gone: abort what is still running on the channel."""
+        self._channels.pop(channel.channel_id, None)
+        self._closed_channels[channel.channel_id] = None
+        while len(self._closed_channels) > _CLOSED_CHANNELS_KEPT:
+            self._closed_channels.pop(next(iter(self._closed_channels)))
+        for rid in channel.requests:
+            if self._channel_of.pop(rid, None) is not None:
+                self._send(("abort", rid))
+        channel.requests.clear()
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -115,9 +156,9 @@ class Worker:
         """Refuse new requests and wait for the running ones; returns how many remain."""
         self._draining = True
         deadline = time.monotonic() + timeout_s
-        while self._streams and time.monotonic() < deadline:
+        while self._channel_of and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return len(self._streams)
+        return len(self._channel_of)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -144,8 +185,7 @@ class Worker:
             self._apply_commands()
             if engine.has_unfinished_requests():
                 start = time.perf_counter()
-                for output in engine.step():
-                    self._publish(output)
+                self._emit([e for output in engine.step() for e in self._events_of(output)])
                 self._metrics.step_time.observe(time.perf_counter() - start, self._metrics.tags)
                 # The report copies up to max_cached_hashes hashes: refresh it every few
                 # steps, and always when the worker falls idle, not on every token.
@@ -178,34 +218,98 @@ class Worker:
                                     arrival_time=r.arrival_time, output_token_ids=r.resume_token_ids)
         except (ValueError, TypeError, RuntimeError) as e:
             code = "worker_unhealthy" if isinstance(e, RuntimeError) else "invalid_request"
-            self._emit(Failed(r.request_id, code, str(e)))
+            self._emit([Failed(r.request_id, code, str(e))])
 
-    def _publish(self, out: StepOutput) -> None:
+    def _events_of(self, out: StepOutput) -> list[Event]:
+        events: list[Event] = []
         if out.new_token_ids:
             logprobs = None if out.new_logprobs is None else tuple(
                 TokenLogprob(t.token_id, t.logprob, t.top_logprobs or ()) for t in out.new_logprobs)
-            self._emit(Tokens(out.request_id, out.start_index, out.new_token_ids, out.new_text, logprobs))
+            events.append(Tokens(out.request_id, out.start_index, out.new_token_ids, out.new_text, logprobs))
         if out.finish_reason == "error":
-            self._emit(Failed(out.request_id, "worker_unhealthy", out.error or "engine failure"))
+            events.append(Failed(out.request_id, "worker_unhealthy", out.error or "engine failure"))
         elif out.finished:
             usage = Usage(out.num_prompt_tokens, out.start_index + len(out.new_token_ids), out.num_cached_tokens)
-            self._emit(Finished(out.request_id, out.finish_reason, out.stop_reason, usage))
+            events.append(Finished(out.request_id, out.finish_reason, out.stop_reason, usage))
+        return events
 
-    def _emit(self, event: Event) -> None:
-        stream = self._streams.get(event.request_id)
-        if stream is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(stream.put_nowait, event)
+    def _emit(self, events: list[Event]) -> None:
+        """Hand a step's events to the actor's loop: one wake-up for all of them."""
+        if events and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, events)
+
+    def _deliver(self, events: list[Event]) -> None:
+        for event in events:
+            channel = self._channel_of.get(event.request_id)
+            if channel is None:
+                continue  # aborted because its listener went away
+            if isinstance(event, (Finished, Failed)):
+                del self._channel_of[event.request_id]
+                channel.requests.discard(event.request_id)
+            channel.deliver(event)
+
+
+class ChannelClosed(RuntimeError):
+    """A submit on a channel whose listener has gone: the caller must subscribe anew."""
+
+
+class _Channel:
+    """The events of the requests submitted on one channel, released in batches: a
+    request's first event and its last go out at once (time to first token, end of
+    stream), the rest at most every `interval_s`. Every batch takes everything
+    pending, so one message carries a step (or a few) for all the channel's requests.
+    Lives on the actor's event loop."""
+
+    def __init__(self, channel_id: str, interval_s: float) -> None:
+        self.channel_id = channel_id
+        self.interval_s = interval_s
+        self.requests: set[str] = set()  # submitted and not yet ended
+        self._started: set[str] = set()  # requests that have sent an event
+        self._pending: list[Event] = []
+        self._urgent = False
+        self._sent_at = -math.inf
+        self._wake = asyncio.Event()
+
+    def deliver(self, event: Event) -> None:
+        self._pending.append(event)
+        if isinstance(event, (Finished, Failed)):
+            self._urgent = True
+            self._started.discard(event.request_id)
+        elif event.request_id not in self._started:
+            self._urgent = True
+            self._started.add(event.request_id)
+        self._wake.set()
+
+    async def next_batch(self) -> list[Event]:
+        while True:
+            wait = None
+            if self._pending:
+                wait = 0.0 if self._urgent else self._sent_at + self.interval_s - time.monotonic()
+                if wait <= 0:
+                    break
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), wait)
+            except asyncio.TimeoutError:
+                pass
+        batch, self._pending, self._urgent = self._pending, [], False
+        self._sent_at = time.monotonic()
+        return batch
 
 
 def _coalesce(batch: list[Event]) -> list[Event]:
-    """Merge consecutive Tokens events into one: fewer objects per actor reply."""
+    """Merge each request's consecutive Tokens events into one: fewer objects per
+    actor reply. Events of one request keep their order."""
     merged: list[Event] = []
+    last_of: dict[str, int] = {}  # request id → its last event's place in `merged`
     for event in batch:
-        last = merged[-1] if merged else None
+        at = last_of.get(event.request_id)
+        last = merged[at] if at is not None else None
         if isinstance(event, Tokens) and isinstance(last, Tokens):
             logprobs = None if last.logprobs is None else last.logprobs + (event.logprobs or ())
-            merged[-1] = Tokens(last.request_id, last.start_index, last.token_ids + event.token_ids,
+            merged[at] = Tokens(last.request_id, last.start_index, last.token_ids + event.token_ids,
                                 last.text + event.text, logprobs)
         else:
+            last_of[event.request_id] = len(merged)
             merged.append(event)
     return merged

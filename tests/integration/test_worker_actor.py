@@ -108,3 +108,31 @@ def test_drain_finishes_running_and_refuses_new(ray_local, model_dir):
     finally:
         ray_local.get(actor.shutdown.remote())
         ray_local.kill(actor)
+
+
+def test_one_channel_carries_many_requests_and_closing_it_aborts_them(ray_local, worker):
+    import time
+
+    p, q = prompt(7, 18), prompt(8, 9)
+    alone = {rid: tokens_of(stream(ray_local, worker, WorkerRequest(f"alone-{rid}", ids, GREEDY)))
+             for rid, ids in (("p", p), ("q", q))}
+    channel = worker.subscribe.remote("router-1")
+    ray_local.get([worker.submit.remote("router-1", WorkerRequest("p", p, GREEDY)),
+                   worker.submit.remote("router-1", WorkerRequest("q", q, GREEDY))])
+    events: dict[str, list] = {"p": [], "q": []}
+    while not all(evs and isinstance(evs[-1], Finished) for evs in events.values()):
+        for e in ray_local.get(next(channel)):
+            events[e.request_id].append(e)
+    assert {rid: tokens_of(evs) for rid, evs in events.items()} == alone
+
+    long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
+    ray_local.get(worker.submit.remote("router-1", WorkerRequest("long", prompt(9, 10), long)))
+    assert isinstance(ray_local.get(next(channel))[0], Tokens)
+    ray_local.cancel(channel)  # the router replica went away
+    deadline = time.monotonic() + 10
+    while ray_local.get(worker.load.remote()).num_running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    report = ray_local.get(worker.load.remote())
+    assert report.num_running == 0 and report.free_blocks == report.total_blocks
+    with pytest.raises(Exception, match="channel 'router-1' is closed"):
+        ray_local.get(worker.submit.remote("router-1", WorkerRequest("late", p, GREEDY)))

@@ -326,3 +326,16 @@ def test_policies_import_neither_torch_nor_ray() -> None:
 def test_router_and_worker_processes_hash_a_prompt_alike() -> None:
     code = f"from router.prefix_policy import prompt_block_hashes; print(prompt_block_hashes({PROMPT!r}, {BS}))"
     assert _run(code).strip() == str(prompt_block_hashes(PROMPT, BS))
+
+
+def test_router_adjusts_a_stale_report_by_what_it_sent_and_saw_end():
+    from router.core import _adjusted
+
+    stale = load("w", num_running=4, num_waiting=2, freeness=100.0)
+    more = _adjusted(stale, +3)
+    assert (more.num_running, more.num_waiting) == (4, 5)
+    assert more.freeness == pytest.approx(100.0 * 4 / 7)  # the free KV shared by 7
+    fewer = _adjusted(stale, -3)  # ended ones leave the queue first, then the batch
+    assert (fewer.num_running, fewer.num_waiting, fewer.freeness) == (3, 0, 100.0)
+    assert _adjusted(stale, -10).queue_length == 0
+    assert _adjusted(stale, 0) is stale

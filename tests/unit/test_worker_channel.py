@@ -1,0 +1,78 @@
+"""How a worker batches the events of a channel: first and last events at once, the
+tokens in between at most every interval, every batch taking all that is pending;
+and how a batch merges each request's tokens."""
+
+from __future__ import annotations
+
+import asyncio
+
+from workers.events import Failed, Finished, Tokens, Usage
+from workers.worker import _Channel, _coalesce
+
+HELD = 0.05  # how long the tests wait to see that a batch is held back
+
+
+def tok(rid: str, index: int, *ids: int) -> Tokens:
+    return Tokens(rid, index, ids, "".join(chr(97 + i % 26) for i in ids))
+
+
+async def released_within(channel: _Channel, seconds: float):
+    try:
+        return await asyncio.wait_for(channel.next_batch(), seconds)
+    except asyncio.TimeoutError:
+        return None
+
+
+def test_first_event_goes_at_once_then_tokens_wait_for_the_interval():
+    async def scenario():
+        channel = _Channel("c", interval_s=30.0)
+        channel.deliver(tok("a", 0, 1))
+        first = await released_within(channel, HELD)
+        channel.deliver(tok("a", 1, 2))
+        channel.deliver(tok("a", 2, 3))
+        held = await released_within(channel, HELD)
+        channel.deliver(tok("b", 0, 9))  # b's first token: out at once, a's ride along
+        together = await released_within(channel, HELD)
+        return first, held, together
+    first, held, together = asyncio.run(scenario())
+    assert first == [tok("a", 0, 1)]
+    assert held is None
+    assert together == [tok("a", 1, 2), tok("a", 2, 3), tok("b", 0, 9)]
+
+
+def test_last_event_goes_at_once():
+    async def scenario():
+        channel = _Channel("c", interval_s=30.0)
+        channel.deliver(tok("a", 0, 1))
+        await channel.next_batch()
+        channel.deliver(tok("a", 1, 2))
+        channel.deliver(Finished("a", "length", None, Usage(1, 2)))
+        return await released_within(channel, HELD)
+    assert asyncio.run(scenario()) == [tok("a", 1, 2), Finished("a", "length", None, Usage(1, 2))]
+
+
+def test_tokens_go_once_the_interval_has_passed():
+    async def scenario():
+        channel = _Channel("c", interval_s=0.02)
+        channel.deliver(tok("a", 0, 1))
+        await channel.next_batch()
+        channel.deliver(tok("a", 1, 2))
+        return await released_within(channel, 5.0)
+    assert asyncio.run(scenario()) == [tok("a", 1, 2)]
+
+
+def test_zero_interval_sends_every_delivery():
+    async def scenario():
+        channel = _Channel("c", interval_s=0.0)
+        channel.deliver(tok("a", 0, 1))
+        await channel.next_batch()
+        channel.deliver(tok("a", 1, 2))
+        return await released_within(channel, HELD)
+    assert asyncio.run(scenario()) == [tok("a", 1, 2)]
+
+
+def test_coalesce_merges_each_requests_tokens_in_order():
+    batch = [tok("a", 0, 1), tok("b", 4, 7), tok("a", 1, 2), tok("b", 5, 8),
+             Finished("b", "stop", None, Usage(3, 6)), tok("a", 2, 3), Failed("c", "invalid_request", "bad")]
+    assert _coalesce(batch) == [tok("a", 0, 1, 2, 3), tok("b", 4, 7, 8), Finished("b", "stop", None, Usage(3, 6)),
+                                Failed("c", "invalid_request", "bad")]
