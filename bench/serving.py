@@ -102,6 +102,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--serve-env", choices=("streaming", "default"), default="streaming",
                    help="streaming: the Serve settings yard serve uses (cluster/serve_env.py); "
                    "default: Ray Serve's own defaults")
+    p.add_argument("--ingress", choices=("proxy", "direct"), default="proxy",
+                   help="how HTTP reaches the router replica: through Serve's proxy, or straight (docs/config.md)")
     p.add_argument("--stream-interval-s", type=float, default=None,
                    help="worker stream interval (WorkerConfig.stream_interval_s; default: its default)")
     p.add_argument("--no-peers", action="store_true", help="skip vllm serve / vllm bench serve")
@@ -211,14 +213,18 @@ class Ours:
         import ray
 
         from cluster.config import ClusterConfig
-        from cluster.serve_env import apply_streaming_serve_env
+        from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env, direct_ingress_env
         from cluster.serving import load_serve_config, start
         from workers.worker import Worker, WorkerConfig
 
         t0 = time.perf_counter()
-        serve_env = apply_streaming_serve_env() if self.args.serve_env == "streaming" else {}
+        serve_env = apply_serve_env(STREAMING_SERVE_ENV) if self.args.serve_env == "streaming" else {}
+        config = load_serve_config(None, str(self.model_dir), 1, free_port(), free_port(), "127.0.0.1",
+                                   self.args.ingress)
+        if self.args.ingress == "direct":
+            serve_env.update(direct_ingress_env(config["http"]["port"], config["grpc"]["port"]))
+            os.environ.update(serve_env)
         ray.init(address="local", num_cpus=self.args.ray_cpus, include_dashboard=False, log_to_driver=False)
-        config = load_serve_config(None, str(self.model_dir), 1, free_port(), free_port(), "127.0.0.1")
         config["cluster"].update(name="bench", worker_cpus=self.args.worker_cpus)
         if self.args.stream_interval_s is not None:
             config["cluster"]["stream_interval_s"] = self.args.stream_interval_s
@@ -228,7 +234,8 @@ class Ours:
         engine = cluster.engine
         self.info = {"engine": {k: v for k, v in vars(engine).items()}, "worker_cpus": self.args.worker_cpus,
                      "ray_cpus": self.args.ray_cpus, "serve_workers": 1, "router_replicas": 1,
-                     "stream_interval_s": cluster.stream_interval_s, "serve_env": serve_env}
+                     "stream_interval_s": cluster.stream_interval_s, "serve_env": serve_env,
+                     "ingress": self.args.ingress}
         if "direct" in self.args.paths:
             self.direct = ray.remote(Worker).options(num_cpus=self.args.worker_cpus).remote(
                 WorkerConfig(worker_id="bench-direct", engine=engine, stream_interval_s=cluster.stream_interval_s))

@@ -92,6 +92,9 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--host", help="HTTP host (default 127.0.0.1)")
         p.add_argument("--http-port", type=_positive_int, help="default 8000")
         p.add_argument("--grpc-port", type=_positive_int, help="default 9000")
+        p.add_argument("--ingress", choices=("proxy", "direct"),
+                       help="proxy: Serve's proxies take the traffic (default); direct: the router replica "
+                       "listens itself, one hop fewer (docs/config.md)")
     serve.set_defaults(func=_serve)
     demo.set_defaults(func=_demo)
     status = sub.add_parser("status", help="workers of a running cluster: role, health, load")
@@ -102,7 +105,8 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
 def _serve_config(args: argparse.Namespace) -> dict:
     from cluster.serving import load_serve_config
 
-    return load_serve_config(args.config, args.model, args.workers, args.http_port, args.grpc_port, args.host)
+    return load_serve_config(args.config, args.model, args.workers, args.http_port, args.grpc_port, args.host,
+                             args.ingress)
 
 
 def _serve(args: argparse.Namespace) -> int:

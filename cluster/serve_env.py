@@ -4,9 +4,12 @@ Serve reads these when its processes start, so they must be in the environment o
 every Ray process: `yard serve` and the tests set them before starting a local Ray;
 for `ray start` or KubeRay, put them in that environment (deploy/ does).
 
-Measured on 2 cores (bench/serving.py, docs/config.md): they cut the time to first
-token that the HTTP path adds over calling a worker directly from ~24 ms to ~11 ms
-and raise saturated throughput through Serve by ~1.5x.
+Two ingress modes (docs/config.md has the figures from bench/serving.py):
+- proxy: Serve's HTTP and gRPC proxies take the traffic and stream it to the router
+  replica. With the settings below, not Serve's defaults, the proxy hop is lighter.
+- direct: the router replica itself listens on the HTTP and gRPC ports (Serve's
+  direct ingress), one hop fewer for every streamed chunk; one router replica per
+  node, since the ports are fixed. Serve's proxy still runs, on ports of its own.
 """
 
 from __future__ import annotations
@@ -28,9 +31,28 @@ STREAMING_SERVE_ENV = {
 }
 
 
-def apply_streaming_serve_env(environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
-    """Set each variable that is not set already (an operator's choice wins); returns
-    the values in effect."""
-    for name, value in STREAMING_SERVE_ENV.items():
+def direct_ingress_env(http_port: int, grpc_port: int) -> dict[str, str]:
+    """Serve's direct ingress with the router replica on exactly these ports."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        # The allocator hands out [min, max): one port each, so a clash fails loudly.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(http_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(http_port + 1),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(grpc_port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(grpc_port + 1),
+        # A replacement replica takes the port back at once (the quarantine exists
+        # for an external HAProxy, which we do not run).
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # How long a stopping replica keeps serving so a load balancer can notice;
+        # Serve's 30 s default suits a cloud load balancer, not a single node.
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
+    }
+
+
+def apply_serve_env(env: dict[str, str], environ: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Set each variable of `env` that is not set already (an operator's choice
+    wins); returns the values in effect."""
+    for name, value in env.items():
         environ.setdefault(name, value)
-    return {name: environ[name] for name in STREAMING_SERVE_ENV}
+    return {name: environ[name] for name in env}
+

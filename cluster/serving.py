@@ -16,17 +16,19 @@ from typing import Any, Optional
 
 import yaml
 
-from cluster.serve_env import apply_streaming_serve_env
+from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env, direct_ingress_env
 from router.config import MANAGER_NAMESPACE
 
 DEFAULT_HTTP_PORT = 8000
 DEFAULT_GRPC_PORT = 9000
+INGRESS_MODES = ("proxy", "direct")
 APP_NAME = "yard"
 GRPC_SERVICER = "router.grpc_stubs.add_YardServicer_to_server"
 
 
 def load_serve_config(path: Optional[str], model: Optional[str], workers: Optional[int],
-                      http_port: Optional[int], grpc_port: Optional[int], host: Optional[str]) -> dict[str, Any]:
+                      http_port: Optional[int], grpc_port: Optional[int], host: Optional[str],
+                      ingress: Optional[str] = None) -> dict[str, Any]:
     """The YAML file (if any) with the command line's overrides applied."""
     raw: dict[str, Any] = {}
     if path:
@@ -44,22 +46,35 @@ def load_serve_config(path: Optional[str], model: Optional[str], workers: Option
     http.setdefault("host", host or "127.0.0.1")
     http["port"] = http_port or http.get("port", DEFAULT_HTTP_PORT)
     grpc["port"] = grpc_port or grpc.get("port", DEFAULT_GRPC_PORT)
+    raw["ingress"] = ingress or raw.get("ingress", "proxy")
+    if raw["ingress"] not in INGRESS_MODES:
+        raise ValueError(f"ingress must be one of {list(INGRESS_MODES)}, got {raw['ingress']!r}")
+    if raw["ingress"] == "direct" and int(raw.get("replicas", 1)) != 1:
+        raise ValueError(f"ingress 'direct' serves from one router replica per node (its ports are fixed); "
+                         f"got replicas={raw['replicas']!r}")
     return raw
 
 
-def connect_ray() -> None:
-    """Join the Ray cluster this machine belongs to, or start a local one."""
+def connect_ray(serve_env: Optional[dict[str, str]] = None) -> bool:
+    """Join the Ray cluster this machine belongs to (or the one RAY_ADDRESS names;
+    `local` starts a new one), or start a local one. Returns whether it started Ray:
+    only then does `serve_env` (and the streaming settings) reach Ray's processes."""
     import ray
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if ray.is_initialized():
-        return
-    # Reaches the processes of a Ray started here; a cluster joined must have them already.
-    apply_streaming_serve_env()
-    try:
-        ray.init(address="auto", log_to_driver=False)
-    except ConnectionError:
-        ray.init(log_to_driver=False)
+        return False
+    apply_serve_env(STREAMING_SERVE_ENV)
+    os.environ.update(serve_env or {})
+    address = os.environ.get("RAY_ADDRESS", "auto")
+    if address != "local":
+        try:
+            ray.init(address=address, log_to_driver=False)
+            return False
+        except ConnectionError:
+            pass
+    ray.init(address="local", log_to_driver=False)
+    return True
 
 
 def start(config: dict[str, Any]) -> dict[str, str]:
@@ -68,14 +83,30 @@ def start(config: dict[str, Any]) -> dict[str, str]:
 
     from router.app import build_app
 
-    connect_ray()
     http, grpc = config["http"], config["grpc"]
-    serve.start(http_options={"host": http["host"], "port": http["port"]},
-                grpc_options={"port": grpc["port"], "grpc_servicer_functions": [GRPC_SERVICER]})
+    proxy_http, proxy_grpc = http["port"], grpc["port"]
+    if config.get("ingress") == "direct":
+        started = connect_ray(direct_ingress_env(http["port"], grpc["port"]))
+        if not started and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
+            raise RuntimeError("ingress 'direct' needs Ray started with cluster/serve_env.py's direct ingress "
+                               "settings; this Ray was running already (set RAY_ADDRESS=local for a new one)")
+        proxy_http, proxy_grpc = _free_port(), _free_port()  # Serve's proxy stays up, out of the way
+    else:
+        connect_ray()
+    serve.start(http_options={"host": http["host"], "port": proxy_http},
+                grpc_options={"port": proxy_grpc, "grpc_servicer_functions": [GRPC_SERVICER]})
     app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas", "router_cpus",
                                                                "max_ongoing_requests")}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def stop(config: dict[str, Any]) -> None:

@@ -51,9 +51,9 @@ def ray_local(metrics_port):
     oversubscribed on purpose: tensor-parallel ranks mostly wait on each other."""
     import ray
 
-    from cluster.serve_env import apply_streaming_serve_env
+    from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env
 
-    apply_streaming_serve_env()  # the Serve settings `yard serve` runs with
+    apply_serve_env(STREAMING_SERVE_ENV)  # the Serve settings `yard serve` runs with
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
     yield ray
     ray.shutdown()
