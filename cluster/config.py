@@ -15,6 +15,7 @@ class ClusterConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     num_workers: int = 2  # mixed-role workers
     worker_cpus: float = 1.0  # Ray CPUs each worker actor asks for
+    gpus_per_rank: float = 0.0  # Ray GPUs of each tensor-parallel rank (the worker is rank 0)
     load_poll_interval_s: float = 0.5
     health_timeout_s: float = 5.0
     failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
@@ -33,8 +34,18 @@ class ClusterConfig:
         for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        if not self.gpus_per_rank >= 0:
+            raise ValueError(f"gpus_per_rank must be >= 0, got {self.gpus_per_rank!r}")
         if not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s!r}")
+
+    def worker_bundles(self) -> list[dict[str, float]]:
+        """One worker's placement group: bundle 0 for the worker actor (rank 0), one
+        per further tensor-parallel rank."""
+        def bundle(cpus: float) -> dict[str, float]:
+            return {"CPU": cpus, "GPU": self.gpus_per_rank} if self.gpus_per_rank else {"CPU": cpus}
+        ranks = self.engine.tensor_parallel_size
+        return [bundle(self.worker_cpus)] + [bundle(self.engine.tp_cpus_per_rank)] * (ranks - 1)
 
     def pools(self) -> list[tuple[str, int]]:
         """(role, count) of the workers to run. Prefill/decode pools come later."""

@@ -1,6 +1,8 @@
 """The cluster manager: one named, detached Ray actor that owns the worker registry.
 
-It creates the workers the config asks for, polls each one's load report (that poll
+It creates the workers the config asks for, each in a placement group of its own
+(bundle 0 for the worker actor, which is tensor-parallel rank 0, one more bundle per
+further rank), polls each one's load report (that poll
 is also the health check: a worker that does not answer within the timeout, or
 whose actor died, is unhealthy), replaces dead workers under a new id, and serves
 snapshots of the registry that router replicas pull.
@@ -15,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from workers.load_report import LoadReport
@@ -26,6 +30,7 @@ class WorkerEntry:
     worker_id: str
     handle: Any  # the Worker actor handle
     role: str
+    placement: Optional[PlacementGroup] = None  # the worker's and its TP ranks' bundles
     healthy: bool = False  # until its first load report arrives
     load: Optional[LoadReport] = None
     failures: int = 0
@@ -62,10 +67,14 @@ class ClusterManager:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role,
                           stream_interval_s=self.config.stream_interval_s)
+        bundles = self.config.worker_bundles()
+        placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
+                                    name=f"yard-{worker_id}")
         handle = ray.remote(Worker).options(
-            num_cpus=self.config.worker_cpus,
+            num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
+            scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
             name=f"yard-{worker_id}", lifetime=None).remote(wc)
-        entry = WorkerEntry(worker_id, handle, role, booting=handle.load.remote())
+        entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote())
         self.workers[worker_id] = entry
         return entry
 
@@ -123,10 +132,7 @@ class ClusterManager:
 
     def _replace(self, entry: WorkerEntry) -> None:
         del self.workers[entry.worker_id]
-        try:
-            ray.kill(entry.handle)
-        except ray.exceptions.RayError:
-            pass  # already gone
+        _remove(entry)
         self._replaced += 1
         self._start_worker(entry.role)
 
@@ -156,5 +162,15 @@ class ClusterManager:
                 await entry.handle.shutdown.remote()
             except ray.exceptions.RayError:
                 pass
-            ray.kill(entry.handle)
+            _remove(entry)
         self.workers.clear()
+
+
+def _remove(entry: WorkerEntry) -> None:
+    """Kill the worker and free its bundles (its TP ranks die with the group)."""
+    try:
+        ray.kill(entry.handle)
+    except ray.exceptions.RayError:
+        pass  # already gone
+    if entry.placement is not None:
+        remove_placement_group(entry.placement)

@@ -29,6 +29,39 @@ def test_manager_registers_polls_and_replaces(ray_local, make_model):
             time.sleep(0.2)
         assert ids == {"t-manager-w1": True, "t-manager-w2": True}
         assert ray_local.get(manager.status.remote())["replaced"] == 1
+        groups = {g["name"]: g["state"] for g in ray_local.util.placement_group_table().values()}
+        assert groups["yard-t-manager-w0"] == "REMOVED"  # the dead worker's bundles came back
+        assert groups["yard-t-manager-w2"] == "CREATED"
+    finally:
+        ray_local.get(manager.shutdown.remote())
+        ray_local.kill(manager)
+
+
+def test_tensor_parallel_worker_is_rank_0_in_its_own_placement_group(ray_local, make_model):
+    from workers import LLM, SamplingParams
+    from workers.events import Finished, Tokens, WorkerRequest
+
+    model = str(make_model("tiny-llama"))
+    config = ClusterConfig(name="t-tp", engine=EngineConfig(model=model, tensor_parallel_size=2, tp_cpus_per_rank=0.5),
+                           num_workers=1, worker_cpus=0.5, load_poll_interval_s=0.2, health_timeout_s=10.0)
+    assert config.worker_bundles() == [{"CPU": 0.5}, {"CPU": 0.5}]
+    manager = ray_local.remote(ClusterManager).remote(config)
+    try:
+        assert ray_local.get(manager.start.remote(), timeout=180) == 1
+        (worker,) = ray_local.get(manager.snapshot.remote())
+        group = next(g for g in ray_local.util.placement_group_table().values() if g["name"] == "yard-t-tp-w0")
+        assert group["state"] == "CREATED" and len(group["bundles"]) == 2
+        # Both bundles are taken: the worker (rank 0) holds bundle 0, its rank 1 bundle 1.
+        pg = group["placement_group_id"]
+        free = ray_local.available_resources()
+        assert [free.get(f"CPU_group_{i}_{pg}", 0.0) for i in (0, 1)] == [0.0, 0.0]
+
+        greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+        expected = LLM(model=model).generate([[5, 6, 7, 8]], greedy)[0].token_ids
+        events = [e for ref in worker.handle.generate.remote(WorkerRequest("tp", (5, 6, 7, 8), greedy))
+                  for e in ray_local.get(ref)]
+        assert [t for e in events if isinstance(e, Tokens) for t in e.token_ids] == expected
+        assert isinstance(events[-1], Finished)
     finally:
         ray_local.get(manager.shutdown.remote())
         ray_local.kill(manager)

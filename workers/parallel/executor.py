@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.parallel.commands import STOP
@@ -29,18 +29,25 @@ class TPExecutor:
                  device: str, strategy: str, cpus_per_rank: float, timeout_s: float) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
-        # Bundle 0 is the leader's: the process that drives this instance (a worker
-        # actor, or the offline LLM's driver) places itself there.
-        self.placement = placement_group([{"CPU": cpus_per_rank}] * size, strategy=strategy)
+        # Bundle 0 is the leader's. A worker actor already sits in bundle 0 of the
+        # group the cluster manager made for it; anywhere else (the offline LLM's
+        # driver) this instance makes its own group and owns it.
+        current = get_current_placement_group()
+        self.owns_placement = current is None or len(current.bundle_specs) != size
+        if self.owns_placement:
+            self.placement = placement_group([{"CPU": cpus_per_rank}] * size, strategy=strategy)
+        else:
+            self.placement = current
         ray.get(self.placement.ready(), timeout=timeout_s)
         host = ray.util.get_node_ip_address()
         store = open_store(host, size, timeout_s)
         actor = ray.remote(max_concurrency=2)(RankWorker)
         self.ranks = [
-            actor.options(num_cpus=cpus_per_rank, scheduling_strategy=PlacementGroupSchedulingStrategy(
-                self.placement, placement_group_bundle_index=rank)).remote(
+            actor.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(
+                              self.placement, placement_group_bundle_index=rank)).remote(
                     str(model_dir), dtype, rank, size, num_blocks, block_size, device, timeout_s)
-            for rank in range(1, size)
+            for rank, bundle in enumerate(self.placement.bundle_specs) if rank > 0
         ]
         joined = [r.join.remote(host, store.port) for r in self.ranks]
         self.group: TPGroup = join_group(store, host, store.port, 0, size, timeout_s)
@@ -67,4 +74,5 @@ class TPExecutor:
             pass
         for rank in self.ranks:
             ray.kill(rank)
-        remove_placement_group(self.placement)
+        if self.owns_placement:
+            remove_placement_group(self.placement)
