@@ -18,7 +18,7 @@ from ray import serve
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
 from router.config import MANAGER_NAMESPACE, RouterConfig
-from router.core import Overloaded, RouterCore
+from router.core import SERVICE_UNAVAILABLE, Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
 from router.grpc_ingress import GrpcIngress
 from router.openai_errors import APIError
@@ -26,7 +26,6 @@ from router.openai_protocol import GenerateRequest, parse_chat_request, parse_co
 from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
 from workers.events import Failed, Finished, Tokens
 
-SERVICE_UNAVAILABLE = 503
 api = FastAPI(title="yard")
 
 
@@ -91,8 +90,10 @@ class Router(GrpcIngress):
             gen = parse(parse_json(await request.body()), [self.config.model_name])
             worker_request = self.core.prepare(gen, request.headers.get("x-session-id"))
         except Overloaded as e:
+            self.core.refused(e)
             return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": str(e.retry_after_s)})
         except APIError as e:
+            self.core.refused(e)
             return JSONResponse(e.body(), status_code=e.status)
         if gen.stream:
             return StreamingResponse(self._sse(gen, worker_request), media_type="text/event-stream")

@@ -35,6 +35,7 @@ from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
 log = logging.getLogger(__name__)
 
 TOO_MANY_REQUESTS = 429
+SERVICE_UNAVAILABLE = 503
 
 
 class Overloaded(APIError):
@@ -105,6 +106,11 @@ class RouterCore:
         request_id = gen.request_id or f"{gen.kind}-{uuid.uuid4().hex}"
         return WorkerRequest(request_id, tuple(ids), sampling, priority=gen.priority,
                              session_id=session_id or gen.user)
+
+    def refused(self, err: APIError) -> None:
+        """Count a request answered with an error before any worker saw it."""
+        shed = err.status in (TOO_MANY_REQUESTS, SERVICE_UNAVAILABLE) and err.code
+        self.metrics.finished(err.code if shed else "invalid_request")
 
     def check_capacity(self) -> None:
         """Shed load (429) when every healthy worker's queue is at the limit."""

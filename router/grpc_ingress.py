@@ -25,12 +25,12 @@ import grpc
 from router import grpc_stubs
 from router.dispatch import NoWorkerAvailable
 from router.grpc_protocol import from_proto, generate_response, list_models_response
+from router.core import SERVICE_UNAVAILABLE
 from router.openai_errors import APIError
 from router.openai_protocol import check_prompt_token_ids
 from router.openai_responses import ModelCard, TokenLogprob, Usage
 from workers.events import Failed, Finished, Tokens
 
-SERVICE_UNAVAILABLE = 503
 _stubs: Optional[grpc_stubs.Stubs] = None
 
 
@@ -85,6 +85,7 @@ class GrpcIngress:
                 check_prompt_token_ids(gen.prompt, self.core.model_config.vocab_size, param="token_ids.ids")
             worker_request = self.core.prepare(gen, gen.session_id)
         except APIError as e:
+            self.core.refused(e)
             _set_status(grpc_context, e)
             raise
         request_id = worker_request.request_id

@@ -6,6 +6,7 @@ import time
 import urllib.request
 
 import openai
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 REQUESTS, TOKENS = 4, 8
@@ -23,13 +24,12 @@ def total(samples: dict, name: str, **labels: str) -> float:
                if n == name and all(dict(lab).get(k) == want for k, want in labels.items()))
 
 
-WATCHED = {
-    "ray_yard_router_requests_total": dict(status="ok"),
-    "ray_yard_router_dispatch_decisions_total": dict(policy="least_load"),
-    "ray_yard_router_time_to_first_token_seconds_count": {},
-    "ray_yard_router_e2e_latency_seconds_count": {},
-    "ray_yard_worker_generation_tokens_total": {},
-}
+OK = ("ray_yard_router_requests_total", (("status", "ok"),))
+REFUSED = ("ray_yard_router_requests_total", (("status", "invalid_request"),))
+DISPATCHED = ("ray_yard_router_dispatch_decisions_total", (("policy", "least_load"),))
+TTFT = ("ray_yard_router_time_to_first_token_seconds_count", ())
+E2E = ("ray_yard_router_e2e_latency_seconds_count", ())
+GENERATED = ("ray_yard_worker_generation_tokens_total", ())
 
 
 def test_metrics_match_traffic(serve_app, metrics_port):
@@ -40,18 +40,15 @@ def test_metrics_match_traffic(serve_app, metrics_port):
     for i in range(REQUESTS):
         client.completions.create(model="tiny-llama", prompt=f"count {i}", max_tokens=TOKENS,
                                   temperature=0, extra_body={"ignore_eos": True})
-    expected = {
-        "ray_yard_router_requests_total": REQUESTS,
-        "ray_yard_router_dispatch_decisions_total": REQUESTS,
-        "ray_yard_router_time_to_first_token_seconds_count": REQUESTS,
-        "ray_yard_router_e2e_latency_seconds_count": REQUESTS,
-        "ray_yard_worker_generation_tokens_total": REQUESTS * TOKENS,
-    }
+    with pytest.raises(openai.NotFoundError):  # refused before dispatch: counted, not timed
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=TOKENS)
+    expected = {OK: REQUESTS, REFUSED: 1, DISPATCHED: REQUESTS, TTFT: REQUESTS, E2E: REQUESTS,
+                GENERATED: REQUESTS * TOKENS}
     deadline = time.monotonic() + 40
     while True:
         after = scrape(metrics_port)
-        got = {name: total(after, name, **WATCHED[name]) - total(before, name, **WATCHED[name])
-               for name in expected}
+        got = {(name, labels): total(after, name, **dict(labels)) - total(before, name, **dict(labels))
+               for name, labels in expected}
         if got == expected or time.monotonic() > deadline:
             break
         time.sleep(1)
