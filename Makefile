@@ -67,6 +67,7 @@ demo: install
 	$(VENV)/bin/yard demo --model $(DEMO_MODEL) --workers 2 --http-port 8000 --grpc-port 9000
 
 test: install
+	$(PY) tests/debian_tools.py  # Prometheus and promtool from Debian's packages, into .tools/
 	$(PY) -m pytest -q tests
 
 bench: install

@@ -21,6 +21,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
+from cluster.metrics import ClusterMetrics
 from workers.load_report import LoadReport
 from workers.worker import Worker, WorkerConfig
 
@@ -58,6 +59,7 @@ class ClusterManager:
         self.workers: dict[str, WorkerEntry] = {}
         self._ids = itertools.count()
         self._replaced = 0
+        self._metrics = ClusterMetrics(config.name, sum(count for _, count in config.pools()))
         for role, count in config.pools():
             for _ in range(count):
                 self._start_worker(role)
@@ -108,6 +110,12 @@ class ClusterManager:
             entry.failures += 1
             if entry.failures >= self.config.failures_before_replace:
                 self._replace(entry)
+        self._metrics.states(self._state_counts())
+
+    def _state_counts(self) -> dict[str, int]:
+        states = ["booting" if e.booting is not None else "healthy" if e.healthy else "unhealthy"
+                  for e in self.workers.values()]
+        return {state: states.count(state) for state in set(states)}
 
     async def _poll(self, entry: WorkerEntry) -> Any:
         """The worker's load report; None if it failed; _BOOTING while it starts."""
@@ -134,6 +142,7 @@ class ClusterManager:
         del self.workers[entry.worker_id]
         _remove(entry)
         self._replaced += 1
+        self._metrics.replaced()
         self._start_worker(entry.role)
 
     async def report_failure(self, worker_id: str) -> None:

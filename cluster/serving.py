@@ -81,7 +81,7 @@ def start(config: dict[str, Any]) -> dict[str, str]:
     """Start Serve and the application; returns the endpoints."""
     from ray import serve
 
-    from router.app import build_app
+    from router.app import APP_ARGS, build_app
 
     http, grpc = config["http"], config["grpc"]
     proxy_http, proxy_grpc = http["port"], grpc["port"]
@@ -95,8 +95,7 @@ def start(config: dict[str, Any]) -> dict[str, str]:
         connect_ray()
     serve.start(http_options={"host": http["host"], "port": proxy_http},
                 grpc_options={"port": proxy_grpc, "grpc_servicer_functions": [GRPC_SERVICER]})
-    app_args = {k: v for k, v in config.items() if k in ("cluster", "router", "replicas", "router_cpus",
-                                                               "max_ongoing_requests")}
+    app_args = {k: v for k, v in config.items() if k in APP_ARGS | {"values_file"}}
     serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
 

@@ -17,6 +17,7 @@ from ray import serve
 
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
+from cluster.values import with_values_file
 from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.core import SERVICE_UNAVAILABLE, Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
@@ -143,10 +144,17 @@ def ensure_cluster(cluster: ClusterConfig) -> Any:
     return manager
 
 
+APP_ARGS = {"cluster", "router", "replicas", "router_cpus", "max_ongoing_requests"}
+
+
 def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     """args: {"cluster": {...ClusterConfig...}, "router": {...RouterConfig...}, "replicas": n,
-    "router_cpus": Ray CPUs per replica (0.5), "max_ongoing_requests": per replica (1024)}."""
-    args = dict(args or {})
+    "router_cpus": Ray CPUs per replica (0.5), "max_ongoing_requests": per replica (1024),
+    "values_file": a YAML file of the same shape merged over these (cluster/values.py)}."""
+    args = with_values_file(dict(args or {}))
+    unknown = sorted(set(args) - APP_ARGS)
+    if unknown:
+        raise ValueError(f"unknown build_app args {unknown}; known: {sorted(APP_ARGS)}")
     cluster = ClusterConfig.from_dict(args.get("cluster", {}))
     router_args = dict(args.get("router", {}))
     router_args.setdefault("model", cluster.engine.model)

@@ -1,11 +1,19 @@
-"""One Serve application for the e2e tests: two workers on the tiny model, HTTP on a
-free loopback port."""
+"""One Serve application for the e2e tests: the RayService's serveConfigV2
+(deploy/kustomize/base/rayservice.yaml), deployed the way `serve run config.yaml`
+deploys it, with test values (the tiny model, two workers) in its values file and
+HTTP and gRPC on free loopback ports."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+RAYSERVICE = REPO / "deploy" / "kustomize" / "base" / "rayservice.yaml"
 
 
 def free_port() -> int:
@@ -14,22 +22,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_config() -> dict[str, Any]:
+    """serveConfigV2 of the RayService we ship, parsed."""
+    return yaml.safe_load(yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"])
+
+
+def test_values(model: str) -> dict[str, Any]:
+    # Small enough for 2 cores; 8 queued per worker so that a burst sheds with 429.
+    return {"cluster": {"name": "e2e", "num_workers": 2, "worker_cpus": 0.5, "gpus_per_rank": 0,
+                        "load_poll_interval_s": 0.2, "engine": {"model": model}},
+            "router": {"served_model_name": "tiny-llama", "max_queue_per_worker": 8},
+            "replicas": 1}
+
+
 @pytest.fixture(scope="session")
-def serve_app(ray_local, make_model):
+def serve_app(ray_local, make_model, tmp_path_factory):
     from ray import serve
+    from ray.serve._private import api as serve_api
+    from ray.serve.config import gRPCOptions
+    from ray.serve.schema import ServeDeploySchema
 
-    from router.app import build_app
-
-    port, grpc_port = free_port(), free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port},
-                grpc_options={"port": grpc_port,
-                              "grpc_servicer_functions": ["router.grpc_stubs.add_YardServicer_to_server"]})
     model = str(make_model("tiny-llama"))
-    app = build_app({"cluster": {"name": "e2e", "num_workers": 2, "worker_cpus": 0.5,
-                                 "load_poll_interval_s": 0.2, "engine": {"model": model}},
-                     "router": {"served_model_name": "tiny-llama", "max_queue_per_worker": 8}})
-    serve.run(app, name="yard", route_prefix="/")
-    yield {"base_url": f"http://127.0.0.1:{port}", "grpc_target": f"127.0.0.1:{grpc_port}", "model_dir": model}
+    values = tmp_path_factory.mktemp("values") / "values.yaml"
+    values.write_text(yaml.safe_dump(test_values(model)))
+    raw = serve_config()
+    port, grpc_port = free_port(), free_port()
+    raw["http_options"].update(host="127.0.0.1", port=port)
+    raw["grpc_options"]["port"] = grpc_port
+    (app,) = raw["applications"]
+    app["args"]["values_file"] = str(values)
+    config = ServeDeploySchema.model_validate(raw)
+    client = serve_api.serve_start(http_options=config.http_options.model_dump(),
+                                   proxy_location=config.proxy_location,
+                                   grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
+    client.deploy_apps(config, _blocking=True)
+    yield {"base_url": f"http://127.0.0.1:{port}", "grpc_target": f"127.0.0.1:{grpc_port}", "model_dir": model,
+           "app_name": app["name"]}
     serve.shutdown()
     manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     ray_local.get(manager.shutdown.remote())

@@ -26,7 +26,7 @@ def total(samples: dict, name: str, **labels: str) -> float:
 
 OK = ("ray_yard_router_requests_total", (("status", "ok"),))
 REFUSED = ("ray_yard_router_requests_total", (("status", "invalid_request"),))
-DISPATCHED = ("ray_yard_router_dispatch_decisions_total", (("policy", "least_load"),))
+DISPATCHED = ("ray_yard_router_dispatch_decisions_total", (("policy", "prefix_aware"),))
 TTFT = ("ray_yard_router_time_to_first_token_seconds_count", ())
 E2E = ("ray_yard_router_e2e_latency_seconds_count", ())
 GENERATED = ("ray_yard_worker_generation_tokens_total", ())

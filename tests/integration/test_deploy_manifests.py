@@ -1,0 +1,147 @@
+"""deploy/: every manifest parses and kustomize builds the base, the monitoring and
+every overlay; core Kubernetes objects (and the RayService's pod templates) validate
+against Kubernetes' schemas; serveConfigV2 validates with Ray's Serve config schema
+and names our app; each overlay's values make a valid cluster and router config that
+fits the GPUs its pods ask for; the PodMonitor finds the pods' metrics port."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+KUSTOMIZE = DEPLOY / "kustomize"
+OVERLAYS = sorted(p.name for p in (KUSTOMIZE / "overlays").iterdir() if p.is_dir())
+K8S_VERSION = "1.32"
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl (with its built-in kustomize) is needed to build deploy/kustomize")
+    out = subprocess.run([kubectl, "kustomize", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def pod_templates(rayservice: dict[str, Any]) -> list[dict[str, Any]]:
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]] + [g["template"] for g in cluster["workerGroupSpecs"]]
+
+
+def values_of(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    (config_map,) = [d for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("yard-values")]
+    return yaml.safe_load(config_map["data"]["values.yaml"])
+
+
+def test_every_file_parses():
+    files = sorted(DEPLOY.rglob("*.yaml")) + sorted(DEPLOY.rglob("*.json"))
+    assert len(files) >= 10
+    for path in files:
+        docs = [json.loads(path.read_text())] if path.suffix == ".json" else list(yaml.safe_load_all(path.read_text()))
+        assert docs and all(d is not None for d in docs), path
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_objects_validate_against_kubernetes_schemas(overlay):
+    import kubernetes_validate
+
+    docs = kustomize(KUSTOMIZE / "overlays" / overlay)
+    assert sorted(d["kind"] for d in docs) == ["ConfigMap", "ConfigMap", "PodMonitor", "PrometheusRule", "RayService"]
+    for doc in docs:
+        if doc["apiVersion"] == "v1":
+            kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    (rayservice,) = by_kind(docs, "RayService")
+    for template in pod_templates(rayservice):  # the parts of the CRD that are core Kubernetes
+        kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
+                                      "template": template}, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_values_config_map_reaches_every_pod(overlay):
+    docs = kustomize(KUSTOMIZE / "overlays" / overlay)
+    (values,) = [d["metadata"]["name"] for d in by_kind(docs, "ConfigMap") if d["metadata"]["name"].startswith("yard-values-")]
+    (rayservice,) = by_kind(docs, "RayService")
+    for template in pod_templates(rayservice):
+        names = [v["configMap"]["name"] for v in template["spec"]["volumes"] if "configMap" in v]
+        assert names == [values]  # hash-suffixed: a values change rolls out a new cluster
+        mounts = {m["mountPath"] for c in template["spec"]["containers"] for m in c["volumeMounts"]}
+        assert "/etc/yard" in mounts
+
+
+def test_serve_config_validates_with_rays_schema_and_names_our_app():
+    from ray.serve.schema import ServeDeploySchema
+
+    from cluster.serve_env import STREAMING_SERVE_ENV
+    from router.app import APP_ARGS, build_app
+
+    (rayservice,) = by_kind(kustomize(KUSTOMIZE / "base"), "RayService")
+    config = ServeDeploySchema.model_validate(yaml.safe_load(rayservice["spec"]["serveConfigV2"]))
+    (app,) = config.applications
+    module, _, attr = app.import_path.partition(":")
+    assert (module, attr) == ("router.app", "build_app") and build_app is not None
+    assert set(app.args) <= APP_ARGS | {"values_file"} and app.args["values_file"] == "/etc/yard/values.yaml"
+    assert [d.name for d in app.deployments] == ["router"]
+    assert config.grpc_options.grpc_servicer_functions == ["router.grpc_stubs.add_YardServicer_to_server"]
+    for template in pod_templates(rayservice):  # Serve's streaming settings, in every Ray process
+        (container,) = template["spec"]["containers"]
+        env = {e["name"]: e["value"] for e in container["env"]}
+        assert {k: env.get(k) for k in STREAMING_SERVE_ENV} == STREAMING_SERVE_ENV
+
+
+@pytest.mark.parametrize("overlay", ["../base"] + OVERLAYS)
+def test_values_make_a_valid_cluster_that_fits_the_pods(overlay):
+    from cluster.config import ClusterConfig
+    from cluster.values import merge
+    from router.config import RouterConfig
+
+    docs = kustomize((KUSTOMIZE / "overlays" / overlay).resolve())
+    (rayservice,) = by_kind(docs, "RayService")
+    args = yaml.safe_load(rayservice["spec"]["serveConfigV2"])["applications"][0]["args"]
+    merged = merge({k: v for k, v in args.items() if k != "values_file"}, values_of(docs))
+    cluster = ClusterConfig.from_dict(merged["cluster"])
+    RouterConfig(cluster_name=cluster.name, **merged["router"])
+    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    (container,) = group["template"]["spec"]["containers"]
+    pod_gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+    assert int(group["rayStartParams"]["num-gpus"]) == pod_gpus  # Ray's count matches the pod's
+    assert int(container["resources"]["requests"].get("nvidia.com/gpu", 0)) == pod_gpus
+    worker_gpus = sum(b.get("GPU", 0) for b in cluster.worker_bundles())
+    assert (worker_gpus > 0) == (pod_gpus > 0) == (cluster.engine.device == "cuda")
+    if worker_gpus:
+        assert worker_gpus <= pod_gpus or cluster.engine.placement_strategy in ("PACK", "SPREAD")
+        assert cluster.num_workers * worker_gpus <= group["replicas"] * pod_gpus
+
+
+def test_pod_monitor_finds_the_metrics_port():
+    docs = kustomize(KUSTOMIZE / "overlays" / OVERLAYS[0])
+    (monitor,) = by_kind(docs, "PodMonitor")
+    (rayservice,) = by_kind(docs, "RayService")
+    wanted = monitor["spec"]["selector"]["matchLabels"]
+    ports = {e["port"] for e in monitor["spec"]["podMetricsEndpoints"]}
+    for template in pod_templates(rayservice):
+        assert wanted.items() <= template["metadata"]["labels"].items()
+        (container,) = template["spec"]["containers"]
+        assert ports <= {p["name"] for p in container["ports"] if p["containerPort"] == 8080}
+    starts = [rayservice["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]] + \
+        [g["rayStartParams"] for g in rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]]
+    assert all(s["metrics-export-port"] == "8080" for s in starts)
+
+
+def test_dashboard_config_map_carries_the_dashboard():
+    docs = kustomize(KUSTOMIZE / "monitoring")
+    (config_map,) = by_kind(docs, "ConfigMap")
+    assert config_map["metadata"]["labels"] == {"grafana_dashboard": "1"}
+    shipped = json.loads((KUSTOMIZE / "monitoring" / "grafana-dashboard.json").read_text())
+    assert json.loads(config_map["data"]["grafana-dashboard.json"]) == shipped
