@@ -590,8 +590,9 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"ratio 0.5, {args.peer_num_requests} prompts; poisson = {args.rate:g} req/s, saturate = inf); "
               f"ratios ours/vllm: > 1 is better for throughput, worse for latency")
         print(peers_table(peers["vllm"]["results"], peers["ours"]["results"]))
-        print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours "
-              "coalesces a request's tokens over 5 ms); TPOT is the per-token figure to compare")
+        print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours sends "
+              "a request's tokens at most every stream_interval_s, its first and last at once); "
+              "TPOT is the per-token figure to compare")
     elif "skipped" in peers:
         print(f"\npeers: skipped: {peers['skipped']}")
     elif "error" in peers:
