@@ -16,9 +16,12 @@ class ClusterMetrics:
         self.desired = metrics.Gauge("yard_cluster_workers_desired", "workers the config asks for", ("cluster",))
         self.replacements = metrics.Counter("yard_cluster_worker_replacements",
                                             "workers replaced after failing their health checks", ("cluster",))
-        self.desired.set(desired, self.tags)
+        self._desired = desired
 
     def states(self, counts: dict[str, int]) -> None:
+        """Set on every poll: a gauge set once, as the actor starts, can be lost
+        before Ray's exporter is up."""
+        self.desired.set(self._desired, self.tags)
         for state in WORKER_STATES:
             self.workers.set(counts.get(state, 0), {**self.tags, "state": state})
 

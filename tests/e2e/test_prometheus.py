@@ -1,0 +1,203 @@
+"""The dashboards and alerts we ship, against a real Prometheus (Debian's package,
+unpacked by tests/debian_tools.py) scraping the running e2e cluster under a short
+load that includes prefix-cache hits, a refused request and a killed worker.
+
+`promtool check rules` passes on the alert rules; every PromQL expression in the
+Grafana dashboard and in the rules is evaluated through Prometheus' HTTP API and
+returns data (alerts with their comparisons made `bool`, so that they answer
+whether or not they fire); every metric any of them names is exported and
+documented in docs/metrics.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import yaml
+from debian_tools import tool
+
+REPO = Path(__file__).resolve().parents[2]
+MONITORING = REPO / "deploy" / "kustomize" / "monitoring"
+METRICS_DOC = (REPO / "docs" / "metrics.md").read_text()
+
+# PromQL words that are not metric names.
+PROMQL_WORDS = {
+    "sum", "max", "min", "avg", "count", "by", "without", "on", "ignoring", "group_left", "group_right",
+    "and", "or", "unless", "bool", "rate", "irate", "increase", "histogram_quantile", "vector", "scalar",
+    "clamp_min", "clamp_max", "abs", "absent", "time", "offset",
+}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    panels = [p for top in dashboard["panels"] for p in [top, *top.get("panels", [])]]
+    return [(p["title"], t["expr"]) for p in panels for t in p.get("targets", [])]
+
+
+def rule_groups() -> dict[str, Any]:
+    return {"groups": yaml.safe_load((MONITORING / "prometheus-rules.yaml").read_text())["spec"]["groups"]}
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in rule_groups()["groups"] for r in g["rules"] if "alert" in r]
+
+
+def outside_selectors(expr: str) -> str:
+    """The expression with label matchers ({...}), ranges ([...]) and grouping labels
+    (by/without (...)) blanked out: what is left names metrics and functions."""
+    expr = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", expr)
+    return re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", " ", expr)
+
+
+def metric_names(expr: str) -> set[str]:
+    words = set(re.findall(r"(?<![\w.])[a-zA-Z_:][a-zA-Z0-9_:]*", outside_selectors(expr)))
+    return words - PROMQL_WORDS
+
+
+def as_bool(expr: str) -> str:
+    """`a > 0.95` as `a > bool 0.95`: a 0 or 1 for every series instead of only the
+    firing ones. Comparisons inside label matchers are left alone."""
+    parts = re.split(r"(\{[^}]*\})", expr)
+    ops = r"(==|!=|>=|<=|>|<)(?!\s*bool)"
+    return "".join(p if p.startswith("{") else re.sub(ops, r"\1 bool", p) for p in parts)
+
+
+class Prometheus:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
+        with urllib.request.urlopen(url, timeout=10) as r:
+            body = json.load(r)
+        assert body["status"] == "success", (expr, body)
+        return body["data"]["result"]
+
+    def wait_for(self, expr: str, timeout_s: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            result = self.query(expr)
+            if result or time.monotonic() > deadline:
+                return result
+            time.sleep(1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rules_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("rules") / "yard-rules.yaml"
+    path.write_text(yaml.safe_dump(rule_groups()))
+    return path
+
+
+@pytest.fixture(scope="module")
+def prometheus(metrics_port, rules_file, tmp_path_factory):
+    work = tmp_path_factory.mktemp("prometheus")
+    config = {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+              "rule_files": [str(rules_file)],
+              "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}]}
+    (work / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    log = open(work / "prometheus.log", "w")
+    server = subprocess.Popen([str(tool("prometheus")), f"--config.file={work / 'prometheus.yml'}",
+                               f"--storage.tsdb.path={work / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, (work / "prometheus.log").read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"{url}/-/ready", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield Prometheus(url)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()
+
+
+def send_load(serve_app: dict[str, Any], ray_local: Any) -> None:
+    """Completions (a shared 40-token prefix, so the prefix-aware policy predicts
+    hits and workers realize them), one request refused before dispatch, and a
+    worker killed and replaced."""
+    client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
+    shared = list(range(100, 140))
+    for i in range(8):
+        client.completions.create(model="tiny-llama", prompt=shared + [200 + i], max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+        time.sleep(0.3)  # think time: the router's snapshot catches up with the cached blocks
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
+    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
+    before = {s.worker_id for s in ray_local.get(manager.snapshot.remote())}
+    ray_local.kill(ray_local.get(manager.snapshot.remote())[0].handle)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        snapshot = ray_local.get(manager.snapshot.remote())
+        if len(snapshot) == 2 and all(s.healthy for s in snapshot) and {s.worker_id for s in snapshot} != before:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the killed worker was not replaced")
+    for i in range(4):  # traffic on the replacement too
+        client.completions.create(model="tiny-llama", prompt=shared + [300 + i], max_tokens=6, temperature=0,
+                                  extra_body={"ignore_eos": True})
+
+
+def test_promtool_checks_the_rules(rules_file):
+    out = subprocess.run([str(tool("promtool")), "check", "rules", str(rules_file)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(alert_rules())} rules found" in out.stdout
+
+
+def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus):
+    send_load(serve_app, ray_local)
+    # Ray exports a few seconds after recording; rates need two scrapes after that.
+    assert prometheus.wait_for('count_over_time(ray_yard_router_requests_total{status="ok"}[1m]) > 3', 90)
+    assert prometheus.wait_for("ray_yard_cluster_worker_replacements_total", 60)
+    assert prometheus.wait_for("ray_yard_router_prefix_realized_hit_blocks_total", 60)
+
+    queries = dashboard_queries()
+    assert len(queries) >= 20
+    empty = [(title, expr) for title, expr in queries if not prometheus.query(expr)]
+    assert not empty, f"dashboard queries without data: {empty}"
+
+    for rule in alert_rules():
+        assert prometheus.query(as_bool(rule["expr"])), f"alert {rule['alert']}: no data for {as_bool(rule['expr'])}"
+
+    names = set().union(*(metric_names(expr) for _, expr in queries),
+                        *(metric_names(r["expr"]) for r in alert_rules()))
+    assert names and all(n.startswith("ray_yard_") for n in names), names
+    for name in sorted(names):
+        base = re.sub(r"_(bucket|sum|count)$", "", name)
+        assert f"`{name}`" in METRICS_DOC or f"`{base}`" in METRICS_DOC, f"{name} is not in docs/metrics.md"
+        assert prometheus.query(name), f"{name} is named by a query but not exported"
+
+
+def test_query_checks_catch_a_metric_we_do_not_export(prometheus):
+    """The checks above would fail on a dashboard naming a metric we don't export."""
+    assert metric_names('sum by (worker) (rate(ray_yard_worker_no_such_metric_total{a!="b"}[5m]))') == \
+        {"ray_yard_worker_no_such_metric_total"}
+    assert not prometheus.query('sum by (worker) (rate(ray_yard_worker_no_such_metric_total[5m]))')
+    assert as_bool('x{a!="1"} > 0.95 and y == 0') == 'x{a!="1"} > bool 0.95 and y == bool 0'
