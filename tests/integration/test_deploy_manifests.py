@@ -7,6 +7,7 @@ fits the GPUs its pods ask for; the PodMonitor finds the pods' metrics port."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -66,6 +67,9 @@ def test_overlay_objects_validate_against_kubernetes_schemas(overlay):
     for template in pod_templates(rayservice):  # the parts of the CRD that are core Kubernetes
         kubernetes_validate.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "check"},
                                       "template": template}, K8S_VERSION, strict=True)
+    service = rayservice["spec"]["serveService"]
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Service", **service}, K8S_VERSION, strict=True)
+    assert {p["port"] for p in service["spec"]["ports"]} == {8000, 9000}  # HTTP and gRPC
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -145,3 +149,16 @@ def test_dashboard_config_map_carries_the_dashboard():
     assert config_map["metadata"]["labels"] == {"grafana_dashboard": "1"}
     shipped = json.loads((KUSTOMIZE / "monitoring" / "grafana-dashboard.json").read_text())
     assert json.loads(config_map["data"]["grafana-dashboard.json"]) == shipped
+
+
+def test_dockerfile_copies_what_the_package_needs():
+    lines = [ln.strip() for ln in (DEPLOY / "Dockerfile").read_text().splitlines()]
+    assert lines[[i for i, ln in enumerate(lines) if ln and not ln.startswith("#")][0]].startswith("FROM python:3.11")
+    copied = {src for ln in lines if ln.startswith("COPY ") for src in ln.split()[1:-1]}
+    include = re.search(r'include = \[([^\]]*)\]', (REPO / "pyproject.toml").read_text()).group(1)
+    for package in re.findall(r'"(\w+)\*"', include):
+        assert package in copied, f"the image does not get {package}/"
+        assert (REPO / package).is_dir()
+    for src in copied:
+        assert (REPO / src).exists(), f"COPY {src}: not in the repository"
+    assert any("router.grpc_stubs" in ln for ln in lines)  # stubs generated at build
