@@ -17,8 +17,8 @@ same mean and a chosen coefficient of variation (shape 1/CV^2: CV 3 is shape 1/9
 vLLM's `--burstiness 0.111`), or everything at t=0 (`saturate`: the throughput
 ceiling).
 
-Metrics, per request: TTFT (send to the first streamed output), TPOT ((end - first)
-/ (output tokens - 1)), end-to-end latency; per run: output tokens per second over
+Metrics, per request: TTFT (send to the first streamed output text, the same on both
+paths), TPOT ((end - first) / (output tokens - 1)), end-to-end latency; per run: output tokens per second over
 the time from the first send to the last completion.
 """
 
@@ -329,7 +329,9 @@ class WorkerClient:
         async for batch in self.link.stream(request):
             for event in batch:
                 if isinstance(event, Tokens):
-                    if outcome.ttft_s is None:
+                    # As an HTTP client sees it: the first token that shows text (one
+                    # that ends inside a UTF-8 character shows none, and sends no chunk).
+                    if outcome.ttft_s is None and event.text:
                         outcome.ttft_s = time.perf_counter() - t0
                     outcome.chunks += 1
                     outcome.output_tokens += len(event.token_ids)

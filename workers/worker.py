@@ -255,8 +255,8 @@ class ChannelClosed(RuntimeError):
 
 class _Channel:
     """The events of the requests submitted on one channel, released in batches: a
-    request's first event and its last go out at once (time to first token, end of
-    stream), the rest at most every `interval_s`. Every batch takes everything
+    request's first output with text and its last event go out at once (time to
+    first token, end of stream), the rest at most every `interval_s`. Every batch takes everything
     pending, so one message carries a step (or a few) for all the channel's requests.
     Lives on the actor's event loop."""
 
@@ -277,7 +277,10 @@ class _Channel:
             self._started.discard(event.request_id)
         elif event.request_id not in self._started:
             self._urgent = True
-            self._started.add(event.request_id)
+            # Started once it shows text: a first token that ends inside a UTF-8
+            # character (or a possible stop string) shows none, so the next is urgent too.
+            if not isinstance(event, Tokens) or event.text or event.logprobs:
+                self._started.add(event.request_id)
         self._wake.set()
 
     async def next_batch(self) -> list[Event]:

@@ -76,3 +76,19 @@ def test_coalesce_merges_each_requests_tokens_in_order():
              Finished("b", "stop", None, Usage(3, 6)), tok("a", 2, 3), Failed("c", "invalid_request", "bad")]
     assert _coalesce(batch) == [tok("a", 0, 1, 2, 3), tok("b", 4, 7, 8), Finished("b", "stop", None, Usage(3, 6)),
                                 Failed("c", "invalid_request", "bad")]
+
+
+def test_a_first_token_without_text_keeps_the_next_one_urgent():
+    async def scenario():
+        channel = _Channel("c", interval_s=30.0)
+        channel.deliver(Tokens("a", 0, (7,), ""))  # ends inside a UTF-8 character
+        first = await released_within(channel, HELD)
+        channel.deliver(Tokens("a", 1, (8,), "é"))
+        visible = await released_within(channel, HELD)
+        channel.deliver(tok("a", 2, 3))
+        held = await released_within(channel, HELD)
+        return first, visible, held
+    first, visible, held = asyncio.run(scenario())
+    assert first == [Tokens("a", 0, (7,), "")]
+    assert visible == [Tokens("a", 1, (8,), "é")]
+    assert held is None
