@@ -243,7 +243,8 @@ def check_loopback(base_url: str) -> None:
 
 @dataclass
 class HttpClient:
-    """Streaming `/v1/completions` with token-id prompts over aiohttp.
+    """Streaming `/v1/completions` with token-id prompts, one connection per request
+    through the lean client of bench/sse_client.py.
 
     TTFT ends at the first SSE chunk that carries a choice (vLLM's benchmark client
     counts the same way); the output token count comes from the usage chunk
@@ -251,36 +252,27 @@ class HttpClient:
 
     base_url: str  # ending in /v1
     model: str
-    session: Any = None
     extra_body: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_loopback(self.base_url)
 
     async def __aenter__(self) -> "HttpClient":
-        import aiohttp
-
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, force_close=False),
-            timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
         return self
 
     async def __aexit__(self, *exc: Any) -> None:
-        await self.session.close()
+        pass
 
     async def send(self, spec: RequestSpec, outcome: Outcome) -> None:
+        from sse_client import HttpError, post_lines
+
         payload = {"model": self.model, "prompt": list(spec.prompt_token_ids),
                    "max_tokens": spec.output_len, "temperature": 0.0, "ignore_eos": True,
                    "stream": True, "stream_options": {"include_usage": True}, **self.extra_body}
         t0 = time.perf_counter()
-        async with self.session.post(self.base_url.rstrip("/") + "/completions", json=payload) as resp:
-            if resp.status != 200:
-                body = (await resp.text())[:200]
-                outcome.error = f"HTTP {resp.status}: {body}"
-                return
-            usage_tokens: Optional[int] = None
-            async for raw in resp.content:
-                line = raw.strip()
+        usage_tokens: Optional[int] = None
+        try:
+            async for line in post_lines(self.base_url.rstrip("/") + "/completions", payload):
                 if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
@@ -291,13 +283,15 @@ class HttpClient:
                     outcome.error = f"stream error: {json.dumps(obj['error'])[:200]}"
                     return
                 if obj.get("choices"):
-                    now = time.perf_counter()
                     if outcome.ttft_s is None:
-                        outcome.ttft_s = now - t0
+                        outcome.ttft_s = time.perf_counter() - t0
                     outcome.chunks += 1
                 if obj.get("usage"):
                     usage_tokens = obj["usage"].get("completion_tokens")
-            outcome.e2e_s = time.perf_counter() - t0
+        except HttpError as e:
+            outcome.error = str(e)
+            return
+        outcome.e2e_s = time.perf_counter() - t0
         if usage_tokens is None:
             outcome.error = "the stream ended without a usage chunk"
             return

@@ -575,8 +575,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"1-minute load average after each run: {min(loads):.1f} to {max(loads):.1f} on {os.cpu_count()} "
               f"cores" + (" -- the machine was busy with other work: trust the ratios less" if busy else ""))
     if report.get("load"):
+        hops = "router, worker" if args.ingress == "direct" else "proxy, router, worker"
         print("\nload: direct = Worker actor over Ray from this process; serve = OpenAI HTTP through "
-              "Ray Serve (proxy, router, worker)")
+              f"Ray Serve (ingress {args.ingress}: {hops})")
         print(load_table(report["load"], args))
     if report.get("router_overhead"):
         print(f"\nrouter overhead (serve minus direct; targets: <= {TARGET_ADDED_MS:g} ms added at p50, "
