@@ -72,7 +72,8 @@ def connect_ray(serve_env: Optional[dict[str, str]] = None) -> bool:
             ray.init(address=address, log_to_driver=False)
             return False
         except ConnectionError:
-            pass
+            if address != "auto":
+                raise  # a named cluster that cannot be reached is an error, not a cue to start one
     ray.init(address="local", log_to_driver=False)
     return True
 

@@ -4,12 +4,12 @@ requests the replica sends there.
 Streaming each request separately costs a Ray message per request per decode step,
 and on a busy node those messages cost the worker's cores. A link instead keeps one
 `Worker.subscribe` stream open and starts requests with `Worker.submit`; every
-batch it receives holds the events of one step (or a few milliseconds) for all of
-them, which the link hands to each request's own queue.
+batch it receives holds the events of one step (or of up to the worker's
+stream_interval_s) for all of them, which the link hands to each request's own queue.
 
-If the stream breaks (the worker died), every request on the link gets
-`WorkerLost`, so the request state machine resumes it elsewhere; the broken link is
-not used again.
+If the stream breaks (the worker died), every request on the link gets `LinkBroken`
+after the events that came before it, so the request state machine resumes it
+elsewhere; the broken link is not used again.
 """
 
 from __future__ import annotations
