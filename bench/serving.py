@@ -41,7 +41,6 @@ import contextlib
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -62,6 +61,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import load_client as lc  # noqa: E402
 from environment import environment  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
+
+from cluster.serving import free_port  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
 PATHS = ("direct", "serve")
@@ -148,11 +149,6 @@ def _names(p: argparse.ArgumentParser, flag: str, value: str, known: tuple[str, 
 def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------- workload

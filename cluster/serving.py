@@ -91,7 +91,7 @@ def start(config: dict[str, Any]) -> dict[str, str]:
         if not started and os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") != "1":
             raise RuntimeError("ingress 'direct' needs Ray started with cluster/serve_env.py's direct ingress "
                                "settings; this Ray was running already (set RAY_ADDRESS=local for a new one)")
-        proxy_http, proxy_grpc = _free_port(), _free_port()  # Serve's proxy stays up, out of the way
+        proxy_http, proxy_grpc = free_port(), free_port()  # Serve's proxy stays up, out of the way
     else:
         connect_ray()
     serve.start(http_options={"host": http["host"], "port": proxy_http},
@@ -101,7 +101,7 @@ def start(config: dict[str, Any]) -> dict[str, str]:
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
 
 
-def _free_port() -> int:
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:

@@ -19,10 +19,10 @@ from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
 from cluster.values import with_values_file
 from router.config import MANAGER_NAMESPACE, RouterConfig
-from router.core import SERVICE_UNAVAILABLE, Overloaded, RouterCore
+from router.core import Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
 from router.grpc_ingress import GrpcIngress
-from router.openai_errors import APIError
+from router.openai_errors import SERVICE_UNAVAILABLE, APIError, unavailable, worker_failure
 from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
 from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
 from workers.events import Failed, Finished, Tokens
@@ -35,22 +35,12 @@ def _stream_lines(enc: StreamEncoder, event: Any) -> list[str]:
         return enc.delta(event.text)
     if isinstance(event, Finished):
         return enc.finish(event.reason, _usage(event), stop_reason=event.stop_reason)
-    return enc.error(_failure(event))
+    return enc.error(worker_failure(event))
 
 
 def _usage(event: Finished) -> Usage:
     u = event.usage
     return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
-
-
-def _failure(event: Failed) -> APIError:
-    if event.code == "invalid_request":
-        return APIError(400, event.message, None, "invalid_request_error", event.code)
-    return _unavailable(event.message)
-
-
-def _unavailable(message: str) -> APIError:
-    return APIError(SERVICE_UNAVAILABLE, message, None, "service_unavailable", "no_worker")
 
 
 # Defined after the helpers it calls: Serve captures the class when it is decorated.
@@ -109,10 +99,10 @@ class Router(GrpcIngress):
                 elif isinstance(event, Finished):
                     finish, stop_reason, usage = event.reason, event.stop_reason, _usage(event)
                 elif isinstance(event, Failed):
-                    err = _failure(event)
+                    err = worker_failure(event)
                     return JSONResponse(err.body(), status_code=err.status)
         except NoWorkerAvailable as e:
-            return JSONResponse(_unavailable(str(e)).body(), status_code=SERVICE_UNAVAILABLE)
+            return JSONResponse(unavailable(str(e)).body(), status_code=SERVICE_UNAVAILABLE)
         make = completion_body if gen.kind == "completion" else chat_body
         body = make(worker_request.request_id, self.config.model_name, int(time.time()), text, finish,
                     usage, stop_reason=stop_reason)
@@ -131,7 +121,7 @@ class Router(GrpcIngress):
                 if chunk:  # a token may end inside a character: no text yet
                     yield chunk
         except NoWorkerAvailable as e:
-            yield "".join(enc.error(_unavailable(str(e))))
+            yield "".join(enc.error(unavailable(str(e))))
 
 
 def ensure_cluster(cluster: ClusterConfig) -> Any:

@@ -23,7 +23,7 @@ from router.dispatch import DispatchRequest
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad
 from router.metrics import RouterMetrics
-from router.openai_errors import APIError
+from router.openai_errors import SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
 from router.policies import make_policy
 from router.worker_link import WorkerLink
@@ -34,8 +34,6 @@ from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
-TOO_MANY_REQUESTS = 429
-SERVICE_UNAVAILABLE = 503
 
 
 class Overloaded(APIError):

@@ -25,8 +25,7 @@ import grpc
 from router import grpc_stubs
 from router.dispatch import NoWorkerAvailable
 from router.grpc_protocol import from_proto, generate_response, list_models_response
-from router.core import SERVICE_UNAVAILABLE
-from router.openai_errors import APIError
+from router.openai_errors import APIError, unavailable, worker_failure
 from router.openai_protocol import check_prompt_token_ids
 from router.openai_responses import ModelCard, TokenLogprob, Usage
 from workers.events import Failed, Finished, Tokens
@@ -51,16 +50,6 @@ def _details(err: APIError) -> str:
 def _set_status(grpc_context: Any, err: APIError) -> None:
     grpc_context.set_code(grpc.StatusCode[err.grpc_code])
     grpc_context.set_details(_details(err))
-
-
-def _unavailable(message: str) -> APIError:
-    return APIError(SERVICE_UNAVAILABLE, message, None, "service_unavailable", "no_worker")
-
-
-def _failure(event: Failed) -> APIError:
-    if event.code == "invalid_request":
-        return APIError(400, event.message, None, "invalid_request_error", event.code)
-    return _unavailable(event.message)
 
 
 class GrpcIngress:
@@ -107,11 +96,11 @@ class GrpcIngress:
                                             usage=Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens))
                     return
                 elif isinstance(event, Failed):
-                    err = _failure(event)
+                    err = worker_failure(event)
                     _set_status(grpc_context, err)
                     raise err
         except NoWorkerAvailable as e:
-            _set_status(grpc_context, _unavailable(str(e)))
+            _set_status(grpc_context, unavailable(str(e)))
             raise
 
     def _logprobs(self, event: Tokens) -> Optional[list[TokenLogprob]]:

@@ -31,6 +31,7 @@ NOT_FOUND = 404
 CONTENT_TOO_LARGE = 413
 UNPROCESSABLE = 422
 TOO_MANY_REQUESTS = 429
+SERVICE_UNAVAILABLE = 503
 
 # HTTP status → gRPC status code name (an attribute of grpc.StatusCode); kept as
 # strings so this module does not import grpc.
@@ -40,7 +41,7 @@ _GRPC_CODES = {
     CONTENT_TOO_LARGE: "INVALID_ARGUMENT",
     NOT_FOUND: "NOT_FOUND",
     TOO_MANY_REQUESTS: "RESOURCE_EXHAUSTED",
-    503: "UNAVAILABLE",
+    SERVICE_UNAVAILABLE: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
 }
 
@@ -100,6 +101,19 @@ def bad_request(param: Optional[str], message: str, code: Optional[str] = None) 
 
 def invalid_value(param: str, message: str) -> APIError:
     return APIError(UNPROCESSABLE, message, param)
+
+
+def unavailable(message: str) -> APIError:
+    """No worker could take or finish the request (503)."""
+    return APIError(SERVICE_UNAVAILABLE, message, None, "service_unavailable", "no_worker")
+
+
+def worker_failure(event: Any) -> APIError:
+    """The API error for a worker's Failed event: the request's own bad input (400),
+    or the cluster's failure (503)."""
+    if event.code == "invalid_request":
+        return APIError(BAD_REQUEST, event.message, None, "invalid_request_error", event.code)
+    return unavailable(event.message)
 
 
 def model_not_found(model: str, served: list[str]) -> APIError:

@@ -5,21 +5,17 @@ HTTP and gRPC on free loopback ports."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from cluster.serving import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 RAYSERVICE = REPO / "deploy" / "kustomize" / "base" / "rayservice.yaml"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_config() -> dict[str, Any]:

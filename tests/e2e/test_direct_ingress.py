@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,17 +15,13 @@ import grpc
 import openai
 import pytest
 
+from cluster.serving import free_port
 from router.grpc_stubs import load
 from workers import LLM, SamplingParams
 
 PROMPT = "The quick brown fox"
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until_healthy(url: str, server: subprocess.Popen, timeout_s: float = 240) -> None:
@@ -58,7 +53,8 @@ def direct_server(make_model, tmp_path_factory):
             stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_until_healthy(f"http://127.0.0.1:{http_port}/health", server)
-        yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}", "model": model}
+        yield {"http": f"http://127.0.0.1:{http_port}/v1", "grpc": f"127.0.0.1:{grpc_port}", "model": model,
+               "ports": (http_port, grpc_port)}
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -69,7 +65,17 @@ def direct_server(make_model, tmp_path_factory):
         print(log.read_text()[-3000:])
 
 
+def listener(port: int) -> str:
+    """The name of the process listening on `port` (Linux's `ss`; Ray names its
+    processes after the actor: ray::ServeReplica:..., ray::ProxyActor)."""
+    out = subprocess.run(["ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True, check=True).stdout
+    return out
+
+
 def test_http_and_grpc_served_by_the_router_replica_itself(direct_server):
+    for port in direct_server["ports"]:  # the replica took the ports, not Serve's proxy
+        owner = listener(port)
+        assert "ServeRepli" in owner and "ProxyActor" not in owner, owner
     expected = LLM(model=direct_server["model"]).generate(PROMPT, GREEDY)[0]
     client = openai.OpenAI(base_url=direct_server["http"], api_key="unused", max_retries=0)
     stream = client.completions.create(model=direct_server["model"], prompt=PROMPT, max_tokens=12, temperature=0,

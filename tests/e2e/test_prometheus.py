@@ -25,6 +25,8 @@ import pytest
 import yaml
 from debian_tools import tool
 
+from cluster.serving import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "kustomize" / "monitoring"
 METRICS_DOC = (REPO / "docs" / "metrics.md").read_text()
@@ -90,13 +92,6 @@ class Prometheus:
                 return result
             time.sleep(1)
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

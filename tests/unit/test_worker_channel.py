@@ -40,35 +40,30 @@ def test_first_event_goes_at_once_then_tokens_wait_for_the_interval():
     assert together == [tok("a", 1, 2), tok("a", 2, 3), tok("b", 0, 9)]
 
 
-def test_last_event_goes_at_once():
+def after_first_batch(interval_s: float, *then: object, wait_s: float = HELD):
+    """What a channel releases within wait_s of the events `then`, delivered after
+    request a's first token has gone out."""
     async def scenario():
-        channel = _Channel("c", interval_s=30.0)
+        channel = _Channel("c", interval_s=interval_s)
         channel.deliver(tok("a", 0, 1))
         await channel.next_batch()
-        channel.deliver(tok("a", 1, 2))
-        channel.deliver(Finished("a", "length", None, Usage(1, 2)))
-        return await released_within(channel, HELD)
-    assert asyncio.run(scenario()) == [tok("a", 1, 2), Finished("a", "length", None, Usage(1, 2))]
+        for event in then:
+            channel.deliver(event)
+        return await released_within(channel, wait_s)
+    return asyncio.run(scenario())
+
+
+def test_last_event_goes_at_once():
+    done = Finished("a", "length", None, Usage(1, 2))
+    assert after_first_batch(30.0, tok("a", 1, 2), done) == [tok("a", 1, 2), done]
 
 
 def test_tokens_go_once_the_interval_has_passed():
-    async def scenario():
-        channel = _Channel("c", interval_s=0.02)
-        channel.deliver(tok("a", 0, 1))
-        await channel.next_batch()
-        channel.deliver(tok("a", 1, 2))
-        return await released_within(channel, 5.0)
-    assert asyncio.run(scenario()) == [tok("a", 1, 2)]
+    assert after_first_batch(0.02, tok("a", 1, 2), wait_s=5.0) == [tok("a", 1, 2)]
 
 
 def test_zero_interval_sends_every_delivery():
-    async def scenario():
-        channel = _Channel("c", interval_s=0.0)
-        channel.deliver(tok("a", 0, 1))
-        await channel.next_batch()
-        channel.deliver(tok("a", 1, 2))
-        return await released_within(channel, HELD)
-    assert asyncio.run(scenario()) == [tok("a", 1, 2)]
+    assert after_first_batch(0.0, tok("a", 1, 2)) == [tok("a", 1, 2)]
 
 
 def test_coalesce_merges_each_requests_tokens_in_order():
