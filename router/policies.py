@@ -21,7 +21,7 @@ from router.load import WorkerLoad
 from router.prefix_policy import PrefixAware
 from router.session_policy import SessionAffinity
 
-__all__ = ["Decision", "DispatchPolicy", "DispatchRequest", "LeastLoad", "NoWorkerAvailable",
+__all__ = ["Decision", "DispatchPolicy", "DispatchRequest", "Flood", "LeastLoad", "NoWorkerAvailable",
            "PowerOfTwoChoices", "PrefixAware", "RoundRobin", "SessionAffinity", "make_policy"]
 
 
@@ -79,12 +79,35 @@ class LeastLoad:
         return Decision(chosen.worker_id, self.name, reason=f"highest freeness {chosen.freeness:g}")
 
 
+class Flood:
+    """Every request to one worker: `target` while it is healthy, else the healthy worker
+    with the smallest worker_id. It overloads one worker on purpose, so that tests and
+    benchmarks can watch migration move requests off it (as Llumnix's tests do)."""
+
+    name = "flood"
+
+    def __init__(self, target: Optional[str] = None) -> None:
+        if target is not None and (not isinstance(target, str) or not target):
+            raise ValueError(f"target must be a non-empty worker id, got {target!r}")
+        self.target = target
+
+    def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision:
+        candidates = healthy_candidates(request, workers)
+        if self.target is not None:
+            if any(w.worker_id == self.target for w in candidates):
+                return Decision(self.target, self.name, reason="target")
+            return Decision(candidates[0].worker_id, self.name,
+                            reason=f"target {self.target} not healthy; smallest worker_id")
+        return Decision(candidates[0].worker_id, self.name, reason="smallest worker_id")
+
+
 # Options each policy accepts besides the injected rng and clock, which every policy
 # accepts (a generic caller always passes both) and uses only if it needs them.
 _OPTIONS: dict[str, frozenset[str]] = {
     "round_robin": frozenset(),
     "power_of_two": frozenset(),
     "least_load": frozenset(),
+    "flood": frozenset({"target"}),
     "prefix_aware": frozenset({"block_size", "imbalance_guard"}),
     "session_affinity": frozenset({"fallback", "ttl_s", "max_sessions"}),
 }
@@ -108,6 +131,8 @@ def make_policy(name: str, *, rng: Optional[random.Random] = None,
         return PowerOfTwoChoices(rng)
     if name == "least_load":
         return LeastLoad()
+    if name == "flood":
+        return Flood(options.get("target"))
     assert name == "prefix_aware", name  # _check_options knows every name
     missing = sorted({"block_size", "imbalance_guard"} - set(options))
     if missing:

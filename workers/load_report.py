@@ -11,6 +11,18 @@ if TYPE_CHECKING:  # routers import freeness from here without pulling in torch
 
 
 @dataclass(frozen=True, slots=True)
+class RequestLoad:
+    """One request on a worker, as migration policies see it."""
+
+    request_id: str
+    priority: int
+    num_blocks: int  # KV blocks it holds (0 while it waits)
+    arrival_time: float
+    running: bool  # in the batch (else waiting for it)
+    migrating: bool  # a migration of it is in flight
+
+
+@dataclass(frozen=True, slots=True)
 class LoadReport:
     worker_id: str
     role: str
@@ -26,6 +38,13 @@ class LoadReport:
     mean_step_time_s: float
     cached_block_hashes: frozenset[int]  # the newest ones, bounded
     reported_at: float
+    block_size: int = 16
+    draining: bool = False
+    head_of_line_blocks: int = 0  # blocks the first waiting request needs (0: none waits)
+    head_of_line_priority: int = 0
+    requests: tuple[RequestLoad, ...] = ()  # running, then waiting
+    migrations_out: int = 0  # in flight now
+    migrations_in: int = 0
 
 
 def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
@@ -49,12 +68,17 @@ def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block
     return (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
 
 
-def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int) -> LoadReport:
+def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
+                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0) -> LoadReport:
     """Built by the thread that steps `engine`, between two steps."""
     stats = engine.stats()
     blocks = engine.blocks
-    waiting = engine.scheduler.waiting
-    head_demand = blocks.blocks_needed(waiting[0].num_tokens) if waiting else 0
+    waiting = list(engine.scheduler.waiting)
+    running = list(engine.scheduler.running)
+    head = waiting[0] if waiting else None
+    head_demand = blocks.blocks_needed(head.num_tokens) if head is not None else 0
+    requests = tuple(RequestLoad(s.request_id, s.priority, len(s.block_ids), s.arrival_time, i < len(running),
+                                 s.request_id in migrating_out) for i, s in enumerate(running + waiting))
     return LoadReport(
         worker_id=worker_id, role=role, healthy=engine.healthy,
         num_running=stats.num_running, num_waiting=stats.num_waiting,
@@ -62,5 +86,7 @@ def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int)
         freeness=freeness(stats.num_free_blocks, stats.num_running, head_demand, blocks.block_size),
         mean_step_time_s=stats.mean_step_time_s,
         cached_block_hashes=frozenset(blocks.cached_block_hashes(max_hashes)),
-        reported_at=time.time(),
+        reported_at=time.time(), block_size=blocks.block_size, draining=draining,
+        head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
+        requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in,
     )

@@ -7,6 +7,7 @@ from ray.util import metrics
 
 from workers.engine.outputs import EngineStats
 
+MIGRATION_DOWNTIME_BOUNDARIES = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5]
 STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 
 
@@ -27,6 +28,10 @@ class WorkerMetrics:
         self.preemptions = metrics.Counter("yard_worker_preemptions", "requests preempted", keys)
         self.step_time = metrics.Histogram("yard_worker_step_time_seconds", "engine step time",
                                            STEP_TIME_BOUNDARIES, keys)
+        self.migration_downtime = metrics.Histogram(
+            "yard_worker_migration_downtime_seconds",
+            "live migration downtime: the request's pause at the source to its first token here",
+            MIGRATION_DOWNTIME_BOUNDARIES, keys)
         self._last: EngineStats | None = None
 
     def update(self, stats: EngineStats) -> None:

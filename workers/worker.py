@@ -1,115 +1,152 @@
 """The worker actor: one engine (rank 0 of its TP group), stepped in a background
-thread, streaming typed events per request.
+thread, streaming typed events per request, and either end of a live migration.
 
 Ray calls arrive on the actor's asyncio loop; the engine is touched only by the
-stepping thread. Calls hand it commands through a queue, and it hands each step's
-events back with one `call_soon_threadsafe`. Events travel on channels: a router
-replica subscribes once and submits many requests on its channel (`subscribe`,
-`submit`); `generate` is a channel of one request. A channel sends a request's first
-and last events at once and the tokens in between at most every
-`stream_interval_s`, all of its requests in one message, so a token does not cost an
-actor round trip.
+stepping thread. Calls hand it commands (worker_commands.py) through a queue, and it
+hands each step's events back with one `call_soon_threadsafe`. Events travel on
+channels (channel.py): a router replica subscribes once and submits many requests
+on its channel (`subscribe`, `submit`); `generate` is a channel of one request.
+
+A request that arrives by migration has no channel until its router, told by the
+source's Moved event, attaches to it here (`attach`); its events wait for that.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import itertools
-import math
 import queue
 import threading
 import time
-from dataclasses import dataclass
-from typing import AsyncIterator, Optional
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Optional
 
-from workers.engine.config import EngineConfig
+from workers.channel import ENDS_HERE, Channel, ChannelClosed, coalesce
 from workers.engine.engine import LLMEngine
+from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
-from workers.events import Event, Failed, Finished, TokenLogprob, Tokens, Usage, WorkerRequest
+from workers.events import Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage, WorkerRequest
+from workers.kv_transport import KVPayload, make_transport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
+from workers.migration import MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, kv_layout
+from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
+                                     EngineCall, GrowReservation, ReserveMigration)
+from workers.worker_config import WorkerConfig
+
+__all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
+_MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
 
 
-@dataclass(frozen=True)
-class WorkerConfig:
-    worker_id: str
-    engine: EngineConfig
-    role: str = "mixed"  # mixed, prefill or decode
-    # A running request's tokens go out at most this often (its first and last at
-    # once): fewer, larger messages through the router and the proxy.
-    stream_interval_s: float = 0.05
-    max_cached_hashes: int = 4096  # bound on the block hashes a load report carries
+@dataclass(slots=True)
+class _Incoming:
+    """A migration into this worker, before its commit."""
 
-    def __post_init__(self) -> None:
-        if self.role not in ("mixed", "prefill", "decode"):
-            raise ValueError(f"role must be mixed, prefill or decode, got {self.role!r}")
-        if not 0 <= self.stream_interval_s <= 1:
-            raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s}")
+    request_id: str
+    source_id: str
+    reserved_blocks: int
+
+
+@dataclass(slots=True)
+class _Parked:
+    """Events of a request moved here, kept until its router attaches."""
+
+    deadline: float
+    events: list[Event] = field(default_factory=list)
 
 
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
         self.engine = LLMEngine(config.engine)
-        self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._channels: dict[str, _Channel] = {}  # channel id → its open stream
-        self._channel_of: dict[str, _Channel] = {}  # running request id → its channel
+        self._channels: dict[str, Channel] = {}  # channel id → its open stream
+        self._channel_of: dict[str, Channel] = {}  # running request id → its channel
         self._closed_channels: dict[str, None] = {}  # recent ones, oldest first
         self._generate_ids = itertools.count()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._draining = False
-        self._load = load_report(self.engine, config.worker_id, config.role, config.max_cached_hashes)
+        # Live migration.
+        self._transport = make_transport(config.kv_transport)
+        self._layout = kv_layout(self.engine)
+        self._outgoing: set[str] = set()  # request ids being moved out
+        self._incoming: dict[str, _Incoming] = {}  # migration id → before its commit
+        self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
+        self._arrived_paused_at: dict[str, float] = {}  # request id → its pause at the source (wall)
+        self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
+        self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
         self._reported_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
     async def generate(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
-        """Stream one request's events, in batches; the last batch ends with Finished
-        or Failed. If the caller goes away, the request is aborted."""
+        """Stream one request's events, in batches; the last batch ends with Finished,
+        Failed or Moved. If the caller goes away, the request is aborted."""
         channel = self._open_channel(f"generate-{next(self._generate_ids)}")
         self._admit(channel, request)
         try:
             ended = False
             while not ended:
-                batch = _coalesce(await channel.next_batch())
-                ended = isinstance(batch[-1], (Finished, Failed))
+                batch = coalesce(await channel.next_batch())
+                ended = isinstance(batch[-1], ENDS_HERE)
                 yield batch
         finally:
             self._close_channel(channel)
 
     async def subscribe(self, channel_id: str) -> AsyncIterator[list[Event]]:
-        """One stream for every request `submit`ted on `channel_id`, for as long as the
-        caller listens: a router replica keeps one per worker, so a decode step costs
-        one message for all its requests instead of one per request. When the caller
-        goes away, its requests are aborted."""
+        """One stream for every request `submit`ted (or `attach`ed) on `channel_id`,
+        for as long as the caller listens: a router replica keeps one per worker, so a
+        decode step costs one message for all its requests instead of one per request.
+        When the caller goes away, its requests are aborted."""
         channel = self._open_channel(channel_id)
         try:
             while True:
-                yield _coalesce(await channel.next_batch())
+                yield coalesce(await channel.next_batch())
         finally:
             self._close_channel(channel)
 
     async def submit(self, channel_id: str, request: WorkerRequest) -> None:
         """Start `request`; its events go out on `channel_id`'s `subscribe` stream."""
+        self._admit(self._channel_for_call(channel_id), request)
+
+    async def attach(self, channel_id: str, request_id: str) -> None:
+        """Follow a request that moved here: its events so far, then the rest, go out
+        on `channel_id`. Fails the request with `not_here` if it is not here."""
+        channel = self._channel_for_call(channel_id)
+        self._reap_parked()
+        parked = self._parked.pop(request_id, None)
+        if parked is None:
+            channel.deliver(Failed(request_id, "not_here",
+                                   f"request {request_id!r} is not on worker {self.config.worker_id}"))
+            return
+        if not any(isinstance(e, ENDS_HERE) for e in parked.events):
+            channel.requests.add(request_id)
+            self._channel_of[request_id] = channel
+        for event in parked.events:
+            channel.deliver(event)
+
+    def _channel_for_call(self, channel_id: str) -> Channel:
         channel = self._channels.get(channel_id)
         if channel is None:
             if channel_id in self._closed_channels:
                 raise ChannelClosed(f"channel {channel_id!r} is closed on worker {self.config.worker_id}")
             channel = self._open_channel(channel_id)  # the subscribe call is still on its way
-        self._admit(channel, request)
+        return channel
 
-    def _admit(self, channel: "_Channel", request: WorkerRequest) -> None:
+    def _admit(self, channel: Channel, request: WorkerRequest) -> None:
         self._ensure_thread()
         rid = request.request_id
         refusal = None
-        if rid in self._channel_of:
+        if rid in self._channel_of or rid in self._parked:
             refusal = Failed(rid, "invalid_request", f"request_id {rid!r} is already running here")
         elif self._draining or not self.engine.healthy:
             code = "draining" if self._draining else "worker_unhealthy"
@@ -119,15 +156,17 @@ class Worker:
             return
         channel.requests.add(rid)
         self._channel_of[rid] = channel
-        self._send(("add", request))
+        if request.arrival_time is None:  # FCFS order is by arrival at the router, kept across moves
+            request = _with_arrival(request, time.time())
+        self._send(AddRequest(request))
 
-    def _open_channel(self, channel_id: str) -> "_Channel":
+    def _open_channel(self, channel_id: str) -> Channel:
         channel = self._channels.get(channel_id)
         if channel is None:
-            channel = self._channels[channel_id] = _Channel(channel_id, self.config.stream_interval_s)
+            channel = self._channels[channel_id] = Channel(channel_id, self.config.stream_interval_s)
         return channel
 
-    def _close_channel(self, channel: "_Channel") -> None:
+    def _close_channel(self, channel: Channel) -> None:
         """The listener is gone: abort what is still running on the channel."""
         self._channels.pop(channel.channel_id, None)
         self._closed_channels[channel.channel_id] = None
@@ -135,14 +174,20 @@ class Worker:
             self._closed_channels.pop(next(iter(self._closed_channels)))
         for rid in channel.requests:
             if self._channel_of.pop(rid, None) is not None:
-                self._send(("abort", rid))
+                self.abort(rid)
         channel.requests.clear()
 
     def abort(self, request_id: str) -> None:
-        self._send(("abort", request_id))
+        """Stop a request; one that moved away is followed to where it went."""
+        moved_to = self._moved_to.get(request_id)
+        if moved_to is not None:
+            moved_to.abort.remote(request_id)
+        else:
+            self._send(AbortRequest(request_id))
 
     def load(self) -> LoadReport:
         """The latest load report, refreshed by the stepping thread after every step."""
+        self._reap_parked()
         return self._load
 
     def health(self) -> tuple[bool, str]:
@@ -152,13 +197,19 @@ class Worker:
             return False, self.engine.health_error or "unhealthy"
         return True, "ok"
 
+    def set_draining(self, draining: bool = True) -> None:
+        """A draining worker takes no new request (routers retry elsewhere) and no
+        incoming migration; the manager moves its requests out."""
+        self._draining = draining
+        self._load = dataclasses.replace(self._load, draining=draining)  # at once, even while idle
+
     async def drain(self, timeout_s: float = 60.0) -> int:
         """Refuse new requests and wait for the running ones; returns how many remain."""
-        self._draining = True
+        self.set_draining()
         deadline = time.monotonic() + timeout_s
-        while self._channel_of and time.monotonic() < deadline:
+        while (self._channel_of or self._parked) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return len(self._channel_of)
+        return len(self._channel_of) + len(self._parked)
 
     def shutdown(self) -> None:
         self._stopping = True
@@ -167,8 +218,91 @@ class Worker:
             self._thread.join(timeout=10)
         self.engine.shutdown()
 
+    # -- live migration, source side -----------------------------------------------------------
+    async def migrate(self, order: MigrationOrder) -> MigrationResult:
+        """Move a request to order.destination with its KV (workers/migration.py); the
+        request's router follows it there through the Moved event."""
+        self._ensure_thread()
+        self._outgoing.add(order.request_id)
+        try:
+            return await SourceMigration(order, self.config.worker_id, self._layout, self.engine, self._transport,
+                                         self._call, self._moved, self.config.migration_pause_blocks,
+                                         self.config.migration_max_stages).run()
+        finally:
+            self._outgoing.discard(order.request_id)
+
+    def _moved(self, order: MigrationOrder, next_index: int) -> None:
+        """Committed at the destination: the router follows the request there, and so
+        does any abort that comes here late."""
+        self._moved_to[order.request_id] = order.destination
+        while len(self._moved_to) > _MOVED_KEPT:
+            self._moved_to.popitem(last=False)
+        self._deliver([Moved(order.request_id, order.destination_id, next_index)])
+
+    # -- live migration, destination side ------------------------------------------------------
+    async def accept_migration(self, offer: MigrationOffer) -> None:
+        """Reserve room for a request the source is about to copy here. Raises
+        ValueError, naming what differs, if its KV cannot fit this instance as it is."""
+        mismatch = self._layout.mismatch(offer.layout)
+        if mismatch is not None:
+            raise ValueError(f"worker {self.config.worker_id} cannot take KV from {offer.source_id}: {mismatch}")
+        if self._draining or not self.engine.healthy:
+            raise ValueError(f"worker {self.config.worker_id} is not taking migrations "
+                             f"({'draining' if self._draining else 'unhealthy'})")
+        if offer.request_id in self._channel_of or offer.request_id in self._parked:
+            raise ValueError(f"request {offer.request_id!r} is already on worker {self.config.worker_id}")
+        self._ensure_thread()
+        blocks = await self._call(ReserveMigration(offer.migration_id, offer.request_id, offer.num_tokens))
+        self._incoming[offer.migration_id] = _Incoming(offer.request_id, offer.source_id, len(blocks))
+
+    async def receive_kv(self, migration_id: str, first_block: int, payload: KVPayload) -> None:
+        """Write a stage of blocks, growing the reservation first if the request grew."""
+        incoming = self._incoming.get(migration_id)
+        if incoming is None:
+            raise ValueError(f"no migration {migration_id!r} into worker {self.config.worker_id}")
+        end = first_block + payload.num_blocks
+        if end > incoming.reserved_blocks:
+            blocks = await self._call(GrowReservation(migration_id, end * self.engine.blocks.block_size))
+            incoming.reserved_blocks = len(blocks)
+        await asyncio.to_thread(self._transport.receive, self.engine, migration_id, first_block, payload)
+
+    async def commit_migration(self, migration_id: str, state: MigratedRequest, paused_at: float) -> None:
+        """Start decoding the request here; its events wait for its router to attach."""
+        incoming = self._incoming.pop(migration_id, None)
+        if incoming is None:
+            raise ValueError(f"no migration {migration_id!r} into worker {self.config.worker_id}")
+        rid = state.request_id
+        # Parked before the commit runs, so that no event of it is dropped.
+        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s)
+        self._arrived_paused_at[rid] = paused_at
+        try:
+            await self._call(CommitMigration(migration_id, state))
+        except BaseException:
+            self._parked.pop(rid, None)
+            self._arrived_paused_at.pop(rid, None)
+            raise
+
+    async def cancel_migration(self, migration_id: str) -> None:
+        self._incoming.pop(migration_id, None)
+        await self._call(CancelMigration(migration_id))
+
+    def _reap_parked(self) -> None:
+        """Requests moved here whose router never attached (it went away) are aborted."""
+        now = time.monotonic()
+        for rid in [r for r, p in self._parked.items() if p.deadline <= now]:
+            parked = self._parked.pop(rid)
+            if not any(isinstance(e, ENDS_HERE) for e in parked.events):
+                self._send(AbortRequest(rid))
+
     # -- the stepping thread ------------------------------------------------------------------
-    def _send(self, command: tuple) -> None:
+    async def _call(self, command: EngineCall) -> Any:
+        """Run one engine call on the stepping thread, between two steps."""
+        self._ensure_thread()
+        call = Call(command)
+        self._send(call)
+        return await asyncio.wrap_future(call.reply)
+
+    def _send(self, command: Command) -> None:
         self._commands.put(command)
         self._wake.set()
 
@@ -185,21 +319,39 @@ class Worker:
             self._apply_commands()
             if engine.has_unfinished_requests():
                 start = time.perf_counter()
-                self._emit([e for output in engine.step() for e in self._events_of(output)])
+                self._emit([e for output in self._step() for e in self._events_of(output)])
                 self._metrics.step_time.observe(time.perf_counter() - start, self._metrics.tags)
                 # The report copies up to max_cached_hashes hashes: refresh it every few
                 # steps, and always when the worker falls idle, not on every token.
                 if start - self._reported_at >= _REPORT_INTERVAL_S or not engine.has_unfinished_requests():
                     self._report(start)
+                if engine.stepped:
+                    continue
             else:
-                self._wake.wait(_IDLE_WAIT_S)
-                self._wake.clear()
+                engine.expire_reservations()  # a reservation must not outlive its deadline while idle
+            # Nothing to run (idle, or only requests paused for a migration).
+            self._wake.wait(_IDLE_WAIT_S)
+            self._wake.clear()
+
+    def _step(self) -> list[StepOutput]:
+        """One engine step. An error the engine did not expect (a kernel's out of
+        memory, a device error) leaves it in an unknown state: every request fails
+        with a retriable code, so routers resume them elsewhere, and the worker
+        reports itself unhealthy until it is replaced."""
+        try:
+            return self.engine.step()
+        except Exception as e:  # noqa: BLE001 - see above
+            return self.engine.fail(f"engine step failed: {type(e).__name__}: {e}")
 
     def _report(self, now: float) -> None:
-        self._load = load_report(self.engine, self.config.worker_id, self.config.role,
-                                 self.config.max_cached_hashes)
+        self._load = self._build_report()
         self._metrics.update(self.engine.stats())
         self._reported_at = now
+
+    def _build_report(self) -> LoadReport:
+        return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
+                           draining=self._draining, migrating_out=frozenset(self._outgoing),
+                           migrations_in=len(self._incoming))
 
     def _apply_commands(self) -> None:
         while True:
@@ -207,10 +359,20 @@ class Worker:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
-                self._add(command[1])
-            elif command[0] == "abort":
-                self.engine.abort(command[1])
+            if isinstance(command, AddRequest):
+                self._add(command.request)
+            elif isinstance(command, AbortRequest):
+                self.engine.abort(command.request_id)
+            else:
+                self._answer(command)
+
+    def _answer(self, call: Call) -> None:
+        if not call.reply.set_running_or_notify_cancel():
+            return
+        try:
+            call.reply.set_result(call.command.apply(self.engine))
+        except BaseException as e:  # noqa: BLE001 - the caller gets it
+            call.reply.set_exception(e)
 
     def _add(self, r: WorkerRequest) -> None:
         try:
@@ -240,79 +402,22 @@ class Worker:
 
     def _deliver(self, events: list[Event]) -> None:
         for event in events:
-            channel = self._channel_of.get(event.request_id)
+            rid = event.request_id
+            if rid in self._arrived_paused_at and isinstance(event, (Tokens, *ENDS_HERE)):
+                paused_at = self._arrived_paused_at.pop(rid)
+                if isinstance(event, Tokens):
+                    self._metrics.migration_downtime.observe(time.time() - paused_at, self._metrics.tags)
+            channel = self._channel_of.get(rid)
             if channel is None:
-                continue  # aborted because its listener went away
-            if isinstance(event, (Finished, Failed)):
-                del self._channel_of[event.request_id]
-                channel.requests.discard(event.request_id)
+                parked = self._parked.get(rid)
+                if parked is not None:
+                    parked.events.append(event)
+                continue  # otherwise aborted because its listener went away
+            if isinstance(event, ENDS_HERE):
+                del self._channel_of[rid]
+                channel.requests.discard(rid)
             channel.deliver(event)
 
 
-class ChannelClosed(RuntimeError):
-    """A submit on a channel whose listener has gone: the caller must subscribe anew."""
-
-
-class _Channel:
-    """The events of the requests submitted on one channel, released in batches: a
-    request's first output with text and its last event go out at once (time to
-    first token, end of stream), the rest at most every `interval_s`. Every batch takes everything
-    pending, so one message carries a step (or a few) for all the channel's requests.
-    Lives on the actor's event loop."""
-
-    def __init__(self, channel_id: str, interval_s: float) -> None:
-        self.channel_id = channel_id
-        self.interval_s = interval_s
-        self.requests: set[str] = set()  # submitted and not yet ended
-        self._started: set[str] = set()  # requests that have sent an event
-        self._pending: list[Event] = []
-        self._urgent = False
-        self._sent_at = -math.inf
-        self._wake = asyncio.Event()
-
-    def deliver(self, event: Event) -> None:
-        self._pending.append(event)
-        if isinstance(event, (Finished, Failed)):
-            self._urgent = True
-            self._started.discard(event.request_id)
-        elif event.request_id not in self._started:
-            self._urgent = True
-            # Started once it shows text: a first token that ends inside a UTF-8
-            # character (or a possible stop string) shows none, so the next is urgent too.
-            if not isinstance(event, Tokens) or event.text or event.logprobs:
-                self._started.add(event.request_id)
-        self._wake.set()
-
-    async def next_batch(self) -> list[Event]:
-        while True:
-            wait = None
-            if self._pending:
-                wait = 0.0 if self._urgent else self._sent_at + self.interval_s - time.monotonic()
-                if wait <= 0:
-                    break
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
-                pass
-        batch, self._pending, self._urgent = self._pending, [], False
-        self._sent_at = time.monotonic()
-        return batch
-
-
-def _coalesce(batch: list[Event]) -> list[Event]:
-    """Merge each request's consecutive Tokens events into one: fewer objects per
-    actor reply. Events of one request keep their order."""
-    merged: list[Event] = []
-    last_of: dict[str, int] = {}  # request id → its last event's place in `merged`
-    for event in batch:
-        at = last_of.get(event.request_id)
-        last = merged[at] if at is not None else None
-        if isinstance(event, Tokens) and isinstance(last, Tokens):
-            logprobs = None if last.logprobs is None else last.logprobs + (event.logprobs or ())
-            merged[at] = Tokens(last.request_id, last.start_index, last.token_ids + event.token_ids,
-                                last.text + event.text, logprobs)
-        else:
-            last_of[event.request_id] = len(merged)
-            merged.append(event)
-    return merged
+def _with_arrival(request: WorkerRequest, arrival_time: float) -> WorkerRequest:
+    return dataclasses.replace(request, arrival_time=arrival_time)

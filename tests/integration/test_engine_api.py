@@ -1,4 +1,5 @@
-"""The step-level API: abort, stats, seeded sampling, bad input, and KV handoff."""
+"""The step-level API: abort, stats, seeded sampling, bad input, resume (live
+migration is in test_migration_engine.py)."""
 
 from __future__ import annotations
 
@@ -97,53 +98,6 @@ def test_bad_token_ids_and_request_ids_are_named(llama_dir):
     engine.add_request("c", [1, 2, 3], GREEDY)
     with pytest.raises(ValueError, match="request_id 'c' is already"):
         engine.add_request("c", [1, 2, 3], GREEDY)
-
-
-def test_kv_handoff_mid_decode_continues_like_an_undisturbed_run(llama_dir):
-    config = EngineConfig(model=str(llama_dir), block_size=8)
-    tokens = prompt(5, 45)
-    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=2)
-    reference = LLMEngine(config)
-    reference.add_request("r", tokens, params)
-    expected = run_to_end(reference)["r"]
-
-    source, dest = LLMEngine(config), LLMEngine(config)
-    source.add_request("r", tokens, params)
-    sent: list[int] = []
-    while len(sent) < 13:  # prefill, then a dozen decode steps
-        for out in source.step():
-            sent.extend(out.new_token_ids)
-    state = source.kv_state("r")
-    assert state.num_computed_tokens == len(tokens) + len(sent) - 1
-    reservation = dest.reserve_kv(state.num_computed_tokens)
-    data = source.export_kv(state.block_ids)
-    # Two stages, as a live migration copies: the first blocks, then the rest.
-    dest.import_kv(reservation.reservation_id, data[:, :, :, :3], first_block=0)
-    dest.import_kv(reservation.reservation_id, data[:, :, :, 3:], first_block=3)
-    dest.admit_with_kv(reservation.reservation_id, "r", state.token_ids, state.num_prompt_tokens,
-                       params, state.num_computed_tokens)
-    source.abort("r")
-    rest = run_to_end(dest, first_index=len(sent))["r"]
-    assert sent + rest == expected
-    assert dest.stats().num_free_blocks == dest.stats().num_total_blocks
-    assert source.stats().num_free_blocks == source.stats().num_total_blocks
-
-
-def test_unclaimed_reservation_expires(llama_dir):
-    now = [0.0]
-    engine = LLMEngine(EngineConfig(model=str(llama_dir), kv_reservation_timeout_s=5.0), clock=lambda: now[0])
-    total = engine.stats().num_free_blocks
-    res = engine.reserve_kv(100)
-    assert len(res.block_ids) == 7
-    assert engine.stats().num_free_blocks == total - 7
-    now[0] = 4.9
-    engine.step()
-    assert engine.stats().num_free_blocks == total - 7
-    now[0] = 5.0
-    engine.step()
-    assert engine.stats().num_free_blocks == total
-    with pytest.raises(KeyError, match="no KV reservation"):
-        engine.import_kv(res.reservation_id, engine.export_kv([0]))
 
 
 def test_resume_at_every_index_streams_the_same_text(llama_dir):

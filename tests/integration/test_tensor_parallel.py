@@ -6,10 +6,12 @@ import random
 import time
 
 import pytest
+import torch
 
 from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
+from workers.kv_transport import ObjectStoreTransport
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
 # Chunked prefill (small token budget) and prefix caching stay on.
@@ -52,38 +54,55 @@ def test_tp_matches_tp1(ray_local, make_model, reference, kind, tp):
             assert max(abs(x - y) for (_, x), (_, y) in zip(a.top_logprobs, b.top_logprobs)) <= 1e-4
 
 
-def test_handoff_between_two_tp2_instances(ray_local, make_model):
+def test_migration_between_two_tp2_instances_goes_rank_to_rank(ray_local, make_model):
     config = EngineConfig(model=str(make_model("tiny-llama")), tensor_parallel_size=2, block_size=8,
                           **ENGINE_ARGS)
     tokens = prompts()[1]
     params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
     undisturbed = LLM(model=config.model).generate([tokens], params)[0].token_ids
+    transport = ObjectStoreTransport()
     # Two TP=2 instances side by side on one node: their own stores, ports, groups.
     source, dest = LLMEngine(config), LLMEngine(config)
     try:
         assert source.executor.group.store.port != dest.executor.group.store.port
+        dest.add_request("other", prompts()[2], params)  # dest's block ids differ from the source's
+        dest.step()
         source.add_request("r", tokens, params)
         sent: list[int] = []
         while len(sent) < 9:
             for out in source.step():
                 sent.extend(out.new_token_ids)
-        state = source.kv_state("r")
-        data = source.export_kv(state.block_ids)
-        assert data.shape[0] == 2  # one shard per rank
-        reservation = dest.reserve_kv(state.num_computed_tokens)
-        dest.import_kv(reservation.reservation_id, data)
-        dest.admit_with_kv(reservation.reservation_id, "r", state.token_ids, state.num_prompt_tokens,
-                           params, state.num_computed_tokens)
-        source.abort("r")
+        dest.reserve_migration("m", "r", source.start_migration("m", "r"))
+        step = source.advance_migration("m", 1 << 20)  # pause at once: one stage
+        payload = transport.send(source, step.stage.block_ids)
+        assert len(payload.shards) == 2  # one object per rank, none gathered on rank 0
+        transport.receive(dest, "m", 0, payload)
+        dest_ids = dest.destination._by_id["m"].block_ids[:len(step.stage.block_ids)]
+        assert list(dest_ids) != list(step.stage.block_ids)
+        for rank in range(2):
+            got = read_shard(ray_local, dest, rank, dest_ids)
+            want = read_shard(ray_local, source, rank, step.stage.block_ids)
+            assert got.shape[4] == source.model_config.num_kv_heads // 2  # this rank's KV heads only
+            assert torch.equal(got, want), f"rank {rank}"
+        dest.commit_migration("m", step.state)
+        assert source.complete_migration("m") == len(sent)
         rest: list[int] = []
-        while dest.has_unfinished_requests():
+        while "r" in dest.requests:
             for out in dest.step():
-                assert out.start_index == len(sent) + len(rest)
-                rest.extend(out.new_token_ids)
+                if out.request_id == "r":
+                    assert out.start_index == len(sent) + len(rest)
+                    rest.extend(out.new_token_ids)
         assert sent + rest == undisturbed
+        assert source.blocks.num_free_blocks == source.blocks.num_blocks
     finally:
         source.shutdown()
         dest.shutdown()
+
+
+def read_shard(ray, engine: LLMEngine, rank: int, block_ids) -> "torch.Tensor":
+    if rank == 0:
+        return engine.read_kv(list(block_ids))
+    return ray.get(engine.tp_ranks[rank - 1].read_shard.remote(list(block_ids)))
 
 
 def test_killed_rank_fails_in_flight_requests_within_timeout(ray_local, make_model):

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from router.load import WorkerLoad, freeness
-from router.policies import (Decision, DispatchRequest, LeastLoad, NoWorkerAvailable, PowerOfTwoChoices,
+from router.policies import (Decision, DispatchRequest, Flood, LeastLoad, NoWorkerAvailable, PowerOfTwoChoices,
                              PrefixAware, RoundRobin, SessionAffinity, make_policy)
 from router.prefix_policy import leading_hits, prompt_block_hashes
 from workers.engine.block_manager import BlockManager, chain_hash
@@ -128,7 +128,25 @@ def test_least_load_highest_freeness_ties_by_id() -> None:
     assert ll.choose(req(), ws).worker_id == "w1"
 
 
-@pytest.mark.parametrize("name", ["round_robin", "power_of_two", "least_load", "prefix_aware",
+# -- flood -------------------------------------------------------------------------------
+def test_flood_sends_everything_to_the_smallest_healthy_worker() -> None:
+    ws = [load("w2"), load("w1", num_running=50, freeness=-3.0), load("w0", healthy=False)]
+    assert picks(Flood(), ws, 3) == ["w1", "w1", "w1"]  # load does not matter
+    assert Flood().choose(req(), ws) == Decision("w1", "flood", 0, "smallest worker_id")
+
+
+def test_flood_target_while_healthy_else_the_smallest() -> None:
+    ws = [load("w0"), load("w1"), load("w2")]
+    assert Flood("w2").choose(req(), ws) == Decision("w2", "flood", 0, "target")
+    ws[2] = load("w2", healthy=False)
+    assert Flood("w2").choose(req(), ws) == Decision("w0", "flood", 0,
+                                                     "target w2 not healthy; smallest worker_id")
+    assert Flood("w9").choose(req(), ws).worker_id == "w0"  # not a candidate at all
+    with pytest.raises(ValueError, match="target must be a non-empty worker id, got ''"):
+        Flood("")
+
+
+@pytest.mark.parametrize("name", ["round_robin", "power_of_two", "least_load", "flood", "prefix_aware",
                                   "session_affinity"])
 def test_no_healthy_worker_raises(name: str) -> None:
     policy = make_policy(name, rng=random.Random(0), clock=FakeClock(),
@@ -291,6 +309,9 @@ def test_make_policy_builds_each_policy() -> None:
     assert isinstance(make_policy("round_robin"), RoundRobin)
     assert isinstance(make_policy("power_of_two", rng=random.Random(1)), PowerOfTwoChoices)
     assert isinstance(make_policy("least_load", rng=random.Random(1), clock=FakeClock()), LeastLoad)
+    assert make_policy("flood").target is None and make_policy("flood", target="w1").target == "w1"
+    sa_flood = make_policy("session_affinity", fallback="flood", target="w1")
+    assert isinstance(sa_flood, SessionAffinity) and sa_flood.fallback.target == "w1"
     pa = make_policy("prefix_aware", block_size=8, imbalance_guard=3)
     assert isinstance(pa, PrefixAware) and (pa.block_size, pa.imbalance_guard) == (8, 3)
     sa = make_policy("session_affinity", ttl_s=30.0, fallback="power_of_two")
@@ -300,8 +321,10 @@ def test_make_policy_builds_each_policy() -> None:
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("random", {}, r"unknown dispatch policy 'random'; known: \['least_load', 'power_of_two', "
+    ("random", {}, r"unknown dispatch policy 'random'; known: \['flood', 'least_load', 'power_of_two', "
                    r"'prefix_aware', 'round_robin', 'session_affinity'\]"),
+    ("flood", {"worker": "w1"}, r"unknown option\(s\) \['worker'\] for dispatch policy 'flood'; "
+                                r"accepted: \['target'\]"),
     ("least_load", {"block_size": 4}, r"unknown option\(s\) \['block_size'\] for dispatch policy 'least_load'"),
     ("prefix_aware", {"block_size": 4}, r"'prefix_aware' needs option\(s\) \['imbalance_guard'\]"),
     ("session_affinity", {"fallback": "session_affinity"}, "unknown fallback policy 'session_affinity'"),

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from workers.events import Failed, Finished, Tokens, Usage
-from workers.worker import _Channel, _coalesce
+from workers.channel import Channel, coalesce
 
 HELD = 0.05  # how long the tests wait to see that a batch is held back
 
@@ -16,7 +16,7 @@ def tok(rid: str, index: int, *ids: int) -> Tokens:
     return Tokens(rid, index, ids, "".join(chr(97 + i % 26) for i in ids))
 
 
-async def released_within(channel: _Channel, seconds: float):
+async def released_within(channel: Channel, seconds: float):
     try:
         return await asyncio.wait_for(channel.next_batch(), seconds)
     except asyncio.TimeoutError:
@@ -25,7 +25,7 @@ async def released_within(channel: _Channel, seconds: float):
 
 def test_first_event_goes_at_once_then_tokens_wait_for_the_interval():
     async def scenario():
-        channel = _Channel("c", interval_s=30.0)
+        channel = Channel("c", interval_s=30.0)
         channel.deliver(tok("a", 0, 1))
         first = await released_within(channel, HELD)
         channel.deliver(tok("a", 1, 2))
@@ -44,7 +44,7 @@ def after_first_batch(interval_s: float, *then: object, wait_s: float = HELD):
     """What a channel releases within wait_s of the events `then`, delivered after
     request a's first token has gone out."""
     async def scenario():
-        channel = _Channel("c", interval_s=interval_s)
+        channel = Channel("c", interval_s=interval_s)
         channel.deliver(tok("a", 0, 1))
         await channel.next_batch()
         for event in then:
@@ -66,16 +66,16 @@ def test_zero_interval_sends_every_delivery():
     assert after_first_batch(0.0, tok("a", 1, 2)) == [tok("a", 1, 2)]
 
 
-def test_coalesce_merges_each_requests_tokens_in_order():
+def testcoalesce_merges_each_requests_tokens_in_order():
     batch = [tok("a", 0, 1), tok("b", 4, 7), tok("a", 1, 2), tok("b", 5, 8),
              Finished("b", "stop", None, Usage(3, 6)), tok("a", 2, 3), Failed("c", "invalid_request", "bad")]
-    assert _coalesce(batch) == [tok("a", 0, 1, 2, 3), tok("b", 4, 7, 8), Finished("b", "stop", None, Usage(3, 6)),
+    assert coalesce(batch) == [tok("a", 0, 1, 2, 3), tok("b", 4, 7, 8), Finished("b", "stop", None, Usage(3, 6)),
                                 Failed("c", "invalid_request", "bad")]
 
 
 def test_a_first_token_without_text_keeps_the_next_one_urgent():
     async def scenario():
-        channel = _Channel("c", interval_s=30.0)
+        channel = Channel("c", interval_s=30.0)
         channel.deliver(Tokens("a", 0, (7,), ""))  # ends inside a UTF-8 character
         first = await released_within(channel, HELD)
         channel.deliver(Tokens("a", 1, (8,), "é"))

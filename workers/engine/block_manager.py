@@ -137,6 +137,13 @@ class BlockManager:
             raise RuntimeError(f"cannot reserve {num_blocks} blocks, {self.num_free_blocks} free")
         return [self._take_free() for _ in range(num_blocks)]
 
+    def pin(self, block: int) -> None:
+        """One more reference to a block in use, so that it outlives its request while
+        a migration copies it; release() drops it."""
+        if self.ref_counts[block] < 1:
+            raise RuntimeError(f"block {block} is not in use; only a held block can be pinned")
+        self._take(block)
+
     def release(self, block_ids: Iterable[int]) -> None:
         """Drop one reference to each block. Pass a sequence's blocks tail first: its
         tail is the least likely to be shared, so it goes first in the LRU order."""

@@ -38,6 +38,18 @@ class DetokenizerDelta:
     stop_string: str | None  # the stop string matched: the request finishes with "stop"
 
 
+@dataclass(frozen=True, slots=True)
+class DetokenizerState:
+    """Everything an IncrementalDetokenizer carries between steps, so a migrated
+    request's detokenizer continues where it was without replaying its output."""
+
+    window: tuple[int, ...]
+    read_offset: int
+    released: str
+    pending: str
+    stopped: bool
+
+
 class IncrementalDetokenizer:
     """Turns one request's generated tokens into released text, step by step."""
 
@@ -57,6 +69,21 @@ class IncrementalDetokenizer:
         self._released: list[str] = []  # chunks of text already released
         self._pending = ""  # decoded but held back (a possible stop string start)
         self._stopped = False
+
+    def state(self) -> DetokenizerState:
+        return DetokenizerState(tuple(self._ids), self._read_offset, self.output_text, self._pending,
+                                self._stopped)
+
+    @classmethod
+    def restore(cls, tokenizer: Any, params: SamplingParams, state: DetokenizerState) -> "IncrementalDetokenizer":
+        """The detokenizer whose state() was `state`, for the same sampling params."""
+        detok = cls(tokenizer, (), params)
+        detok._ids = list(state.window)
+        detok._read_offset = state.read_offset
+        detok._released = [state.released] if state.released else []
+        detok._pending = state.pending
+        detok._stopped = state.stopped
+        return detok
 
     @property
     def output_text(self) -> str:

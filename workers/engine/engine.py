@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
@@ -20,7 +19,8 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
-from workers.engine.outputs import EngineStats, KVReservation, KVState, StepOutput
+from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
+from workers.engine.outputs import EngineStats, StepOutput
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
@@ -75,8 +75,10 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}
-        self.reservations: dict[str, KVReservation] = {}
-        self._reservation_ids = itertools.count()
+        self.source = Source(self.blocks, self.scheduler, lambda seq: self.requests[seq.request_id].detokenizer)
+        self.destination = Destination(self.blocks, self.scheduler, config.kv_reservation_timeout_s, clock)
+        self._migrated_in = self._migrated_out = 0
+        self.stepped = False  # whether the last step ran the model
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
         self._num_steps = 0
@@ -124,12 +126,14 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _new_sequence(self, request_id: str, token_ids: list[int], num_prompt: int,
-                      params: SamplingParams, priority: int, arrival_time: Optional[float]) -> Sequence:
+                      params: SamplingParams, priority: int, arrival_time: Optional[float],
+                      check_tokens: bool = True) -> Sequence:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in this engine")
-        self._check_prompt(token_ids[:num_prompt])
+        if check_tokens:
+            self._check_prompt(token_ids[:num_prompt])
         usable_blocks = self.blocks.num_blocks - self.blocks.watermark_blocks
         room = min(self.max_model_len, usable_blocks * self.blocks.block_size) - num_prompt
         if room < 1:
@@ -166,6 +170,7 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return False
+        self.source.request_left(req.seq, "aborted")
         self.scheduler.remove(req.seq)
         self._pending.append(self._output(req.seq, (), None, "", "abort", None))
         return True
@@ -176,9 +181,12 @@ class LLMEngine:
     # -- stepping ------------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
         start = time.perf_counter()
-        self._expire_reservations()
+        self.destination.expire()
         outputs, self._pending = self._pending, []
         plan = self.scheduler.schedule()
+        for seq in plan.preempted:
+            self.source.request_left(seq, "preempted")
+        self.stepped = bool(plan.chunks)
         if not plan.chunks:
             return outputs
         chunks = [(self.requests[rid].seq, n) for rid, n in plan.chunks.items()]
@@ -186,7 +194,7 @@ class LLMEngine:
         try:
             sampling, logits = self.runner.execute(chunks)
         except RankFailure as e:
-            return outputs + self._fail_everything(str(e))
+            return outputs + self.fail(str(e))
         model_time = time.perf_counter() - model_start
         for seq, n in chunks:
             seq.num_computed_tokens += n
@@ -217,6 +225,7 @@ class LLMEngine:
                 text += tail.text
                 if tail.stop_string is not None:
                     reason, stop_reason = "stop", tail.stop_string
+            self.source.request_left(seq, "finished")
             self.scheduler.remove(seq)
             del self.requests[seq.request_id]
         logprobs = (token,) if seq.params.logprobs is not None else None
@@ -243,12 +252,14 @@ class LLMEngine:
                           finish_reason=reason, stop_reason=stop_reason,
                           num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
 
-    def _fail_everything(self, error: str) -> list[StepOutput]:
-        """A rank is gone: the instance cannot step again. Every request in it ends
+    def fail(self, error: str) -> list[StepOutput]:
+        """The instance cannot step again (a rank is gone, or a step failed in a way
+        that leaves its state unknown). Every request in it ends
         with the error, so its caller can retry it elsewhere."""
         self.health_error = error
         failed = []
         for req in list(self.requests.values()):
+            self.source.request_left(req.seq, "failed")
             self.scheduler.remove(req.seq)
             failed.append(dataclasses.replace(self._output(req.seq, (), None, "", "error", None), error=error))
         self.requests.clear()
@@ -276,81 +287,86 @@ class LLMEngine:
             total_model_time_s=self._total_model_time,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
+            num_migrated_in=self._migrated_in,
+            num_migrated_out=self._migrated_out,
         )
 
-    # -- KV handoff (migration, prefill→decode) -------------------------------------------
-    def kv_state(self, request_id: str) -> KVState:
+    # -- live migration (handoff.py has the protocol's engine side) ------------------------
+    # Source: start → advance* (stages, then the pause) → complete (or resume). Destination: reserve →
+    # grow* → commit (or cancel). All on the stepping thread; read_kv and the writes
+    # between begin_kv_write and end_kv_write may run on any other thread.
+    def start_migration(self, migration_id: str, request_id: str) -> int:
+        """Begin moving a request out; returns its tokens so far (the reservation's size)."""
+        self._check_healthy()
         seq = self._get(request_id)
-        return KVState(request_id, tuple(seq.block_ids[:self.blocks.blocks_needed(seq.num_computed_tokens)]),
-                       seq.num_computed_tokens, tuple(seq.token_ids), seq.num_prompt_tokens)
+        self.source.start(migration_id, seq)
+        return seq.num_tokens
 
-    def export_kv(self, block_ids: Seq[int]) -> torch.Tensor:
-        """Copy of the given blocks, all layers, every tensor-parallel rank's shard:
-        [ranks, layers, 2, n, block_size, kv_heads per rank, head_dim]."""
+    def advance_migration(self, migration_id: str, pause_at_blocks: int) -> MigrationStep:
+        """The next pre-copy stage, or the pause with the last one (handoff.Source.advance)."""
+        return self.source.advance(migration_id, pause_at_blocks)
+
+    def resume_after_migration(self, migration_id: str) -> None:
+        self.source.resume(migration_id)
+
+    def complete_migration(self, migration_id: str) -> int:
+        """The destination committed: the request leaves this engine. Returns the
+        output index the destination continues at."""
+        seq = self.source.complete(migration_id)
+        del self.requests[seq.request_id]
+        self.scheduler.remove(seq)
+        self._migrated_out += 1
+        return seq.num_output_tokens
+
+    def reserve_migration(self, migration_id: str, request_id: str, num_tokens: int) -> tuple[int, ...]:
         self._check_healthy()
-        self._check_block_ids(block_ids)
-        return self.runner.export_blocks(list(block_ids))
+        if request_id in self.requests:
+            raise HandoffError("busy", f"request {request_id!r} is already in this engine")
+        return self.destination.reserve(migration_id, request_id, num_tokens)
 
-    def reserve_kv(self, num_tokens: int) -> KVReservation:
-        """Hold blocks for `num_tokens` tokens of KV that another engine will send. They
-        are freed if no admit_with_kv claims them before the reservation expires."""
-        blocks = self.blocks.reserve(self.blocks.blocks_needed(num_tokens))
-        res = KVReservation(f"kv-{next(self._reservation_ids)}", tuple(blocks),
-                            self.clock() + self.config.kv_reservation_timeout_s)
-        self.reservations[res.reservation_id] = res
-        return res
+    def grow_reservation(self, migration_id: str, num_tokens: int) -> tuple[int, ...]:
+        return self.destination.grow(migration_id, num_tokens)
 
-    def import_kv(self, reservation_id: str, data: torch.Tensor, first_block: int = 0) -> None:
-        """Write KV into reserved blocks [first_block, first_block + n): staged copies
-        send the blocks of a running request in several parts. Each rank's shard goes
-        to the same rank here."""
+    def commit_migration(self, migration_id: str, state: MigratedRequest) -> None:
+        """Continue a request moved here: at output index state.next_index, with its
+        sampler position, penalties, stop strings and detokenizer as they were."""
         self._check_healthy()
-        res = self._reservation(reservation_id)
-        if data.dim() != 7:
-            raise ValueError(f"KV data must be [ranks, layers, 2, blocks, block_size, kv_heads, head_dim], "
-                             f"got shape {tuple(data.shape)}")
-        n = data.shape[3]
-        if first_block < 0 or first_block + n > len(res.block_ids):
-            raise ValueError(f"import of {n} blocks at {first_block} exceeds reservation "
-                             f"{reservation_id} of {len(res.block_ids)} blocks")
-        self.runner.import_blocks(list(res.block_ids[first_block:first_block + n]), data)
-
-    def admit_with_kv(self, reservation_id: str, request_id: str, token_ids: Seq[int],
-                      num_prompt_tokens: int, params: SamplingParams, num_computed_tokens: int,
-                      priority: int = 0, arrival_time: Optional[float] = None) -> None:
-        """Start a request whose first num_computed_tokens tokens of KV were imported into
-        the reservation's blocks; it skips their prefill and carries on from there."""
-        res = self._reservation(reservation_id)
-        if not 0 < num_computed_tokens < len(token_ids):
-            raise ValueError(f"num_computed_tokens must be in [1, {len(token_ids) - 1}], got {num_computed_tokens}")
-        if self.blocks.blocks_needed(num_computed_tokens) > len(res.block_ids):
-            raise ValueError(f"reservation {reservation_id} holds {len(res.block_ids)} blocks, "
-                             f"{num_computed_tokens} tokens need {self.blocks.blocks_needed(num_computed_tokens)}")
-        seq = self._new_sequence(request_id, list(token_ids), num_prompt_tokens, params, priority, arrival_time)
+        seq = self._new_sequence(state.request_id, list(state.token_ids), state.num_prompt_tokens, state.params,
+                                 state.priority, state.arrival_time, check_tokens=False)
         if seq.num_output_tokens >= seq.max_tokens:
-            raise ValueError(f"request {request_id} already has {seq.num_output_tokens} of {seq.max_tokens} tokens")
-        del self.reservations[reservation_id]
-        seq.block_ids = list(res.block_ids)
-        seq.num_computed_tokens = num_computed_tokens
-        self.blocks.commit_computed(seq)
-        self.requests[request_id] = _Request(seq, self._detokenizer(seq))
-        self.scheduler.admit_running(seq)
+            raise HandoffError("bad_state", f"request {state.request_id} already has {seq.num_output_tokens} "
+                                            f"of {seq.max_tokens} tokens")
+        self.destination.commit(migration_id, state, seq)
+        detok = IncrementalDetokenizer.restore(self.tokenizer, state.params, state.detokenizer)
+        self.requests[seq.request_id] = _Request(seq, detok)
+        self._migrated_in += 1
 
-    def cancel_reservation(self, reservation_id: str) -> None:
-        res = self.reservations.pop(reservation_id, None)
-        if res is not None:
-            self.blocks.release(reversed(res.block_ids))
+    def cancel_migration(self, migration_id: str) -> bool:
+        """Drop a destination-side reservation (the source gave up or died)."""
+        return self.destination.cancel(migration_id)
 
-    def _expire_reservations(self) -> None:
-        now = self.clock()
-        for rid in [r.reservation_id for r in self.reservations.values() if r.expires_at <= now]:
-            self.cancel_reservation(rid)
+    def expire_reservations(self) -> list[str]:
+        return self.destination.expire()
 
-    def _reservation(self, reservation_id: str) -> KVReservation:
-        res = self.reservations.get(reservation_id)
-        if res is None:
-            raise KeyError(f"no KV reservation {reservation_id!r} (expired or never made)")
-        return res
+    def read_kv(self, block_ids: Seq[int]) -> torch.Tensor:
+        """This process's shard of the blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+        self._check_block_ids(block_ids)
+        return self.runner.read_blocks(list(block_ids))
+
+    def begin_kv_write(self, migration_id: str, first_block: int, num_blocks: int) -> tuple[int, ...]:
+        return self.destination.begin_write(migration_id, first_block, num_blocks)
+
+    def end_kv_write(self, migration_id: str) -> None:
+        self.destination.end_write(migration_id)
+
+    def write_kv(self, block_ids: Seq[int], data: torch.Tensor) -> None:
+        """Write this process's shard into block ids obtained from begin_kv_write."""
+        self.runner.write_blocks(list(block_ids), data)
+
+    @property
+    def tp_ranks(self) -> list:
+        """The other tensor-parallel ranks' actors (rank order), for transports."""
+        return list(self.executor.ranks) if self.executor is not None else []
 
     def _get(self, request_id: str) -> Sequence:
         req = self.requests.get(request_id)

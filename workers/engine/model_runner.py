@@ -17,7 +17,7 @@ from workers.layers.attention import AttentionBatch, PrefillSlice
 from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
-from workers.parallel.commands import EXPORT, IMPORT, STEP
+from workers.parallel.commands import RunStep
 from workers.parallel.group import TPGroup
 
 
@@ -62,7 +62,7 @@ class ModelRunner:
         Returns the sequences that reached their last known token and their logits."""
         inputs = self.prepare(chunks)
         if self.tp.size > 1:
-            self.tp.broadcast_object((STEP, inputs.wire()))
+            self.tp.broadcast_object(RunStep(inputs.wire()))
         return inputs.sampling, self.run(inputs)
 
     def run(self, inputs: StepInputs) -> torch.Tensor:
@@ -144,26 +144,9 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # -- KV handoff ------------------------------------------------------------------
-    def export_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Every rank's shard of the blocks: [ranks, layers, 2, n, block_size, kv_heads, head_dim]."""
-        if self.tp.size > 1:
-            self.tp.broadcast_object((EXPORT, block_ids))
-            return torch.stack(self.tp.gather_to_leader(self.read_blocks(block_ids)))
-        return self.read_blocks(block_ids).unsqueeze(0)
-
-    def import_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        """Write each rank's shard (data[rank]) into the same block ids on that rank."""
-        if data.dim() != 7 or data.shape[0] != self.tp.size:
-            raise ValueError(f"KV data must be [ranks={self.tp.size}, layers, 2, blocks, block_size, "
-                             f"kv_heads, head_dim], got shape {tuple(data.shape)}")
-        if self.tp.size > 1:
-            self.tp.broadcast_object((IMPORT, block_ids, tuple(data.shape[1:])))
-            self.write_blocks(block_ids, self.tp.scatter_from_leader(list(data), data[0]))
-        else:
-            self.write_blocks(block_ids, data[0])
-
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim]."""
+        """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim].
+        Safe while another thread steps, for blocks no step writes (full or paused)."""
         return self.kv_caches[:, :, self._tensor(block_ids)].cpu()
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:

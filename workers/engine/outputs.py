@@ -1,4 +1,4 @@
-"""What the engine reports: per-request step outputs, KV state, and engine stats."""
+"""What the engine reports: per-request step outputs and engine stats."""
 
 from __future__ import annotations
 
@@ -30,24 +30,6 @@ class StepOutput:
 
 
 @dataclass(frozen=True, slots=True)
-class KVState:
-    """Where a request's KV lives in one engine, for migration and P/D handoff."""
-
-    request_id: str
-    block_ids: tuple[int, ...]
-    num_computed_tokens: int  # tokens whose KV those blocks hold
-    token_ids: tuple[int, ...]  # prompt then output
-    num_prompt_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class KVReservation:
-    reservation_id: str
-    block_ids: tuple[int, ...]
-    expires_at: float
-
-
-@dataclass(frozen=True, slots=True)
 class EngineStats:
     num_running: int
     num_waiting: int
@@ -62,6 +44,8 @@ class EngineStats:
     total_model_time_s: float
     prompt_tokens: int
     generation_tokens: int
+    num_migrated_in: int = 0  # requests committed here by a live migration
+    num_migrated_out: int = 0
 
     @property
     def overhead_share(self) -> float:

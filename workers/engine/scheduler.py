@@ -42,6 +42,9 @@ class Scheduler:
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        # Sequences promised to requests on their way here (migration reservations):
+        # they count against max_num_seqs like running ones.
+        self.num_reserved_seqs = 0
 
     def add(self, seq: Sequence) -> None:
         seq.status = Status.WAITING
@@ -60,6 +63,30 @@ class Scheduler:
         """A request whose KV already sits in this engine's blocks (imported)."""
         seq.status = Status.RUNNING
         self.running.append(seq)
+
+    def pause(self, seq: Sequence) -> None:
+        """Take seq out of the batch and the queue, keeping its blocks (the last stage
+        of a migration copies them while nothing writes them)."""
+        if seq.status is Status.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is Status.WAITING:
+            self.waiting.remove(seq)
+        else:
+            raise ValueError(f"request {seq.request_id} is {seq.status.value}, not running or waiting")
+        seq.status = Status.PAUSED
+
+    def unpause(self, seq: Sequence) -> None:
+        """Back where it was: running if it holds KV, else waiting."""
+        if seq.status is not Status.PAUSED:
+            raise ValueError(f"request {seq.request_id} is {seq.status.value}, not paused")
+        if seq.block_ids:
+            self.admit_running(seq)
+        else:
+            self.add(seq)
+
+    @property
+    def has_room_for_another_seq(self) -> bool:
+        return len(self.running) + self.num_reserved_seqs < self.config.max_num_seqs
 
     @property
     def has_work(self) -> bool:
@@ -95,7 +122,7 @@ class Scheduler:
         return budget
 
     def _schedule_waiting(self, out: SchedulerOutput, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self.has_room_for_another_seq:
             seq = self.waiting[0]
             hits = self.blocks.lookup_prefix(seq)
             n = seq.num_tokens - len(hits) * self.blocks.block_size

@@ -12,6 +12,9 @@ from workers.sampling_params import SamplingParams
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    # Out of the batch for the last stage of a live migration: blocks kept, never
+    # scheduled, never a preemption victim.
+    PAUSED = "paused"
     FINISHED = "finished"
 
 

@@ -1,7 +1,27 @@
-"""What the leader of a tensor-parallel instance broadcasts to the other ranks: a
-tuple whose first item is one of these."""
+"""What the leader of a tensor-parallel instance broadcasts to the other ranks, one
+message per engine step. KV blocks for migration do not travel this way: each rank
+reads and writes its own shard when a transport asks it (RankWorker.read_shard,
+write_shard), so nothing is gathered on the leader."""
 
-STEP = "step"  # (STEP, step inputs): run the forward with these inputs
-EXPORT = "export"  # (EXPORT, block ids): gather those KV blocks to the leader
-IMPORT = "import"  # (IMPORT, block ids, shape): receive KV blocks scattered by the leader
-STOP = "stop"  # (STOP,): leave the command loop
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Union
+
+if TYPE_CHECKING:
+    from workers.engine.model_runner import StepInputs
+
+
+@dataclass(frozen=True, slots=True)
+class RunStep:
+    """Run the forward with these inputs, joining the all-reduces."""
+
+    inputs: "StepInputs"
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Leave the command loop."""
+
+
+RankCommand = Union[RunStep, Stop]

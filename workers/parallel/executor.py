@@ -17,7 +17,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from workers.parallel.commands import STOP
+from workers.parallel.commands import Stop
 from workers.parallel.group import TPGroup, join_group, open_store
 from workers.parallel.rank_worker import RankWorker
 
@@ -68,7 +68,7 @@ class TPExecutor:
     def shutdown(self) -> None:
         try:
             if self.check_ranks() is None:
-                self.group.broadcast_object((STOP,))
+                self.group.broadcast_object(Stop())
                 ray.get(self.loops, timeout=self.timeout_s)
         except Exception:  # noqa: BLE001 - tearing down a broken instance
             pass

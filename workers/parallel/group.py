@@ -70,22 +70,6 @@ class TPGroup:
         _wait(self.pg.broadcast(data, 0))
         return obj if self.is_leader else pickle.loads(data.numpy().tobytes())
 
-    def gather_to_leader(self, x: torch.Tensor) -> Optional[list[torch.Tensor]]:
-        """Every rank's `x` (same shape on all ranks), on the leader; None elsewhere."""
-        opts = dist.GatherOptions()
-        opts.rootRank = 0
-        parts = [torch.empty_like(x) for _ in range(self.size)] if self.is_leader else []
-        _wait(self.pg.gather([parts] if self.is_leader else [], [x.contiguous()], opts))
-        return parts if self.is_leader else None
-
-    def scatter_from_leader(self, parts: Optional[list[torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
-        """Rank r receives the leader's parts[r]; `like` gives shape and dtype."""
-        out = torch.empty_like(like)
-        opts = dist.ScatterOptions()
-        opts.rootRank = 0
-        _wait(self.pg.scatter([out], [[p.contiguous() for p in parts]] if self.is_leader else [], opts))
-        return out
-
 
 def _wait(work: Any) -> None:
     try:

@@ -9,13 +9,13 @@ call crosses per step: Ray only starts the actor and, once, its command loop.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
 from workers.engine.model_runner import ModelRunner
 from workers.models.registry import load_model
-from workers.parallel.commands import EXPORT, IMPORT, STEP, STOP
+from workers.parallel.commands import RankCommand, RunStep, Stop
 from workers.parallel.group import TPGroup, join_group
 
 
@@ -41,17 +41,20 @@ class RankWorker:
         """Follow the leader until it says stop; a failed collective ends it with an error."""
         group, runner = self.group, self.runner
         while True:
-            message: tuple[Any, ...] = group.broadcast_object()
-            command = message[0]
-            if command == STEP:
-                runner.run(runner.attach(message[1]))
-            elif command == EXPORT:
-                group.gather_to_leader(runner.read_blocks(message[1]))
-            elif command == IMPORT:
-                block_ids, shape = message[1], message[2]
-                like = torch.empty(shape, dtype=runner.kv_caches.dtype)
-                runner.write_blocks(block_ids, group.scatter_from_leader(None, like))
-            elif command == STOP:
+            command: RankCommand = group.broadcast_object()
+            if isinstance(command, RunStep):
+                runner.run(runner.attach(command.inputs))
+            elif isinstance(command, Stop):
                 return "stopped"
             else:
                 raise ValueError(f"unknown tensor-parallel command {command!r}")
+
+    # Migration: called on the actor's second thread while serve() follows the steps.
+    # The blocks named are pinned (read) or reserved (written) by the leader's engine,
+    # so no step touches them meanwhile.
+    def read_shard(self, block_ids: list[int]) -> torch.Tensor:
+        """This rank's shard of the blocks, for the destination's same rank."""
+        return self.runner.read_blocks(block_ids)
+
+    def write_shard(self, block_ids: list[int], data: torch.Tensor) -> None:
+        self.runner.write_blocks(block_ids, data)

@@ -1,0 +1,196 @@
+"""Live migration between two worker actors: the messages, and the source's side of
+the protocol (after Llumnix).
+
+The source drives. The destination reserves blocks; the source copies the request's
+full blocks stage after stage while it keeps decoding, until at most
+`migration_pause_blocks` remain; it pauses the request between two steps, copies the
+rest and the request's state; the destination commits and starts decoding; the
+source emits Moved(to_worker, next_index) and frees its blocks. Before the commit
+either side may give up, and the request then carries on at the source as if
+nothing happened. The KV goes worker to worker through a KVTransport.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
+
+from workers.engine.handoff import HandoffError
+from workers.worker_commands import AdvanceMigration, CompleteMigration, EngineCall, ResumeMigration, StartMigration
+
+if TYPE_CHECKING:
+    from workers.engine.engine import LLMEngine
+    from workers.kv_transport import KVTransport
+
+REASONS = ("balance", "defrag", "priority", "drain", "manual")
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What must match for KV blocks to move between two instances as they are."""
+
+    model: str
+    dtype: str
+    block_size: int
+    tensor_parallel_size: int
+    num_layers: int
+    kv_heads: int  # per rank
+    head_dim: int
+
+    def mismatch(self, other: "KVLayout") -> Optional[str]:
+        """None if KV from `other` fits here; else which field differs, with both values."""
+        for name in self.__dataclass_fields__:
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if mine != theirs:
+                return f"{name} differs: source has {theirs!r}, destination {mine!r}"
+        return None
+
+
+def kv_layout(engine: "LLMEngine") -> KVLayout:
+    shape = engine.runner.kv_caches.shape  # layers, 2, blocks, block_size, kv heads, head_dim
+    return KVLayout(engine.model_dir.name, str(engine.model_config.dtype).removeprefix("torch."),
+                    engine.blocks.block_size, engine.config.tensor_parallel_size, shape[0], shape[4], shape[5])
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOrder:
+    """What the manager (or an operator) asks a source worker to do."""
+
+    migration_id: str
+    request_id: str
+    destination_id: str
+    destination: Any  # the destination's Worker actor handle
+    reason: str = "manual"
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOffer:
+    """Source → destination, before any KV: reserve room for this request."""
+
+    migration_id: str
+    request_id: str
+    source_id: str
+    layout: KVLayout
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    migration_id: str
+    request_id: str
+    source_id: str
+    destination_id: str
+    reason: str
+    outcome: str  # "committed", "aborted" (the request carries on at the source) or "failed"
+    error: Optional[str] = None  # why it did not commit: a short code, then the message
+    stages: int = 0  # copies made, the last (paused) one included
+    blocks: int = 0
+    bytes: int = 0
+    copy_s: float = 0.0  # time spent sending and receiving KV
+    paused_s: float = 0.0  # from the pause to the destination's commit
+    next_index: Optional[int] = None  # where the destination continues (committed only)
+
+    @property
+    def committed(self) -> bool:
+        return self.outcome == "committed"
+
+
+class SourceMigration:
+    """One migration as the source runs it, on the source actor's event loop."""
+
+    def __init__(self, order: MigrationOrder, source_id: str, layout: KVLayout, engine: "LLMEngine",
+                 transport: "KVTransport", call: Callable[[EngineCall], Awaitable[Any]],
+                 moved: Callable[[MigrationOrder, int], None], pause_blocks: int, max_stages: int) -> None:
+        self.order = order
+        self.source_id = source_id
+        self.layout = layout
+        self.engine = engine
+        self.transport = transport
+        self.call = call
+        self.moved = moved  # (order, next index): emit Moved
+        self.pause_blocks = pause_blocks
+        self.max_stages = max_stages
+        self.stages = self.blocks = self.bytes = 0
+        self.copy_s = self.paused_s = 0.0
+
+    async def run(self) -> MigrationResult:
+        o = self.order
+        try:
+            num_tokens = await self.call(StartMigration(o.migration_id, o.request_id))
+        except HandoffError as e:
+            return self._result("aborted", f"{e.reason}: {e}")
+        committed = False
+        try:
+            await o.destination.accept_migration.remote(
+                MigrationOffer(o.migration_id, o.request_id, self.source_id, self.layout, num_tokens))
+            state, paused_at = await self._copy()
+            await o.destination.commit_migration.remote(o.migration_id, state, paused_at)
+            committed = True
+            self.paused_s = time.time() - paused_at
+            self.moved(o, state.next_index)
+            await self._complete()
+            return self._result("committed", next_index=state.next_index)
+        except Exception as e:  # noqa: BLE001 - any failure before commit leaves the request here
+            if committed:
+                raise
+            await self._abort()
+            return self._result(*_outcome(e))
+
+    async def _copy(self) -> tuple[Any, float]:
+        """Stages until the pause; returns the request's state and when it paused."""
+        o = self.order
+        while True:
+            last_chance = self.stages + 1 >= self.max_stages
+            step = await self.call(AdvanceMigration(o.migration_id, 1 << 30 if last_chance else self.pause_blocks))
+            paused_at = time.time() if step.paused else None
+            if step.stage.block_ids or step.paused:
+                await self._send(step.stage)
+            if paused_at is not None:
+                return step.state, paused_at
+
+    async def _send(self, stage: Any) -> None:
+        o = self.order
+        start = time.perf_counter()
+        self.stages += 1
+        if stage.block_ids:
+            payload = await asyncio.to_thread(self.transport.send, self.engine, stage.block_ids)
+            await o.destination.receive_kv.remote(o.migration_id, stage.first_block, payload)
+            self.blocks += payload.num_blocks
+            self.bytes += payload.nbytes
+        self.copy_s += time.perf_counter() - start
+
+    async def _complete(self) -> None:
+        o = self.order
+        try:
+            await self.call(CompleteMigration(o.migration_id))
+        except HandoffError:
+            # The client went away while the last copy ran: the request now lives only
+            # at the destination, and must end there too.
+            o.destination.abort.remote(o.request_id)
+
+    async def _abort(self) -> None:
+        o = self.order
+        try:
+            o.destination.cancel_migration.remote(o.migration_id)  # fire and forget: it may be dead
+        except Exception:  # noqa: BLE001
+            pass
+        await self.call(ResumeMigration(o.migration_id))
+
+    def _result(self, outcome: str, error: Optional[str] = None, next_index: Optional[int] = None) -> MigrationResult:
+        o = self.order
+        return MigrationResult(o.migration_id, o.request_id, self.source_id, o.destination_id, o.reason, outcome,
+                               error, self.stages, self.blocks, self.bytes, self.copy_s, self.paused_s, next_index)
+
+
+def _outcome(e: BaseException) -> tuple[str, str]:
+    """("aborted", why) when a side refused or the request left (it carries on, or
+    ended, normally); ("failed", why) when something broke (a worker died)."""
+    cause = e
+    # Ray wraps an exception raised in the destination's actor; the original says why.
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    refused = isinstance(cause, (HandoffError, ValueError))
+    reason = getattr(cause, "reason", None) or type(cause).__name__
+    return ("aborted" if refused else "failed"), f"{reason}: {cause}"

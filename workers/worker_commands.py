@@ -1,0 +1,127 @@
+"""What a worker actor's calls hand to its stepping thread, the only thread that
+touches the engine. Commands are applied between two engine steps, in order.
+
+Requests come and go with AddRequest and AbortRequest; their results are events.
+The migration commands each do one engine call and answer through a future, which
+the actor's loop awaits.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+from workers.events import WorkerRequest
+
+if TYPE_CHECKING:
+    from workers.engine.engine import LLMEngine
+    from workers.engine.handoff import MigratedRequest
+
+
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    request: WorkerRequest
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class StartMigration:
+    """Source: begin moving a request out; answers its token count."""
+
+    migration_id: str
+    request_id: str
+
+    def apply(self, engine: "LLMEngine") -> int:
+        return engine.start_migration(self.migration_id, self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceMigration:
+    """Source: the next pre-copy stage, or, once at most `pause_at_blocks` blocks are
+    unsent, the pause with the last stage and the request's state."""
+
+    migration_id: str
+    pause_at_blocks: int
+
+    def apply(self, engine: "LLMEngine") -> Any:
+        return engine.advance_migration(self.migration_id, self.pause_at_blocks)
+
+
+@dataclass(frozen=True, slots=True)
+class ResumeMigration:
+    """Source: the migration ended without commit; the request carries on here."""
+
+    migration_id: str
+
+    def apply(self, engine: "LLMEngine") -> None:
+        engine.resume_after_migration(self.migration_id)
+
+
+@dataclass(frozen=True, slots=True)
+class CompleteMigration:
+    """Source: the destination committed; the request leaves, its blocks are freed."""
+
+    migration_id: str
+
+    def apply(self, engine: "LLMEngine") -> int:
+        return engine.complete_migration(self.migration_id)
+
+
+@dataclass(frozen=True, slots=True)
+class ReserveMigration:
+    """Destination: blocks for an incoming request's KV."""
+
+    migration_id: str
+    request_id: str
+    num_tokens: int
+
+    def apply(self, engine: "LLMEngine") -> tuple[int, ...]:
+        return engine.reserve_migration(self.migration_id, self.request_id, self.num_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class GrowReservation:
+    migration_id: str
+    num_tokens: int
+
+    def apply(self, engine: "LLMEngine") -> tuple[int, ...]:
+        return engine.grow_reservation(self.migration_id, self.num_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class CommitMigration:
+    migration_id: str
+    state: "MigratedRequest"
+
+    def apply(self, engine: "LLMEngine") -> None:
+        engine.commit_migration(self.migration_id, self.state)
+
+
+@dataclass(frozen=True, slots=True)
+class CancelMigration:
+    """Destination: drop the reservation (the source gave up or died)."""
+
+    migration_id: str
+
+    def apply(self, engine: "LLMEngine") -> bool:
+        return engine.cancel_migration(self.migration_id)
+
+
+EngineCall = Union[StartMigration, AdvanceMigration, ResumeMigration, CompleteMigration, ReserveMigration,
+                   GrowReservation, CommitMigration, CancelMigration]
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """An EngineCall and where its answer (or exception) goes."""
+
+    command: EngineCall
+    reply: Future = field(default_factory=Future)
+
+
+Command = Union[AddRequest, AbortRequest, Call]

@@ -1,0 +1,40 @@
+"""The worker tier's configuration, validated where it is made."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from workers.engine.config import EngineConfig
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    worker_id: str
+    engine: EngineConfig
+    role: str = "mixed"  # mixed, prefill or decode
+    # A running request's tokens go out at most this often (its first and last at
+    # once): fewer, larger messages through the router and the proxy.
+    stream_interval_s: float = 0.05
+    max_cached_hashes: int = 4096  # bound on the block hashes a load report carries
+    # Live migration, as the source: pre-copy stops once at most this many blocks of
+    # KV are unsent, and the request pauses for the last copy; at most max_stages
+    # pre-copy stages run before it pauses anyway (decoding may outpace the copy).
+    migration_pause_blocks: int = 1
+    migration_max_stages: int = 8
+    # A request moved here waits this long for its router to attach before it is aborted.
+    migration_attach_timeout_s: float = 30.0
+    kv_transport: str = "object_store"  # how migrated KV travels (workers/kv_transport.py)
+
+    def __post_init__(self) -> None:
+        if self.role not in ("mixed", "prefill", "decode"):
+            raise ValueError(f"role must be mixed, prefill or decode, got {self.role!r}")
+        if not 0 <= self.stream_interval_s <= 1:
+            raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s}")
+        if not isinstance(self.migration_pause_blocks, int) or self.migration_pause_blocks < 1:
+            raise ValueError(f"migration_pause_blocks must be an integer >= 1, got {self.migration_pause_blocks!r}")
+        if not isinstance(self.migration_max_stages, int) or self.migration_max_stages < 1:
+            raise ValueError(f"migration_max_stages must be an integer >= 1, got {self.migration_max_stages!r}")
+        if self.kv_transport not in ("object_store", "in_process"):
+            raise ValueError(f"kv_transport must be 'object_store' or 'in_process', got {self.kv_transport!r}")
+        if not self.migration_attach_timeout_s > 0:
+            raise ValueError(f"migration_attach_timeout_s must be > 0, got {self.migration_attach_timeout_s!r}")
