@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from cluster.migration_policy import MigrationConfig
 from workers.engine.config import EngineConfig
 
 
@@ -23,6 +24,7 @@ class ClusterConfig:
     # A running request's tokens leave a worker at most this often (first and last at
     # once): larger values cost the relay less per token (WorkerConfig).
     stream_interval_s: float = 0.05
+    migration: MigrationConfig = field(default_factory=MigrationConfig)  # live migration (docs/migration.md)
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum():
@@ -56,9 +58,10 @@ class ClusterConfig:
         """From parsed YAML/JSON: unknown keys fail with the list of known ones."""
         raw = dict(raw)
         engine = raw.pop("engine", {}) or {}
-        _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine"})
+        migration = raw.pop("migration", {}) or {}
+        _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration"})
         _check_keys("engine", engine, {f.name for f in fields(EngineConfig)})
-        return cls(engine=EngineConfig(**engine), **raw)
+        return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration), **raw)
 
 
 def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> None:

@@ -5,13 +5,17 @@ It creates the workers the config asks for, each in a placement group of its own
 further rank), polls each one's load report (that poll
 is also the health check: a worker that does not answer within the timeout, or
 whose actor died, is unhealthy), replaces dead workers under a new id, and serves
-snapshots of the registry that router replicas pull.
+snapshots of the registry that router replicas pull. Every migration interval it
+asks the migration policy (cluster/migration_policy.py) which requests to move and
+tells their source workers; it drains workers on request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -22,8 +26,14 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
+from cluster.migration_policy import MigrationOrder, MigrationPolicy, RequestView, WorkerView
+from workers.events import worker_actor_name
 from workers.load_report import LoadReport
+from workers.migration import MigrationOrder as WorkerMigrationOrder
+from workers.migration import MigrationResult
 from workers.worker import Worker, WorkerConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -39,6 +49,16 @@ class WorkerEntry:
     # The first load report, asked for at creation: until it arrives the worker is
     # starting (importing, loading weights), which is not a failure.
     booting: Optional[Any] = None
+    draining: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InFlight:
+    """A migration the manager ordered and the source is running."""
+
+    migration_id: str
+    order: MigrationOrder
+    started_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,18 +84,26 @@ class ClusterManager:
             for _ in range(count):
                 self._start_worker(role)
         self._loop_task: Optional[asyncio.Task] = None
+        self._migration_task: Optional[asyncio.Task] = None
+        self._policy = MigrationPolicy(config.migration, time.monotonic)
+        self._migration_ids = itertools.count()
+        self._in_flight: dict[str, InFlight] = {}
+        self._migration_tasks: set[asyncio.Task] = set()
+        self._migration_totals: collections.Counter[tuple[str, str]] = collections.Counter()  # (reason, outcome)
+        self._recent_migrations: collections.deque[MigrationResult] = collections.deque(maxlen=32)
 
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role,
-                          stream_interval_s=self.config.stream_interval_s)
+                          stream_interval_s=self.config.stream_interval_s,
+                          migration_pause_blocks=self.config.migration.stage_threshold_blocks)
         bundles = self.config.worker_bundles()
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=f"yard-{worker_id}")
         handle = ray.remote(Worker).options(
             num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
-            name=f"yard-{worker_id}", lifetime=None).remote(wc)
+            name=worker_actor_name(worker_id), lifetime=None).remote(wc)
         entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote())
         self.workers[worker_id] = entry
         return entry
@@ -89,7 +117,9 @@ class ClusterManager:
             await asyncio.sleep(0.2)
             await self.poll_once()
         if self._loop_task is None:
-            self._loop_task = asyncio.get_running_loop().create_task(self._poll_forever())
+            loop = asyncio.get_running_loop()
+            self._loop_task = loop.create_task(self._poll_forever())
+            self._migration_task = loop.create_task(self._migrate_forever())
         return sum(w.healthy for w in self.workers.values())
 
     async def _poll_forever(self) -> None:
@@ -113,8 +143,8 @@ class ClusterManager:
         self._metrics.states(self._state_counts())
 
     def _state_counts(self) -> dict[str, int]:
-        states = ["booting" if e.booting is not None else "healthy" if e.healthy else "unhealthy"
-                  for e in self.workers.values()]
+        states = ["booting" if e.booting is not None else "unhealthy" if not e.healthy
+                  else "draining" if e.draining else "healthy" for e in self.workers.values()]
         return {state: states.count(state) for state in set(states)}
 
     async def _poll(self, entry: WorkerEntry) -> Any:
@@ -151,21 +181,117 @@ class ClusterManager:
             self.workers[worker_id].healthy = False
             await self.poll_once()
 
+    # -- live migration ------------------------------------------------------------------
+    async def _migrate_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.migration.interval_s)
+            try:
+                self.plan_migrations()
+            except Exception as e:  # noqa: BLE001 - a bad plan must not stop the loop
+                log.warning("planning migrations failed: %s", e)
+
+    def plan_migrations(self) -> list[MigrationOrder]:
+        """Ask the policy what to move now, and start those migrations."""
+        views = [self._view(e) for e in self.workers.values() if e.load is not None and e.booting is None]
+        orders = self._policy.plan(views)
+        for order in orders:
+            self._launch(order)
+        return orders
+
+    def _view(self, entry: WorkerEntry) -> WorkerView:
+        load = entry.load
+        moving = {f.order.request_id for f in self._in_flight.values()}
+        draining = entry.draining or load.draining
+        # A draining worker moves its waiting requests too (without KV); elsewhere only
+        # running requests move, for the KV they hold.
+        requests = tuple(RequestView(r.request_id, r.priority, r.num_blocks, r.arrival_time,
+                                     r.migrating or r.request_id in moving)
+                         for r in load.requests if r.running or draining)
+        return WorkerView(entry.worker_id, entry.healthy, draining, load.free_blocks, load.total_blocks, requests,
+                          load.head_of_line_blocks, load.head_of_line_priority,
+                          migrations_in=sum(f.order.destination == entry.worker_id for f in self._in_flight.values()),
+                          migrations_out=sum(f.order.source == entry.worker_id for f in self._in_flight.values()))
+
+    def _launch(self, order: MigrationOrder) -> None:
+        mid = f"{self.config.name}-m{next(self._migration_ids)}"
+        self._in_flight[mid] = InFlight(mid, order, time.time())
+        self._metrics.migration_started(len(self._in_flight))
+        task = asyncio.get_running_loop().create_task(self._run_migration(mid, order))
+        self._migration_tasks.add(task)
+        task.add_done_callback(self._migration_tasks.discard)
+
+    async def _run_migration(self, mid: str, order: MigrationOrder) -> MigrationResult:
+        source, dest = self.workers.get(order.source), self.workers.get(order.destination)
+        try:
+            if source is None or dest is None:
+                raise LookupError(f"worker {order.source if source is None else order.destination} is gone")
+            result = await source.handle.migrate.remote(
+                WorkerMigrationOrder(mid, order.request_id, order.destination, dest.handle, order.reason))
+        except Exception as e:  # noqa: BLE001 - the source died: its requests fail over by recompute
+            result = MigrationResult(mid, order.request_id, order.source, order.destination, order.reason, "failed",
+                                     f"{type(e).__name__}: {e}")
+        del self._in_flight[mid]
+        self._migration_totals[(result.reason, result.outcome)] += 1
+        self._recent_migrations.append(result)
+        self._metrics.migration_ended(result, len(self._in_flight))
+        return result
+
+    async def migrate(self, request_id: str, source_id: str, destination_id: str) -> MigrationResult:
+        """Move one request now (operators, tests); the policy's caps do not apply."""
+        for wid in (source_id, destination_id):
+            self._entry(wid)
+        order = MigrationOrder(request_id, source_id, destination_id, "manual")
+        mid = f"{self.config.name}-m{next(self._migration_ids)}"
+        self._in_flight[mid] = InFlight(mid, order, time.time())
+        return await self._run_migration(mid, order)
+
+    async def drain(self, worker_id: str, timeout_s: float = 300.0) -> dict[str, Any]:
+        """Stop sending work to the worker, move every request out, and return once
+        it holds none (or at the timeout, saying how many remain)."""
+        entry = self._entry(worker_id)
+        entry.draining = True
+        await entry.handle.set_draining.remote(True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            report = await entry.handle.load.remote()
+            busy = any(f.order.source == worker_id for f in self._in_flight.values())
+            if report.num_running + report.num_waiting == 0 and not busy:
+                return {"worker": worker_id, "drained": True, "remaining": 0}
+            await asyncio.sleep(0.1)
+        return {"worker": worker_id, "drained": False, "remaining": report.num_running + report.num_waiting}
+
+    def _entry(self, worker_id: str) -> WorkerEntry:
+        entry = self.workers.get(worker_id)
+        if entry is None:
+            raise ValueError(f"no worker {worker_id!r} in cluster {self.config.name}; "
+                             f"workers: {sorted(self.workers)}")
+        return entry
+
     def snapshot(self) -> list[WorkerSnapshot]:
         return [WorkerSnapshot(e.worker_id, e.handle, e.role, e.healthy, e.load) for e in self.workers.values()]
 
     def status(self) -> dict[str, Any]:
         return {"cluster": self.config.name, "replaced": self._replaced,
-                "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy,
+                "migrations": self._migration_status(),
+                "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy, "draining": e.draining,
                              "running": e.load.num_running if e.load else None,
                              "waiting": e.load.num_waiting if e.load else None,
                              "free_blocks": e.load.free_blocks if e.load else None,
                              "total_blocks": e.load.total_blocks if e.load else None}
                             for e in self.workers.values()]}
 
+    def _migration_status(self) -> dict[str, Any]:
+        now = time.time()
+        return {"in_flight": [{"id": f.migration_id, "request": f.order.request_id, "from": f.order.source,
+                               "to": f.order.destination, "reason": f.order.reason,
+                               "running_s": round(now - f.started_at, 3)} for f in self._in_flight.values()],
+                "totals": [{"reason": reason, "outcome": outcome, "count": n}
+                           for (reason, outcome), n in sorted(self._migration_totals.items())]}
+
     async def shutdown(self) -> None:
-        if self._loop_task is not None:
-            self._loop_task.cancel()
+        for task in (self._loop_task, self._migration_task, *self._migration_tasks):
+            if task is not None:
+                task.cancel()
         for entry in self.workers.values():
             try:
                 await entry.handle.shutdown.remote()

@@ -24,7 +24,7 @@ __all__ = ["REASONS", "RULES", "MigrationConfig", "MigrationOrder", "MigrationPo
 
 # Which request leaves a worker, for drain and balance; see migration_rules.rule_key.
 RULES = ("shortest_first", "longest_first", "last_come_first")
-REASONS = ("drain", "defrag", "priority", "balance")
+REASONS = ("drain", "defrag", "priority", "balance", "manual")  # manual: an operator asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +89,7 @@ class MigrationOrder:
 
 @dataclass(frozen=True)
 class MigrationConfig:
-    enabled: bool = False
+    enabled: bool = False  # the load-driven rules (defrag, priority, balance); drain always works
     interval_s: float = 0.5  # pairing interval (the manager uses it)
     balance_threshold: float = 3.0  # freeness gap, in blocks per running request (Llumnix used 3)
     rule: str = "shortest_first"  # which request leaves; one of RULES
@@ -99,8 +99,9 @@ class MigrationConfig:
     priority_headroom_blocks: int = 0  # kept free beside a high-priority request (0: priority rule off)
     reserve_blocks: int = 1  # a destination keeps this many blocks free after taking a request
     request_cooldown_s: float = 5.0  # a request this policy moved is not moved again for this long
-    stage_threshold_blocks: int = 1  # (mechanism) pre-copy stops when at most this many remain unsent
-    timeout_s: float = 30.0  # (mechanism) a migration not committed by then is aborted
+    # The mechanism's (WorkerConfig.migration_pause_blocks): pre-copy stops, and the
+    # request pauses for the last copy, once at most this many blocks are unsent.
+    stage_threshold_blocks: int = 1
 
     def __post_init__(self) -> None:
         if not isinstance(self.enabled, bool):
@@ -108,10 +109,10 @@ class MigrationConfig:
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {list(RULES)}, got {self.rule!r}")
         for name, low in (("max_in_per_worker", 1), ("max_out_per_worker", 1), ("priority_headroom_blocks", 0),
-                          ("reserve_blocks", 0), ("stage_threshold_blocks", 0)):
+                          ("reserve_blocks", 0), ("stage_threshold_blocks", 1)):
             _check_int(name, getattr(self, name), low)
         _check_int("high_priority", self.high_priority, None)
-        for name, positive in (("interval_s", True), ("timeout_s", True), ("balance_threshold", False),
+        for name, positive in (("interval_s", True), ("balance_threshold", False),
                                ("request_cooldown_s", False)):
             _check_number(name, getattr(self, name), positive)
 
@@ -168,9 +169,7 @@ class MigrationPolicy:
 
     def plan(self, workers: Sequence[WorkerView]) -> list[MigrationOrder]:
         """The orders for this snapshot, in the order they were made: drain's first, then
-        defrag's, priority's, balance's. Empty when migration is disabled."""
-        if not self.config.enabled:
-            return []
+        defrag's, priority's, balance's. Only drain's when migration is disabled."""
         ids = [w.worker_id for w in workers]
         if len(set(ids)) != len(ids):
             raise ValueError(f"worker ids must be unique, got {sorted(ids)}")

@@ -128,7 +128,11 @@ class Plan:
 
 
 def plan_orders(plan: Plan) -> list[Order]:
+    """Drain always runs (an operator asked for it); the load-driven rules only when
+    migration is enabled."""
     drain(plan)
+    if not plan.config.enabled:
+        return plan.orders
     defrag(plan)
     if plan.config.priority_headroom_blocks > 0:
         priority(plan)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 # and the yard command (in its own) find it by name.
 MANAGER_NAMESPACE = "yard"
 
-POLICIES = ("round_robin", "power_of_two", "least_load", "prefix_aware", "session_affinity")
+POLICIES = ("round_robin", "power_of_two", "least_load", "prefix_aware", "session_affinity", "flood")
 
 
 @dataclass(frozen=True)

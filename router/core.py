@@ -27,7 +27,7 @@ from router.openai_errors import SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, APIErro
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
 from router.policies import make_policy
 from router.worker_link import WorkerLink
-from workers.events import Event, Failed, Finished, Tokens, WorkerRequest
+from workers.events import Event, Failed, Finished, Tokens, WorkerRequest, worker_actor_name
 from workers.models.config import load_model_config
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
@@ -102,7 +102,9 @@ class RouterCore:
         sampling = gen.resolve_sampling(len(ids), self.max_model_len)
         self.check_capacity()
         request_id = gen.request_id or f"{gen.kind}-{uuid.uuid4().hex}"
-        return WorkerRequest(request_id, tuple(ids), sampling, priority=gen.priority,
+        # Arrival at the router orders the request first-come-first-served on any
+        # worker it reaches, across moves (wall clock: workers may be on other nodes).
+        return WorkerRequest(request_id, tuple(ids), sampling, priority=gen.priority, arrival_time=time.time(),
                              session_id=session_id or gen.user)
 
     def refused(self, err: APIError) -> None:
@@ -120,7 +122,7 @@ class RouterCore:
         """The request's events, timed: TTFT, TPOT and end-to-end latency, and its
         final status, go to the metrics."""
         stream = RequestStream(request, lambda excluded: self._pick(request, excluded), _open_stream,
-                               self._report_failure, self.config.max_attempts)
+                               self._report_failure, self.config.max_attempts, self._follow_move)
         start, first, tokens, status = time.monotonic(), None, 0, "failed"
         self.metrics.started(+1)
         try:
@@ -155,6 +157,13 @@ class RouterCore:
         self.sent[decision.worker_id] += 1
         return decision.worker_id, self._link(decision.worker_id)
 
+    def _follow_move(self, worker_id: str) -> WorkerLink:
+        """The link to where a request moved (with its KV): it now counts there."""
+        self.sent[worker_id] += 1
+        if worker_id not in self.handles:  # newer than this replica's snapshot
+            self.handles[worker_id] = ray.get_actor(worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE)
+        return self._link(worker_id)
+
     def _link(self, worker_id: str) -> WorkerLink:
         link = self.links.get(worker_id)
         if link is None or link.broken is not None:
@@ -176,8 +185,8 @@ class RouterCore:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
 
 
-def _open_stream(link: WorkerLink, request: WorkerRequest) -> AsyncIterator[list[Event]]:
-    return link.stream(request)
+def _open_stream(link: WorkerLink, request: WorkerRequest, attach: bool) -> AsyncIterator[list[Event]]:
+    return link.stream(request, attach)
 
 
 def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:
@@ -197,7 +206,8 @@ def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:
 
 def _as_load(snapshot: Any) -> WorkerLoad:
     r = snapshot.load
-    return WorkerLoad(worker_id=r.worker_id, role=r.role, healthy=snapshot.healthy and r.healthy,
+    # A draining worker takes nothing new: to dispatch it is as good as down.
+    return WorkerLoad(worker_id=r.worker_id, role=r.role, healthy=snapshot.healthy and r.healthy and not r.draining,
                       num_running=r.num_running, num_waiting=r.num_waiting, free_blocks=r.free_blocks,
                       total_blocks=r.total_blocks, freeness=r.freeness, mean_step_time_s=r.mean_step_time_s,
                       cached_block_hashes=r.cached_block_hashes, reported_at=r.reported_at)

@@ -19,7 +19,10 @@ import itertools
 import uuid
 from typing import Any, AsyncIterator, Optional
 
-from workers.events import Event, Failed, Finished, WorkerRequest
+from workers.events import Event, Failed, Finished, Moved, WorkerRequest
+
+# After one of these the request has nothing more to say through this link.
+_ENDS_HERE = (Finished, Failed, Moved)
 
 _link_numbers = itertools.count()
 
@@ -38,10 +41,11 @@ class WorkerLink:
         self._listener: Optional[asyncio.Task] = None
         self.broken: Optional[str] = None  # why the stream ended, once it has
 
-    async def stream(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
-        """The request's events in batches, the last ending with Finished or Failed.
-        Raises LinkBroken if the worker's stream breaks first. Closing the iterator
-        early aborts the request on the worker."""
+    async def stream(self, request: WorkerRequest, attach: bool = False) -> AsyncIterator[list[Event]]:
+        """The request's events in batches, the last ending with Finished, Failed or
+        Moved. With `attach`, the request is already on the worker (it moved there):
+        follow it instead of starting it. Raises LinkBroken if the worker's stream
+        breaks first. Closing the iterator early aborts the request on the worker."""
         if self.broken is not None:
             raise LinkBroken(self.broken)
         self._listen()
@@ -50,10 +54,13 @@ class WorkerLink:
         self._queues[rid] = queue
         ended = False
         try:
-            await self.handle.submit.remote(self.channel_id, request)
+            if attach:
+                await self.handle.attach.remote(self.channel_id, rid)
+            else:
+                await self.handle.submit.remote(self.channel_id, request)
             while not ended:
                 batch = _drain(await queue.get(), queue)
-                ended = isinstance(batch[-1], (Finished, Failed))
+                ended = isinstance(batch[-1], _ENDS_HERE)
                 yield batch
         finally:
             self._queues.pop(rid, None)
@@ -100,6 +107,6 @@ def _drain(first: Any, queue: "asyncio.Queue[Any]") -> list[Event]:
             queue.put_nowait(item)  # nothing follows it: the next call raises
             return batch
         batch.append(item)
-        if isinstance(item, (Finished, Failed)) or queue.empty():
+        if isinstance(item, _ENDS_HERE) or queue.empty():
             return batch
         item = queue.get_nowait()

@@ -74,3 +74,9 @@ class Failed:
 
 
 Event = Union[Tokens, Finished, Moved, Failed]
+
+
+def worker_actor_name(worker_id: str) -> str:
+    """The Ray actor name of a worker (in the cluster manager's namespace): how a
+    router finds a worker that a request moved to before its snapshot knows it."""
+    return f"yard-{worker_id}"

@@ -316,7 +316,7 @@ class Worker:
     def _run(self) -> None:
         engine = self.engine
         while not self._stopping:
-            self._apply_commands()
+            applied = self._apply_commands()
             if engine.has_unfinished_requests():
                 start = time.perf_counter()
                 self._emit([e for output in self._step() for e in self._events_of(output)])
@@ -328,7 +328,10 @@ class Worker:
                 if engine.stepped:
                     continue
             else:
-                engine.expire_reservations()  # a reservation must not outlive its deadline while idle
+                # A reservation must not outlive its deadline while idle; a command (a
+                # migration's end) may have changed the load: report it.
+                if engine.expire_reservations() or applied:
+                    self._report(time.perf_counter())
             # Nothing to run (idle, or only requests paused for a migration).
             self._wake.wait(_IDLE_WAIT_S)
             self._wake.clear()
@@ -353,12 +356,14 @@ class Worker:
                            draining=self._draining, migrating_out=frozenset(self._outgoing),
                            migrations_in=len(self._incoming))
 
-    def _apply_commands(self) -> None:
+    def _apply_commands(self) -> int:
+        applied = 0
         while True:
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
-                return
+                return applied
+            applied += 1
             if isinstance(command, AddRequest):
                 self._add(command.request)
             elif isinstance(command, AbortRequest):

@@ -245,8 +245,10 @@ def test_migrating_and_cooling_down_requests_are_not_chosen() -> None:
     assert policy.plan([w("w0", 100)]) == [] and len(policy) == 0
 
 
-def test_disabled_policy_orders_nothing() -> None:
+def test_disabled_policy_still_drains_but_does_not_balance() -> None:
     assert MigrationPolicy(MigrationConfig(), FakeClock()).plan(BUSY) == []
+    ws = [w("w0", 0, r("a", 10), draining=True), w("w1", 50), w("w2", 4, r("x", 10), r("y", 10))]
+    assert MigrationPolicy(MigrationConfig(), FakeClock()).plan(ws) == [o("a", "w0", "w1", "drain")]
 
 
 def test_duplicate_worker_ids_are_rejected() -> None:
@@ -276,7 +278,7 @@ def test_ties_go_by_worker_id_then_request_id_whatever_the_input_order() -> None
     (dict(enabled="yes"), "enabled must be a bool, got 'yes'"),
     (dict(interval_s=0), "interval_s must be a finite number > 0, got 0"),
     (dict(interval_s="1"), "interval_s must be a number, got '1'"),
-    (dict(timeout_s=math.nan), "timeout_s must be a finite number > 0, got nan"),
+    (dict(interval_s=math.nan), "interval_s must be a finite number > 0, got nan"),
     (dict(balance_threshold=-1.0), "balance_threshold must be a finite number >= 0, got -1.0"),
     (dict(request_cooldown_s=math.inf), "request_cooldown_s must be a finite number >= 0, got inf"),
     (dict(rule="random"), r"rule must be one of \['shortest_first', 'longest_first', 'last_come_first'\], "
@@ -286,7 +288,7 @@ def test_ties_go_by_worker_id_then_request_id_whatever_the_input_order() -> None
     (dict(high_priority=1.5), "high_priority must be an integer, got 1.5"),
     (dict(priority_headroom_blocks=-1), "priority_headroom_blocks must be an integer >= 0, got -1"),
     (dict(reserve_blocks=-2), "reserve_blocks must be an integer >= 0, got -2"),
-    (dict(stage_threshold_blocks=-1), "stage_threshold_blocks must be an integer >= 0, got -1"),
+    (dict(stage_threshold_blocks=0), "stage_threshold_blocks must be an integer >= 1, got 0"),
 ])
 def test_config_validation_names_field_and_value(kw: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -298,7 +300,7 @@ def test_config_from_dict() -> None:
     assert config == MigrationConfig(enabled=True, rule="longest_first", max_in_per_worker=2)
     known = (r"\['balance_threshold', 'enabled', 'high_priority', 'interval_s', 'max_in_per_worker', "
              r"'max_out_per_worker', 'priority_headroom_blocks', 'request_cooldown_s', 'reserve_blocks', "
-             r"'rule', 'stage_threshold_blocks', 'timeout_s'\]")
+             r"'rule', 'stage_threshold_blocks'\]")
     unknown = r"unknown migration settings \['interval', 'treshold'\]; known: "
     with pytest.raises(ValueError, match=unknown + known):
         MigrationConfig.from_dict({"treshold": 3, "interval": 1, "enabled": True})
