@@ -99,7 +99,13 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     demo.set_defaults(func=_demo)
     status = sub.add_parser("status", help="workers of a running cluster: role, health, load")
     status.add_argument("--cluster", default="yard", help="cluster name (default yard)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_status)
+    drain = sub.add_parser("drain", help="move every request off a worker (live migration); returns when it is empty")
+    drain.add_argument("worker_id", help="the worker's id, as yard status shows it")
+    drain.add_argument("--cluster", default="yard", help="cluster name (default yard)")
+    drain.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
+    drain.set_defaults(func=_drain)
 
 
 def _serve_config(args: argparse.Namespace) -> dict:
@@ -126,7 +132,13 @@ def _demo(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     from cluster.serving import print_status
 
-    return print_status(args.cluster)
+    return print_status(args.cluster, args.json)
+
+
+def _drain(args: argparse.Namespace) -> int:
+    from cluster.serving import drain
+
+    return drain(args.cluster, args.worker_id, args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ replicas) plus `http` and `grpc` (host and ports); docs/config.md lists every ke
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -139,23 +140,60 @@ def serve_forever(config: dict[str, Any]) -> None:
     stop(config)
 
 
-def print_status(cluster_name: str) -> int:
+def _manager(cluster_name: str) -> Any:
+    """The running cluster's manager actor, or None (having said so)."""
     import ray
 
     connect_ray()
     try:
-        manager = ray.get_actor(f"yard-manager-{cluster_name}", namespace=MANAGER_NAMESPACE)
+        return ray.get_actor(f"yard-manager-{cluster_name}", namespace=MANAGER_NAMESPACE)
     except ValueError:
         print(f"no yard cluster named {cluster_name!r} is running")
+        return None
+
+
+def print_status(cluster_name: str, as_json: bool = False) -> int:
+    import ray
+
+    manager = _manager(cluster_name)
+    if manager is None:
         return 1
     status = ray.get(manager.status.remote())
+    if as_json:
+        print(json.dumps(status, indent=2))
+        return 0
     print(f"cluster {status['cluster']}: {len(status['workers'])} workers, {status['replaced']} replaced")
-    print(f"{'worker':<24}{'role':<8}{'healthy':<9}{'running':>8}{'waiting':>8}{'free/total blocks':>20}")
+    print(f"{'worker':<24}{'role':<8}{'healthy':<9}{'draining':<10}{'running':>8}{'waiting':>8}"
+          f"{'free/total blocks':>20}")
     for w in status["workers"]:
         blocks = f"{w['free_blocks']}/{w['total_blocks']}" if w["total_blocks"] is not None else "-"
-        print(f"{w['id']:<24}{w['role']:<8}{str(w['healthy']):<9}{_dash(w['running']):>8}"
+        print(f"{w['id']:<24}{w['role']:<8}{str(w['healthy']):<9}{str(w['draining']):<10}{_dash(w['running']):>8}"
               f"{_dash(w['waiting']):>8}{blocks:>20}")
+    migrations = status["migrations"]
+    print(f"migrations in flight: {len(migrations['in_flight'])}")
+    for m in migrations["in_flight"]:
+        print(f"  {m['id']}: {m['request']} {m['from']} -> {m['to']} ({m['reason']}, {m['running_s']} s)")
+    for t in migrations["totals"]:
+        print(f"  {t['reason']:<9}{t['outcome']:<10}{t['count']:>8}")
     return 0
+
+
+def drain(cluster_name: str, worker_id: str, timeout_s: float) -> int:
+    """Move every request off the worker; returns 0 once it is empty."""
+    import ray
+
+    manager = _manager(cluster_name)
+    if manager is None:
+        return 1
+    try:
+        result = ray.get(manager.drain.remote(worker_id, timeout_s))
+    except ray.exceptions.RayTaskError as e:
+        raise ValueError(str(e.cause) if getattr(e, "cause", None) else str(e)) from e
+    if result["drained"]:
+        print(f"worker {worker_id} is drained")
+        return 0
+    print(f"worker {worker_id} still holds {result['remaining']} request(s) after {timeout_s:g} s")
+    return 1
 
 
 def _dash(value: Optional[int]) -> str:

@@ -9,6 +9,7 @@ tokens, and no KV block may be left behind. Then the flooded worker is drained u
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -151,3 +152,18 @@ def test_drain_under_32_streams_loses_nothing(ray_local, mig_app, offline):
 def test_drain_of_an_unknown_worker_names_it(ray_local, mig_app):
     with pytest.raises(Exception, match=r"no worker 'nope' in cluster mig; workers: \['mig-w0', 'mig-w1'\]"):
         ray_local.get(mig_app["manager"].drain.remote("nope"))
+
+
+def test_yard_drain_and_status_commands(ray_local, mig_app, capsys):
+    from cluster.cli import main
+
+    assert main(["drain", "nope", "--cluster", "mig", "--timeout", "1"]) == 2
+    assert "no worker 'nope' in cluster mig" in capsys.readouterr().err
+    assert main(["drain", SOURCE, "--cluster", "mig", "--timeout", "30"]) == 0  # drained already: returns at once
+    assert capsys.readouterr().out == f"worker {SOURCE} is drained\n"
+    assert main(["status", "--cluster", "mig", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert {t["reason"] for t in status["migrations"]["totals"]} >= {"balance", "drain"}
+    assert main(["status", "--cluster", "mig"]) == 0
+    out = capsys.readouterr().out
+    assert "migrations in flight: 0" in out and "drain    committed" in out
