@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Sequence
 
 MODEL_KINDS = ("tiny-llama", "tiny-moe", "tiny-qwen2", "llama-100m")  # workers.models.tiny.PRESETS
@@ -102,8 +103,12 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_status)
     drain = sub.add_parser("drain", help="move every request off a worker (live migration); returns when it is empty")
-    drain.add_argument("worker_id", help="the worker's id, as yard status shows it")
-    drain.add_argument("--cluster", default="yard", help="cluster name (default yard)")
+    drain.add_argument("worker_id", nargs="?", help="the worker's id, as yard status shows it")
+    drain.add_argument("--this-node", action="store_true",
+                       help="every worker on this Ray node instead (a pod's preStop hook)")
+    drain.add_argument("--cluster", default=None, help="cluster name (default: from --values, else yard)")
+    drain.add_argument("--values", type=Path, default=None,
+                       help="a values file (deploy/): its cluster.name names the cluster")
     drain.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
     drain.set_defaults(func=_drain)
 
@@ -138,7 +143,14 @@ def _status(args: argparse.Namespace) -> int:
 def _drain(args: argparse.Namespace) -> int:
     from cluster.serving import drain
 
-    return drain(args.cluster, args.worker_id, args.timeout)
+    if (args.worker_id is None) == (not args.this_node):
+        raise ValueError("name one worker id, or --this-node (not both)")
+    cluster = args.cluster
+    if cluster is None and args.values is not None:
+        from cluster.values import with_values_file
+
+        cluster = (with_values_file({"values_file": args.values}).get("cluster") or {}).get("name")
+    return drain(cluster or "yard", args.worker_id, args.timeout)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -260,6 +260,11 @@ class ClusterManager:
             await asyncio.sleep(0.1)
         return {"worker": worker_id, "drained": False, "remaining": report.num_running + report.num_waiting}
 
+    async def drain_node(self, node_ip: str, timeout_s: float = 300.0) -> list[dict[str, Any]]:
+        """Drain every worker on a Ray node (a pod's preStop hook, before `ray stop`)."""
+        on_node = [e.worker_id for e in self.workers.values() if e.load is not None and e.load.node_ip == node_ip]
+        return list(await asyncio.gather(*(self.drain(wid, timeout_s) for wid in on_node)))
+
     def _entry(self, worker_id: str) -> WorkerEntry:
         entry = self.workers.get(worker_id)
         if entry is None:
@@ -286,7 +291,11 @@ class ClusterManager:
                                "to": f.order.destination, "reason": f.order.reason,
                                "running_s": round(now - f.started_at, 3)} for f in self._in_flight.values()],
                 "totals": [{"reason": reason, "outcome": outcome, "count": n}
-                           for (reason, outcome), n in sorted(self._migration_totals.items())]}
+                           for (reason, outcome), n in sorted(self._migration_totals.items())],
+                "recent": [{"id": r.migration_id, "request": r.request_id, "from": r.source_id,
+                            "to": r.destination_id, "reason": r.reason, "outcome": r.outcome, "error": r.error,
+                            "stages": r.stages, "blocks": r.blocks, "paused_s": round(r.paused_s, 4)}
+                           for r in self._recent_migrations]}
 
     async def shutdown(self) -> None:
         for task in (self._loop_task, self._migration_task, *self._migration_tasks):

@@ -178,22 +178,29 @@ def print_status(cluster_name: str, as_json: bool = False) -> int:
     return 0
 
 
-def drain(cluster_name: str, worker_id: str, timeout_s: float) -> int:
-    """Move every request off the worker; returns 0 once it is empty."""
+def drain(cluster_name: str, worker_id: Optional[str], timeout_s: float) -> int:
+    """Move every request off the worker (None: every worker on this Ray node); returns
+    0 once they are empty."""
     import ray
 
     manager = _manager(cluster_name)
     if manager is None:
         return 1
     try:
-        result = ray.get(manager.drain.remote(worker_id, timeout_s))
+        if worker_id is None:
+            results = ray.get(manager.drain_node.remote(ray.util.get_node_ip_address(), timeout_s))
+        else:
+            results = [ray.get(manager.drain.remote(worker_id, timeout_s))]
     except ray.exceptions.RayTaskError as e:
         raise ValueError(str(e.cause) if getattr(e, "cause", None) else str(e)) from e
-    if result["drained"]:
-        print(f"worker {worker_id} is drained")
-        return 0
-    print(f"worker {worker_id} still holds {result['remaining']} request(s) after {timeout_s:g} s")
-    return 1
+    for r in results:
+        if r["drained"]:
+            print(f"worker {r['worker']} is drained")
+        else:
+            print(f"worker {r['worker']} still holds {r['remaining']} request(s) after {timeout_s:g} s")
+    if not results:
+        print("no worker of this cluster runs on this node")
+    return 0 if all(r["drained"] for r in results) else 1
 
 
 def _dash(value: Optional[int]) -> str:

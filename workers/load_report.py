@@ -45,6 +45,7 @@ class LoadReport:
     requests: tuple[RequestLoad, ...] = ()  # running, then waiting
     migrations_out: int = 0  # in flight now
     migrations_in: int = 0
+    node_ip: str = ""  # the Ray node the worker runs on (what a node's preStop hook drains)
 
 
 def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
@@ -69,7 +70,7 @@ def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block
 
 
 def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
-                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0) -> LoadReport:
+                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "") -> LoadReport:
     """Built by the thread that steps `engine`, between two steps."""
     stats = engine.stats()
     blocks = engine.blocks
@@ -88,5 +89,5 @@ def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int,
         cached_block_hashes=frozenset(blocks.cached_block_hashes(max_hashes)),
         reported_at=time.time(), block_size=blocks.block_size, draining=draining,
         head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
-        requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in,
+        requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
     )

@@ -78,11 +78,12 @@ class Worker:
         # Live migration.
         self._transport = make_transport(config.kv_transport)
         self._layout = kv_layout(self.engine)
-        self._outgoing: set[str] = set()  # request ids being moved out
+        self._outgoing: collections.Counter[str] = collections.Counter()  # request id → migrations out running
         self._incoming: dict[str, _Incoming] = {}  # migration id → before its commit
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
         self._arrived_paused_at: dict[str, float] = {}  # request id → its pause at the source (wall)
         self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
+        self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
         self._reported_at = 0.0
@@ -223,13 +224,15 @@ class Worker:
         """Move a request to order.destination with its KV (workers/migration.py); the
         request's router follows it there through the Moved event."""
         self._ensure_thread()
-        self._outgoing.add(order.request_id)
+        self._outgoing[order.request_id] += 1
         try:
             return await SourceMigration(order, self.config.worker_id, self._layout, self.engine, self._transport,
                                          self._call, self._moved, self.config.migration_pause_blocks,
                                          self.config.migration_max_stages).run()
         finally:
-            self._outgoing.discard(order.request_id)
+            self._outgoing[order.request_id] -= 1
+            if not self._outgoing[order.request_id]:
+                del self._outgoing[order.request_id]
 
     def _moved(self, order: MigrationOrder, next_index: int) -> None:
         """Committed at the destination: the router follows the request there, and so
@@ -274,6 +277,7 @@ class Worker:
         rid = state.request_id
         # Parked before the commit runs, so that no event of it is dropped.
         self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s)
+        self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
         self._arrived_paused_at[rid] = paused_at
         try:
             await self._call(CommitMigration(migration_id, state))
@@ -354,7 +358,7 @@ class Worker:
     def _build_report(self) -> LoadReport:
         return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
                            draining=self._draining, migrating_out=frozenset(self._outgoing),
-                           migrations_in=len(self._incoming))
+                           migrations_in=len(self._incoming), node_ip=self._node_ip)
 
     def _apply_commands(self) -> int:
         applied = 0
@@ -422,6 +426,12 @@ class Worker:
                 del self._channel_of[rid]
                 channel.requests.discard(rid)
             channel.deliver(event)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address() if ray.is_initialized() else ""
 
 
 def _with_arrival(request: WorkerRequest, arrival_time: float) -> WorkerRequest:

@@ -17,6 +17,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,28 @@ def send_load(serve_app: dict[str, Any], ray_local: Any) -> None:
     for i in range(4):  # traffic on the replacement too
         client.completions.create(model="tiny-llama", prompt=shared + [300 + i], max_tokens=6, temperature=0,
                                   extra_body={"ignore_eos": True})
+    migrate_one(client, ray_local, manager)
+
+
+def migrate_one(client: openai.OpenAI, ray_local: Any, manager: Any) -> None:
+    """A stream moved to the other worker mid-decode: the migration panels and the
+    failing-migrations alert have data."""
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(lambda: "".join(
+            c.choices[0].text for c in client.completions.create(
+                model="tiny-llama", prompt="moving on", max_tokens=400, temperature=0, stream=True,
+                extra_body={"ignore_eos": True}) if c.choices))
+        deadline = time.monotonic() + 30
+        busy = None
+        while busy is None and time.monotonic() < deadline:
+            busy = next((s for s in ray_local.get(manager.snapshot.remote())
+                         if s.load and any(r.running for r in s.load.requests)), None)
+        assert busy is not None, "the stream never ran"
+        other = next(s for s in ray_local.get(manager.snapshot.remote()) if s.worker_id != busy.worker_id)
+        result = ray_local.get(manager.migrate.remote(busy.load.requests[0].request_id, busy.worker_id,
+                                                      other.worker_id))
+        assert result.committed, result
+        assert len(stream.result()) > 0
 
 
 def test_promtool_checks_the_rules(rules_file):
@@ -172,6 +195,8 @@ def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prom
     assert prometheus.wait_for('count_over_time(ray_yard_router_requests_total{status="ok"}[1m]) > 3', 90)
     assert prometheus.wait_for("ray_yard_cluster_worker_replacements_total", 60)
     assert prometheus.wait_for("ray_yard_router_prefix_realized_hit_blocks_total", 60)
+    assert prometheus.wait_for("ray_yard_worker_migration_downtime_seconds_count", 60)
+    assert prometheus.wait_for("ray_yard_cluster_migrations_total", 60)
 
     queries = dashboard_queries()
     assert len(queries) >= 20

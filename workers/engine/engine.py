@@ -298,9 +298,11 @@ class LLMEngine:
     def start_migration(self, migration_id: str, request_id: str) -> int:
         """Begin moving a request out; returns its tokens so far (the reservation's size)."""
         self._check_healthy()
-        seq = self._get(request_id)
-        self.source.start(migration_id, seq)
-        return seq.num_tokens
+        req = self.requests.get(request_id)
+        if req is None:
+            raise HandoffError("unknown", f"no request {request_id!r} in this engine")
+        self.source.start(migration_id, req.seq)
+        return req.seq.num_tokens
 
     def advance_migration(self, migration_id: str, pause_at_blocks: int) -> MigrationStep:
         """The next pre-copy stage, or the pause with the last one (handoff.Source.advance)."""

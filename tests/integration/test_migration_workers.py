@@ -1,0 +1,220 @@
+"""Live migration between two worker actors, followed by the router's own request
+state machine (RequestStream over WorkerLinks): exact output, refusals, a dead
+destination, a late abort, and two migrations of one request at once."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, Optional
+
+import pytest
+
+from router.lifecycle import RequestStream
+from router.worker_link import WorkerLink
+from workers import LLM, SamplingParams
+from workers.engine.config import EngineConfig
+from workers.events import Finished, Tokens, WorkerRequest
+from workers.migration import MigrationOrder, MigrationResult
+from workers.worker import Worker, WorkerConfig
+
+LONG = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+SEEDED = SamplingParams(temperature=0.9, seed=21, max_tokens=300, ignore_eos=True)
+
+
+def prompt(seed: int, n: int) -> tuple[int, ...]:
+    rng = random.Random(seed)
+    return tuple(rng.randrange(4, 1000) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model):
+    return str(make_model("tiny-llama"))
+
+
+def start(ray, worker_id: str, model_dir: str, **engine: Any) -> Any:
+    actor = ray.remote(Worker).options(num_cpus=0.5).remote(
+        WorkerConfig(worker_id, EngineConfig(model=model_dir, **engine)))
+    ray.get(actor.load.remote())
+    return actor
+
+
+@pytest.fixture(scope="module")
+def workers(ray_local, model_dir):
+    handles = {"src": start(ray_local, "src", model_dir), "dst": start(ray_local, "dst", model_dir)}
+    yield handles
+    for h in handles.values():
+        ray_local.get(h.shutdown.remote())
+        ray_local.kill(h)
+
+
+class Follower:
+    """What a router replica does for one request: dispatch to `first`, follow Moved."""
+
+    def __init__(self, handles: dict[str, Any], first: str) -> None:
+        self.handles = handles
+        self.first = first
+        self.links: dict[str, WorkerLink] = {}
+        self.failures: list[str] = []
+
+    def link(self, worker_id: str) -> WorkerLink:
+        if worker_id not in self.links:
+            self.links[worker_id] = WorkerLink(worker_id, self.handles[worker_id])
+        return self.links[worker_id]
+
+    async def run(self, request: WorkerRequest, after_tokens: int, orders: list[MigrationOrder],
+                  source: str) -> tuple[list[Any], list[MigrationResult]]:
+        async def report(wid: str) -> None:
+            self.failures.append(wid)
+
+        stream = RequestStream(request, lambda excluded: (self.first, self.link(self.first)),
+                               lambda link, req, attach: link.stream(req, attach), report, 3, self.link)
+        events, pending = [], []
+        async for event in stream.events():
+            events.append(event)
+            if not pending and sum(len(e.token_ids) for e in events if isinstance(e, Tokens)) >= after_tokens:
+                pending = [asyncio.ensure_future(self._migrate(source, o)) for o in orders]
+        results = [await p for p in pending]
+        for link in self.links.values():
+            link.close()
+        self.attempts = stream.attempts
+        return events, results
+
+    async def _migrate(self, source: str, order: MigrationOrder) -> MigrationResult:
+        return await self.handles[source].migrate.remote(order)
+
+
+def order(handles: dict[str, Any], rid: str, mid: str, dest: str = "dst") -> MigrationOrder:
+    return MigrationOrder(mid, rid, dest, handles[dest], "manual")
+
+
+def tokens(events: list[Any]) -> list[int]:
+    out: list[int] = []
+    for e in events:
+        if isinstance(e, Tokens):
+            assert e.start_index == len(out)
+            out.extend(e.token_ids)
+    return out
+
+
+def undisturbed(model_dir: str, p: tuple[int, ...], params: SamplingParams) -> list[int]:
+    return LLM(model=model_dir).generate([list(p)], params)[0].token_ids
+
+
+def assert_all_free(ray, *handles: Any) -> None:
+    for h in handles:
+        report = ray.get(h.load.remote())
+        assert report.free_blocks == report.total_blocks and not report.requests, report.worker_id
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+@pytest.mark.parametrize("params", [LONG, SEEDED], ids=["greedy", "seeded"])
+def test_request_moves_mid_stream_and_ends_exactly(ray_local, workers, model_dir, params):
+    p = prompt(1, 40)
+    want = undisturbed(model_dir, p, params)
+    other = workers["dst"].generate.remote(WorkerRequest("dst-own", prompt(2, 50), LONG))  # dst's blocks differ
+    rid = f"moving-{params.seed}"
+    f = Follower(workers, "src")
+    events, (result,) = run(f.run(WorkerRequest(rid, p, params), 20, [order(workers, rid, f"m-{rid}")], "src"))
+    assert result.committed, result
+    assert result.stages >= 1 and result.blocks >= 3 and result.bytes > 0
+    assert tokens(events) == want
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 300
+    assert [(a.worker_id, a.moved_in, a.error) for a in f.attempts] == [("src", False, None), ("dst", True, None)]
+    assert f.failures == []
+    for ref in other:
+        ray_local.get(ref)
+    assert_all_free(ray_local, workers["src"], workers["dst"])
+
+
+def test_two_migrations_of_one_request_commit_once(ray_local, workers, model_dir):
+    p = prompt(3, 30)
+    want = undisturbed(model_dir, p, LONG)
+    f = Follower(workers, "src")
+    events, results = run(f.run(WorkerRequest("twice", p, LONG), 10,
+                                [order(workers, "twice", "m-a"), order(workers, "twice", "m-b")], "src"))
+    assert sorted(r.outcome for r in results) == ["aborted", "committed"]
+    refused = next(r for r in results if not r.committed)
+    assert refused.error.startswith("busy") or refused.error.startswith("unknown"), refused.error
+    assert tokens(events) == want
+    assert_all_free(ray_local, workers["src"], workers["dst"])
+
+
+def test_refused_destination_leaves_the_request_running(ray_local, workers, model_dir):
+    other = start(ray_local, "other-layout", model_dir, block_size=8)
+    try:
+        handles = {**workers, "other-layout": other}
+        p = prompt(4, 30)
+        want = undisturbed(model_dir, p, LONG)
+        f = Follower(handles, "src")
+        events, (result,) = run(f.run(WorkerRequest("stays", p, LONG), 10,
+                                      [order(handles, "stays", "m-layout", "other-layout")], "src"))
+        assert result.outcome == "aborted"
+        assert "block_size differs: source has 16, destination 8" in result.error
+        assert tokens(events) == want
+        assert [a.worker_id for a in f.attempts] == ["src"]
+        assert_all_free(ray_local, workers["src"], other)
+    finally:
+        ray_local.kill(other)
+
+
+def test_draining_destination_refuses(ray_local, workers, model_dir):
+    drained = start(ray_local, "drained", model_dir)
+    try:
+        ray_local.get(drained.set_draining.remote(True))
+        handles = {**workers, "drained": drained}
+        p = prompt(5, 30)
+        f = Follower(handles, "src")
+        events, (result,) = run(f.run(WorkerRequest("nowhere", p, LONG), 10,
+                                      [order(handles, "nowhere", "m-drained", "drained")], "src"))
+        assert result.outcome == "aborted" and "not taking migrations (draining)" in result.error
+        assert tokens(events) == undisturbed(model_dir, p, LONG)
+    finally:
+        ray_local.kill(drained)
+
+
+def test_dead_destination_fails_the_migration_not_the_request(ray_local, workers, model_dir):
+    dead = start(ray_local, "dead", model_dir)
+    ray_local.kill(dead)
+    handles = {**workers, "dead": dead}
+    p = prompt(6, 30)
+    f = Follower(handles, "src")
+    events, (result,) = run(f.run(WorkerRequest("survives", p, SEEDED), 10,
+                                  [order(handles, "survives", "m-dead", "dead")], "src"))
+    assert result.outcome == "failed" and "Actor" in result.error
+    assert tokens(events) == undisturbed(model_dir, p, SEEDED)
+    assert_all_free(ray_local, workers["src"])
+
+
+def test_unknown_request_is_refused(ray_local, workers):
+    result = ray_local.get(workers["src"].migrate.remote(order(workers, "ghost", "m-ghost")))
+    assert result.outcome == "aborted" and result.error == "unknown: no request 'ghost' in this engine"
+
+
+def test_late_abort_at_the_source_follows_the_request(ray_local, workers):
+    """The client left just as the request moved: its abort reaches the source after
+    the move, and the source forwards it to the destination."""
+
+    async def scenario() -> Optional[Finished]:
+        link = WorkerLink("src", workers["src"])
+        request = WorkerRequest("leaver", prompt(7, 30), LONG)
+        moved = None
+        async for batch in link.stream(request):
+            if moved is None:
+                moved = asyncio.ensure_future(workers["src"].migrate.remote(order(workers, "leaver", "m-leaver")))
+            if batch and type(batch[-1]).__name__ == "Moved":
+                break
+        assert (await moved).committed
+        await workers["src"].abort.remote("leaver")  # late: the request is at dst now
+        follow = WorkerLink("dst", workers["dst"])
+        ends = [e async for b in follow.stream(request, attach=True) for e in b if isinstance(e, Finished)]
+        link.close()
+        follow.close()
+        return ends[-1] if ends else None
+
+    end = run(scenario())
+    assert end is not None and end.reason == "abort"
+    assert_all_free(ray_local, workers["src"], workers["dst"])
