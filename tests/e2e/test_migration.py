@@ -31,7 +31,7 @@ def mig_app(ray_local, serve_app):
     from router.app import build_app
 
     app = build_app({"cluster": {"name": "mig", "num_workers": 2, "worker_cpus": 0.5, "load_poll_interval_s": 0.1,
-                                 "engine": {"model": serve_app["model_dir"]},
+                                 "engine": {"model": serve_app["model_dir"], "kv_cache_memory_gib": 0.25},
                                  "migration": {"enabled": True, "interval_s": 0.1, "balance_threshold": 1.0,
                                                "max_in_per_worker": 4, "max_out_per_worker": 4,
                                                "request_cooldown_s": 600.0}},
@@ -56,7 +56,7 @@ CASES: dict[str, dict[str, Any]] = {
 
 @pytest.fixture(scope="module")
 def offline(mig_app):
-    return LLM(model=mig_app["model_dir"])
+    return LLM(model=mig_app["model_dir"], kv_cache_memory_gib=0.25)
 
 
 def reference(llm: LLM, prompts: list[str], case: dict[str, Any], max_tokens: int = MAX_TOKENS) -> list[str]:

@@ -168,18 +168,19 @@ def migrate_one(client: openai.OpenAI, ray_local: Any, manager: Any) -> None:
     with ThreadPoolExecutor(1) as pool:
         stream = pool.submit(lambda: "".join(
             c.choices[0].text for c in client.completions.create(
-                model="tiny-llama", prompt="moving on", max_tokens=400, temperature=0, stream=True,
+                model="tiny-llama", prompt="moving on", max_tokens=1800, temperature=0, stream=True,
                 extra_body={"ignore_eos": True}) if c.choices))
-        deadline = time.monotonic() + 30
-        busy = None
-        while busy is None and time.monotonic() < deadline:
+        result = None
+        deadline = time.monotonic() + 60
+        while (result is None or not result.committed) and time.monotonic() < deadline:
             busy = next((s for s in ray_local.get(manager.snapshot.remote())
                          if s.load and any(r.running for r in s.load.requests)), None)
-        assert busy is not None, "the stream never ran"
-        other = next(s for s in ray_local.get(manager.snapshot.remote()) if s.worker_id != busy.worker_id)
-        result = ray_local.get(manager.migrate.remote(busy.load.requests[0].request_id, busy.worker_id,
-                                                      other.worker_id))
-        assert result.committed, result
+            if busy is None:
+                continue
+            other = next(s for s in ray_local.get(manager.snapshot.remote()) if s.worker_id != busy.worker_id)
+            rid = next(r.request_id for r in busy.load.requests if r.running)
+            result = ray_local.get(manager.migrate.remote(rid, busy.worker_id, other.worker_id))
+        assert result is not None and result.committed, result
         assert len(stream.result()) > 0
 
 

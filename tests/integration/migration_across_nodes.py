@@ -73,12 +73,12 @@ def run(model_dir: str) -> None:
     try:
         actor = ray.remote(NodeWorker)
         handles = {wid: actor.options(num_cpus=0.5, resources={f"node_{wid}": 1}).remote(
-            WorkerConfig(wid, EngineConfig(model=model_dir))) for wid in ("a", "b")}
+            WorkerConfig(wid, EngineConfig(model=model_dir, kv_cache_memory_gib=0.25))) for wid in ("a", "b")}
         nodes = ray.get([h.node_id.remote() for h in handles.values()])
         rng = random.Random(3)
         prompt = tuple(rng.randrange(4, 1000) for _ in range(60))
         params = SamplingParams(temperature=0.8, seed=9, max_tokens=200, ignore_eos=True)
-        want = LLM(model=model_dir).generate([list(prompt)], params)[0].token_ids
+        want = LLM(model=model_dir, kv_cache_memory_gib=0.25).generate([list(prompt)], params)[0].token_ids
         tokens, result, attempts = asyncio.run(follow_and_move(handles, WorkerRequest("r", prompt, params)))
         loads = ray.get([h.load.remote() for h in handles.values()])
         print(json.dumps({"nodes": nodes, "committed": result.committed, "error": result.error,

@@ -126,7 +126,7 @@ PARAMS = {
 def pair(llama_dir):
     """A source and a busy destination, shared by the tests that leave both as they
     found them; the reference engine runs each request undisturbed."""
-    config = EngineConfig(model=str(llama_dir), block_size=8)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=8)
     return config, LLMEngine(config), busy_destination(config)
 
 
@@ -185,7 +185,7 @@ def test_stop_string_and_held_back_text_survive_the_move(pair):
 
 
 def test_long_request_moves_in_several_stages_while_decoding(llama_dir):
-    config = EngineConfig(model=str(llama_dir), block_size=4, max_num_batched_tokens=64)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=4, max_num_batched_tokens=64)
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     tokens = prompt(5, 150)
     want = undisturbed(config, tokens, params)
@@ -203,7 +203,7 @@ def test_long_request_moves_in_several_stages_while_decoding(llama_dir):
 
 
 def test_waiting_request_moves_without_kv(llama_dir):
-    config = EngineConfig(model=str(llama_dir), max_num_seqs=1)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, max_num_seqs=1)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
     want = undisturbed(config, prompt(8, 30), params)
     source, dest = LLMEngine(config), LLMEngine(config)
@@ -220,7 +220,7 @@ def test_waiting_request_moves_without_kv(llama_dir):
 
 @pytest.mark.parametrize("race", ["finished", "aborted", "preempted"])
 def test_request_leaving_during_precopy_ends_the_migration_cleanly(llama_dir, race):
-    config = EngineConfig(model=str(llama_dir), block_size=4, num_kv_blocks=40)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=4, num_kv_blocks=40)
     params = SamplingParams(temperature=0, max_tokens=12 if race == "finished" else 40, ignore_eos=True)
     source, dest = LLMEngine(config), busy_destination(config, 1)
     source.add_request("r", prompt(1, 60), params)
@@ -256,7 +256,7 @@ def test_request_leaving_during_precopy_ends_the_migration_cleanly(llama_dir, ra
 
 
 def test_abort_while_paused_keeps_no_block_and_complete_refuses(llama_dir):
-    config = EngineConfig(model=str(llama_dir), block_size=8)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=8)
     source = LLMEngine(config)
     source.add_request("r", prompt(4, 30), PARAMS["greedy"])
     source.step()
@@ -273,7 +273,7 @@ def test_abort_while_paused_keeps_no_block_and_complete_refuses(llama_dir):
 
 
 def test_abort_before_commit_resumes_decoding_exactly(llama_dir):
-    config = EngineConfig(model=str(llama_dir), block_size=8)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=8)
     want = undisturbed(config, prompt(6, 33), PARAMS["seeded"])
     source = LLMEngine(config)
     source.add_request("r", prompt(6, 33), PARAMS["seeded"])
@@ -291,7 +291,7 @@ def test_abort_before_commit_resumes_decoding_exactly(llama_dir):
 
 
 def test_two_migrations_of_one_request_are_refused(llama_dir):
-    source = LLMEngine(EngineConfig(model=str(llama_dir)))
+    source = LLMEngine(EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25))
     source.add_request("r", prompt(1, 20), PARAMS["greedy"])
     source.step()
     source.start_migration("m1", "r")
@@ -301,7 +301,7 @@ def test_two_migrations_of_one_request_are_refused(llama_dir):
 
 
 def test_reservations_respect_watermark_and_max_num_seqs(llama_dir):
-    dest = LLMEngine(EngineConfig(model=str(llama_dir), block_size=8, num_kv_blocks=200, max_num_seqs=2))
+    dest = LLMEngine(EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, block_size=8, num_kv_blocks=200, max_num_seqs=2))
     assert dest.blocks.watermark_blocks == 2
     with pytest.raises(HandoffError, match="above the watermark") as err:
         dest.reserve_migration("big", "r0", 199 * 8)
@@ -324,7 +324,7 @@ def test_reservations_respect_watermark_and_max_num_seqs(llama_dir):
 
 def test_reservation_expires_on_an_idle_engine_and_late_writes_fail(llama_dir):
     now = [0.0]
-    config = EngineConfig(model=str(llama_dir), kv_reservation_timeout_s=5.0)
+    config = EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25, kv_reservation_timeout_s=5.0)
     dest = LLMEngine(config, clock=lambda: now[0])
     total = dest.blocks.num_free_blocks
     assert len(dest.reserve_migration("m", "r", 100)) == 7
@@ -340,7 +340,7 @@ def test_reservation_expires_on_an_idle_engine_and_late_writes_fail(llama_dir):
 
 
 def test_cancel_during_a_write_releases_blocks_only_after_it(llama_dir):
-    dest = LLMEngine(EngineConfig(model=str(llama_dir)))
+    dest = LLMEngine(EngineConfig(model=str(llama_dir), kv_cache_memory_gib=0.25))
     total = dest.blocks.num_free_blocks
     dest.reserve_migration("m", "r", 64)
     ids = dest.begin_kv_write("m", 0, 2)

@@ -34,7 +34,7 @@ def model_dir(make_model):
 
 def start(ray, worker_id: str, model_dir: str, **engine: Any) -> Any:
     actor = ray.remote(Worker).options(num_cpus=0.5).remote(
-        WorkerConfig(worker_id, EngineConfig(model=model_dir, **engine)))
+        WorkerConfig(worker_id, EngineConfig(model=model_dir, **{"kv_cache_memory_gib": 0.25, **engine})))
     ray.get(actor.load.remote())
     return actor
 
@@ -98,7 +98,7 @@ def tokens(events: list[Any]) -> list[int]:
 
 
 def undisturbed(model_dir: str, p: tuple[int, ...], params: SamplingParams) -> list[int]:
-    return LLM(model=model_dir).generate([list(p)], params)[0].token_ids
+    return LLM(model=model_dir, kv_cache_memory_gib=0.25).generate([list(p)], params)[0].token_ids
 
 
 def assert_all_free(ray, *handles: Any) -> None:

@@ -75,7 +75,7 @@ class LLMEngine:
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}
-        self.source = Source(self.blocks, self.scheduler, lambda seq: self.requests[seq.request_id].detokenizer)
+        self.source = Source(self.blocks, self.scheduler, self.requests)
         self.destination = Destination(self.blocks, self.scheduler, config.kv_reservation_timeout_s, clock)
         self._migrated_in = self._migrated_out = 0
         self.stepped = False  # whether the last step ran the model

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
 
 from workers.engine.detokenizer import DetokenizerState, IncrementalDetokenizer
 from workers.engine.sequence import Sequence, Status
@@ -99,10 +99,12 @@ class Source:
     """The source side: stages, pause, then resume (abort) or complete (committed)."""
 
     def __init__(self, blocks: "BlockManager", scheduler: "Scheduler",
-                 detokenizer_of: Callable[[Sequence], IncrementalDetokenizer]) -> None:
+                 requests: Mapping[str, Any]) -> None:
         self.blocks = blocks
         self.scheduler = scheduler
-        self.detokenizer_of = detokenizer_of
+        # The engine's request table (id → entry with .detokenizer): the table itself,
+        # not the engine, so that no cycle keeps a dropped engine (and its KV cache) alive.
+        self.requests = requests
         self._by_id: dict[str, _Outgoing] = {}
         self._by_request: dict[str, _Outgoing] = {}
 
@@ -173,7 +175,7 @@ class Source:
 
     def _state(self, seq: Sequence) -> MigratedRequest:
         self.blocks.hash_full_blocks(seq)
-        detok = self.detokenizer_of(seq)
+        detok: IncrementalDetokenizer = self.requests[seq.request_id].detokenizer
         return MigratedRequest(seq.request_id, tuple(seq.token_ids), seq.num_prompt_tokens, seq.params,
                                seq.priority, seq.arrival_time, seq.num_computed_tokens,
                                tuple(seq.block_hashes), seq.num_cached_tokens, detok.state())

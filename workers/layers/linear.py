@@ -14,8 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-_PACKABLE = (torch.float32, torch.bfloat16)
 _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows
+
+
+def _packable(dtype: torch.dtype) -> bool:
+    """oneDNN packs float32 on any x86 CPU; bfloat16 only where the CPU has the
+    instructions for it (AVX512-BF16 or AVX-NE-CONVERT): elsewhere packing raises."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 class Linear(nn.Module):
@@ -31,7 +40,7 @@ class Linear(nn.Module):
     def pack(self) -> None:
         """Call after the weights are loaded; a later load must call it again."""
         w = self.weight
-        if w.device.type == "cpu" and w.dtype in _PACKABLE and torch.backends.mkldnn.is_available():
+        if w.device.type == "cpu" and _packable(w.dtype):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _BATCH_HINT)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
