@@ -46,6 +46,7 @@ class LoadReport:
     migrations_out: int = 0  # in flight now
     migrations_in: int = 0
     node_ip: str = ""  # the Ray node the worker runs on (what a node's preStop hook drains)
+    num_preemptions: int = 0  # since the worker started
 
 
 def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
@@ -90,4 +91,5 @@ def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int,
         reported_at=time.time(), block_size=blocks.block_size, draining=draining,
         head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
+        num_preemptions=stats.num_preemptions,
     )

@@ -146,8 +146,15 @@ class ModelRunner:
     # -- KV handoff ------------------------------------------------------------------
     def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
         """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim].
-        Safe while another thread steps, for blocks no step writes (full or paused)."""
-        return self.kv_caches[:, :, self._tensor(block_ids)].cpu()
+        Safe while another thread steps, for blocks no step writes (full or paused).
+        A device cache is staged through pinned host memory (a DMA copy)."""
+        blocks = self.kv_caches[:, :, self._tensor(block_ids)]
+        if blocks.device.type == "cpu":
+            return blocks
+        host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
+        host.copy_(blocks, non_blocking=True)
+        torch.cuda.current_stream(blocks.device).synchronize()
+        return host
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
         expected = (self.kv_caches.shape[0], 2, len(block_ids), *self.kv_caches.shape[3:])
