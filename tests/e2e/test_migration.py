@@ -129,6 +129,43 @@ def test_stop_string_across_a_move(ray_local, mig_app, offline):
     assert committed(ray_local, mig_app["manager"], "balance") > before
 
 
+def test_balanced_grpc_streams_have_the_undisturbed_token_ids_and_logprobs(ray_local, mig_app, offline, serve_app):
+    """Through gRPC, which returns token ids and logprobs: exact, every case, across moves."""
+    import grpc
+
+    from router.grpc_stubs import load
+
+    stubs = load()
+    pb2 = stubs.pb2
+    before = committed(ray_local, mig_app["manager"], "balance")
+    prompts = [f"gRPC request {i} tells" for i in range(8)]
+    cases = [sorted(CASES)[i % len(CASES)] for i in range(8)]
+    with grpc.insecure_channel(serve_app["grpc_target"]) as channel:
+        yard = stubs.pb2_grpc.YardStub(channel)
+
+        def generate(prompt_and_case: tuple[str, str]) -> list[Any]:
+            prompt, case = prompt_and_case
+            sampling = pb2.SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **CASES[case])
+            return list(yard.Generate(pb2.GenerateRequest(model="tiny-llama", text=prompt, sampling=sampling),
+                                      metadata=(("application", "migration"),), timeout=120))
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            streams = list(pool.map(generate, zip(prompts, cases)))
+    for prompt, case, responses in zip(prompts, cases, streams):
+        want = offline.generate(prompt, SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, **CASES[case]))[0]
+        ids: list[int] = []
+        for r in responses:
+            assert r.start_index == len(ids), "gap or duplicate"
+            ids.extend(r.token_ids)
+        assert ids == want.token_ids, case
+        assert "".join(r.text for r in responses) == want.text
+        assert responses[-1].usage.completion_tokens == MAX_TOKENS
+        if case == "logprobs":
+            got = [(lp.token_id, [t.token_id for t in lp.top_logprobs]) for r in responses for lp in r.logprobs]
+            assert got == [(t.token_id, [i for i, _ in t.top_logprobs]) for t in want.logprobs]
+    assert committed(ray_local, mig_app["manager"], "balance") > before
+
+
 def test_drain_under_32_streams_loses_nothing(ray_local, mig_app, offline):
     manager = mig_app["manager"]
     prompts = [f"Drained stream {i} says" for i in range(32)]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from typing import Any, Optional
 
 import pytest
@@ -51,9 +52,9 @@ def workers(ray_local, model_dir):
 class Follower:
     """What a router replica does for one request: dispatch to `first`, follow Moved."""
 
-    def __init__(self, handles: dict[str, Any], first: str) -> None:
+    def __init__(self, handles: dict[str, Any], first: str, fallback: Optional[str] = None) -> None:
         self.handles = handles
-        self.first = first
+        self.dispatch = [first] + ([fallback] if fallback else [])
         self.links: dict[str, WorkerLink] = {}
         self.failures: list[str] = []
 
@@ -63,25 +64,34 @@ class Follower:
         return self.links[worker_id]
 
     async def run(self, request: WorkerRequest, after_tokens: int, orders: list[MigrationOrder],
-                  source: str) -> tuple[list[Any], list[MigrationResult]]:
+                  source: str, then: Any = None) -> tuple[list[Any], list[MigrationResult]]:
         async def report(wid: str) -> None:
             self.failures.append(wid)
 
-        stream = RequestStream(request, lambda excluded: (self.first, self.link(self.first)),
-                               lambda link, req, attach: link.stream(req, attach), report, 3, self.link)
+        def pick(excluded: frozenset[str]) -> tuple[str, WorkerLink]:
+            wid = next(w for w in self.dispatch if w not in excluded)
+            return wid, self.link(wid)
+
+        stream = RequestStream(request, pick, lambda link, req, attach: link.stream(req, attach), report, 3,
+                               self.link)
         events, pending = [], []
         async for event in stream.events():
             events.append(event)
             if not pending and sum(len(e.token_ids) for e in events if isinstance(e, Tokens)) >= after_tokens:
                 pending = [asyncio.ensure_future(self._migrate(source, o)) for o in orders]
+                if then is not None:
+                    await then()
         results = [await p for p in pending]
         for link in self.links.values():
             link.close()
         self.attempts = stream.attempts
         return events, results
 
-    async def _migrate(self, source: str, order: MigrationOrder) -> MigrationResult:
-        return await self.handles[source].migrate.remote(order)
+    async def _migrate(self, source: str, order: MigrationOrder) -> Any:
+        try:
+            return await self.handles[source].migrate.remote(order)
+        except Exception as e:  # noqa: BLE001 - the source died: the test looks at it
+            return e
 
 
 def order(handles: dict[str, Any], rid: str, mid: str, dest: str = "dst") -> MigrationOrder:
@@ -187,6 +197,42 @@ def test_dead_destination_fails_the_migration_not_the_request(ray_local, workers
     assert result.outcome == "failed" and "Actor" in result.error
     assert tokens(events) == undisturbed(model_dir, p, SEEDED)
     assert_all_free(ray_local, workers["src"])
+
+
+def test_source_dying_mid_migration_fails_over_by_recompute(ray_local, workers, model_dir):
+    """The source dies while it migrates: the router's stream breaks, the request is
+    recomputed on another worker from the tokens it had, and the destination's
+    reservation expires: nothing lost, no block leaked."""
+    doomed = start(ray_local, "doomed", model_dir)
+    receiver = start(ray_local, "receiver", model_dir, kv_reservation_timeout_s=2.0)
+    try:
+        handles = {**workers, "doomed": doomed, "receiver": receiver}
+        p = prompt(8, 2000)
+        f = Follower(handles, "doomed", fallback="dst")
+
+        async def kill_the_source() -> None:
+            await asyncio.sleep(0.02)  # the migration is under way (a 2,000-token request: many blocks)
+            ray_local.kill(doomed)
+
+        events, (result,) = run(f.run(WorkerRequest("orphan", p, SEEDED), 10,
+                                      [order(handles, "orphan", "m-orphan", "receiver")], "doomed",
+                                      then=kill_the_source))
+        assert tokens(events) == undisturbed(model_dir, p, SEEDED)
+        assert isinstance(result, Exception)  # the source died inside its migrate call
+        # Before the commit the router recomputes on dst; after it, it follows the
+        # request to receiver: either way nothing is lost.
+        assert [a.worker_id for a in f.attempts] in (["doomed", "dst"], ["doomed", "receiver"]), f.attempts
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            report = ray_local.get(receiver.load.remote())
+            if report.free_blocks == report.total_blocks:
+                break
+            time.sleep(0.1)
+        if [a.worker_id for a in f.attempts] == ["doomed", "dst"]:
+            assert f.failures == ["doomed"]
+        assert_all_free(ray_local, receiver, workers["dst"])
+    finally:
+        ray_local.kill(receiver)
 
 
 def test_unknown_request_is_refused(ray_local, workers):
