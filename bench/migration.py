@@ -48,6 +48,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from environment import environment  # noqa: E402
 
 
+BASELINE_S = 1.0  # long enough for a few decode steps of the company at 8k context
+
+
 def pinned_worker_class() -> type:
     """A Worker that pins its process to one core and one torch thread first."""
     from workers.worker import Worker
@@ -120,7 +123,7 @@ async def live(handles: dict[str, Any], links: dict[str, Any], length: int, comp
     rid = f"live-{length}"
     task = asyncio.ensure_future(moving.follow(links["src"], WorkerRequest(rid, prompt(length, length), params)))
     await moving.wait_for(8)
-    await asyncio.sleep(0.3)  # a baseline window of company steps with the request decoding
+    await asyncio.sleep(BASELINE_S)  # company steps with the request decoding, before any copy
     start = time.perf_counter()
     result = await handles["src"].migrate.remote(MigrationOrder(f"m-{rid}", rid, "dst", handles["dst"], "manual"))
     end = time.perf_counter()
@@ -132,7 +135,7 @@ async def live(handles: dict[str, Any], links: dict[str, Any], length: int, comp
     first_after = rest.arrivals[0][0]
     last_before = max(t for t, i in moving.arrivals if i < moved.next_index)
     precopy_end = end - result.paused_s
-    baseline = step_time(others, start - 0.3, start)
+    baseline = step_time(others, start - BASELINE_S, start)
     during = step_time(others, start, precopy_end) if precopy_end - start > 0.01 else float("nan")
     for t in other_tasks:
         t.cancel()
@@ -149,7 +152,9 @@ async def recompute(handles: dict[str, Any], links: dict[str, Any], length: int,
     params = SamplingParams(temperature=0, max_tokens=decode, ignore_eos=True)
     rid = f"recompute-{length}"
     moving = Stream()
-    request = WorkerRequest(rid, prompt(length, length), params)
+    # A prompt of its own: the destination holds the live run's prompt in its prefix
+    # cache, which would make the recompute look free.
+    request = WorkerRequest(rid, prompt(7919 + length, length), params)
     task = asyncio.ensure_future(moving.follow(links["src"], request))
     await moving.wait_for(8)
     task.cancel()  # the link aborts it on the source, as failover finds it gone

@@ -189,6 +189,7 @@ class Worker:
     def load(self) -> LoadReport:
         """The latest load report, refreshed by the stepping thread after every step."""
         self._reap_parked()
+        self._reap_incoming()
         return self._load
 
     def health(self) -> tuple[bool, str]:
@@ -289,6 +290,12 @@ class Worker:
     async def cancel_migration(self, migration_id: str) -> None:
         self._incoming.pop(migration_id, None)
         await self._call(CancelMigration(migration_id))
+
+    def _reap_incoming(self) -> None:
+        """Forget migrations whose reservation expired (their source gave up or died
+        without a cancel), so that they no longer count as migrations in flight."""
+        for mid in [m for m in self._incoming if not self.engine.destination.holds(m)]:
+            del self._incoming[mid]
 
     def _reap_parked(self) -> None:
         """Requests moved here whose router never attached (it went away) are aborted."""

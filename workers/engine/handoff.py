@@ -230,6 +230,10 @@ class Destination:
     def num_reservations(self) -> int:
         return len(self._by_id)
 
+    def holds(self, migration_id: str) -> bool:
+        """Whether the reservation is still open (any thread may ask)."""
+        return migration_id in self._by_id
+
     def reserving_request(self, request_id: str) -> bool:
         return any(inc.request_id == request_id for inc in self._by_id.values())
 
