@@ -119,9 +119,6 @@ class Source:
         out = _Outgoing(migration_id, seq)
         self._by_id[migration_id] = self._by_request[seq.request_id] = out
 
-    def migrating(self, request_id: str) -> bool:
-        return request_id in self._by_request
-
     def request_left(self, seq: Sequence, why: str) -> None:
         """The request finished, was aborted or preempted: its migration cannot commit.
         Pinned blocks stay pinned until the migration ends."""
@@ -225,10 +222,6 @@ class Destination:
         self.clock = clock
         self._by_id: dict[str, _Incoming] = {}
         self._closing: list[_Incoming] = []  # closed while a write was in flight
-
-    @property
-    def num_reservations(self) -> int:
-        return len(self._by_id)
 
     def holds(self, migration_id: str) -> bool:
         """Whether the reservation is still open (any thread may ask)."""
