@@ -90,11 +90,3 @@ class InProcessTransport:
             engine.write_kv(ids, payload.shards[0])
         finally:
             engine.end_kv_write(migration_id)
-
-
-def make_transport(name: str) -> KVTransport:
-    if name == "object_store":
-        return ObjectStoreTransport()
-    if name == "in_process":
-        return InProcessTransport()
-    raise ValueError(f"unknown KV transport {name!r}; known: ['in_process', 'object_store']")

@@ -28,7 +28,7 @@ from workers.engine.engine import LLMEngine
 from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
 from workers.events import Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage, WorkerRequest
-from workers.kv_transport import KVPayload, make_transport
+from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, kv_layout
@@ -76,7 +76,8 @@ class Worker:
         self._stopping = False
         self._draining = False
         # Live migration.
-        self._transport = make_transport(config.kv_transport)
+        # Two worker actors are two processes, often on two nodes: the object store.
+        self._transport = ObjectStoreTransport()
         self._layout = kv_layout(self.engine)
         self._outgoing: collections.Counter[str] = collections.Counter()  # request id → migrations out running
         self._incoming: dict[str, _Incoming] = {}  # migration id → before its commit

@@ -23,7 +23,6 @@ class WorkerConfig:
     migration_max_stages: int = 8
     # A request moved here waits this long for its router to attach before it is aborted.
     migration_attach_timeout_s: float = 30.0
-    kv_transport: str = "object_store"  # how migrated KV travels (workers/kv_transport.py)
 
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):
@@ -34,7 +33,5 @@ class WorkerConfig:
             raise ValueError(f"migration_pause_blocks must be an integer >= 1, got {self.migration_pause_blocks!r}")
         if not isinstance(self.migration_max_stages, int) or self.migration_max_stages < 1:
             raise ValueError(f"migration_max_stages must be an integer >= 1, got {self.migration_max_stages!r}")
-        if self.kv_transport not in ("object_store", "in_process"):
-            raise ValueError(f"kv_transport must be 'object_store' or 'in_process', got {self.kv_transport!r}")
         if not self.migration_attach_timeout_s > 0:
             raise ValueError(f"migration_attach_timeout_s must be > 0, got {self.migration_attach_timeout_s!r}")
