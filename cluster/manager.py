@@ -140,7 +140,7 @@ class ClusterManager:
             entry.failures += 1
             if entry.failures >= self.config.failures_before_replace:
                 self._replace(entry)
-        self._metrics.states(self._state_counts())
+        self._metrics.states(self._state_counts(), len(self._in_flight))
 
     def _state_counts(self) -> dict[str, int]:
         states = ["booting" if e.booting is not None else "unhealthy" if not e.healthy
@@ -215,7 +215,6 @@ class ClusterManager:
     def _launch(self, order: MigrationOrder) -> None:
         mid = f"{self.config.name}-m{next(self._migration_ids)}"
         self._in_flight[mid] = InFlight(mid, order, time.time())
-        self._metrics.migration_started(len(self._in_flight))
         task = asyncio.get_running_loop().create_task(self._run_migration(mid, order))
         self._migration_tasks.add(task)
         task.add_done_callback(self._migration_tasks.discard)
@@ -233,7 +232,7 @@ class ClusterManager:
         del self._in_flight[mid]
         self._migration_totals[(result.reason, result.outcome)] += 1
         self._recent_migrations.append(result)
-        self._metrics.migration_ended(result, len(self._in_flight))
+        self._metrics.migration_ended(result)
         return result
 
     async def migrate(self, request_id: str, source_id: str, destination_id: str) -> MigrationResult:

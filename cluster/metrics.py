@@ -39,19 +39,19 @@ class ClusterMetrics:
                                                TRANSFER_RATE_BOUNDARIES, ("cluster",))
         self._desired = desired
 
-    def states(self, counts: dict[str, int]) -> None:
+    def states(self, counts: dict[str, int], migrations_in_flight: int) -> None:
         """Set on every poll: a gauge set once, as the actor starts, can be lost
         before Ray's exporter is up."""
         self.desired.set(self._desired, self.tags)
+        self.migrations_in_flight.set(migrations_in_flight, self.tags)
         for state in WORKER_STATES:
             self.workers.set(counts.get(state, 0), {**self.tags, "state": state})
 
     def replaced(self) -> None:
         self.replacements.inc(1, self.tags)
 
-    def migration_ended(self, result: "MigrationResult", in_flight: int) -> None:
+    def migration_ended(self, result: "MigrationResult") -> None:
         self.migrations.inc(1, {**self.tags, "reason": result.reason, "outcome": result.outcome})
-        self.migrations_in_flight.set(in_flight, self.tags)
         if result.blocks:
             self.migrated_blocks.inc(result.blocks, self.tags)
             self.migrated_bytes.inc(result.bytes, self.tags)
@@ -59,6 +59,3 @@ class ClusterMetrics:
                 self.transfer_rate.observe(result.bytes / result.copy_s, self.tags)
         if result.committed:
             self.migration_stages.observe(result.stages, self.tags)
-
-    def migration_started(self, in_flight: int) -> None:
-        self.migrations_in_flight.set(in_flight, self.tags)
