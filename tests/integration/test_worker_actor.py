@@ -128,11 +128,16 @@ def test_one_channel_carries_many_requests_and_closing_it_aborts_them(ray_local,
     long = SamplingParams(temperature=0, max_tokens=500, ignore_eos=True)
     ray_local.get(worker.submit.remote("router-1", WorkerRequest("long", prompt(9, 10), long)))
     assert isinstance(ray_local.get(next(channel))[0], Tokens)
+    cancelled_at = time.time()
     ray_local.cancel(channel)  # the router replica went away
-    deadline = time.monotonic() + 10
-    while ray_local.get(worker.load.remote()).num_running and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # A report made after the cancel: one from before the long request was added
+    # (reports refresh every few steps) also shows nothing running.
+    deadline = time.monotonic() + 30
     report = ray_local.get(worker.load.remote())
+    while (report.reported_at <= cancelled_at or report.num_running) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        report = ray_local.get(worker.load.remote())
+    assert report.reported_at > cancelled_at
     assert report.num_running == 0 and report.free_blocks == report.total_blocks
     with pytest.raises(Exception, match="channel 'router-1' is closed"):
         ray_local.get(worker.submit.remote("router-1", WorkerRequest("late", p, GREEDY)))
