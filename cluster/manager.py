@@ -84,6 +84,7 @@ class ClusterManager:
             for _ in range(count):
                 self._start_worker(role)
         self._loop_task: Optional[asyncio.Task] = None
+        self._polling: Optional[asyncio.Future] = None  # the poll running now, shared by its callers
         self._migration_task: Optional[asyncio.Task] = None
         self._policy = MigrationPolicy(config.migration, time.monotonic)
         self._migration_ids = itertools.count()
@@ -125,17 +126,32 @@ class ClusterManager:
     async def _poll_forever(self) -> None:
         while True:
             await asyncio.sleep(self.config.load_poll_interval_s)
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception as e:  # noqa: BLE001 - one bad poll must not stop polling for good
+                log.warning("polling the workers failed: %s", e)
 
     async def poll_once(self) -> None:
+        """Poll every worker once. Callers that come while a poll runs (the loop, and
+        routers reporting a broken stream, often many at once) share it: a worker is
+        counted once per poll, so one slow moment is not counted as many failures."""
+        if self._polling is None or self._polling.done():
+            self._polling = asyncio.ensure_future(self._poll_all())
+        await asyncio.shield(self._polling)
+
+    async def _poll_all(self) -> None:
         entries = list(self.workers.values())
         results = await asyncio.gather(*(self._poll(e) for e in entries))
         for entry, report in zip(entries, results):
-            if report is _BOOTING:
+            if report is _BOOTING or self.workers.get(entry.worker_id) is not entry:
                 continue
             if report is not None:
-                entry.load, entry.healthy, entry.failures = report, report.healthy, 0
-                continue
+                entry.load, entry.healthy = report, report.healthy
+                if report.healthy:
+                    entry.failures = 0
+                    continue
+            # No answer, or an answer that says it cannot serve (its engine failed):
+            # either way it is replaced after failures_before_replace polls in a row.
             entry.healthy = False
             entry.failures += 1
             if entry.failures >= self.config.failures_before_replace:
@@ -169,6 +185,8 @@ class ClusterManager:
         return report
 
     def _replace(self, entry: WorkerEntry) -> None:
+        if self.workers.get(entry.worker_id) is not entry:
+            return  # already replaced
         del self.workers[entry.worker_id]
         _remove(entry)
         self._replaced += 1
@@ -270,6 +288,9 @@ class ClusterManager:
             raise ValueError(f"no worker {worker_id!r} in cluster {self.config.name}; "
                              f"workers: {sorted(self.workers)}")
         return entry
+
+    def get_config(self) -> ClusterConfig:
+        return self.config
 
     def snapshot(self) -> list[WorkerSnapshot]:
         return [WorkerSnapshot(e.worker_id, e.handle, e.role, e.healthy, e.load) for e in self.workers.values()]

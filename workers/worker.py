@@ -75,6 +75,7 @@ class Worker:
         self._thread: Optional[threading.Thread] = None
         self._stopping = False
         self._draining = False
+        self._thread_error: Optional[str] = None  # why the stepping thread died
         # Live migration.
         # Two worker actors are two processes, often on two nodes: the object store.
         self._transport = ObjectStoreTransport()
@@ -150,7 +151,7 @@ class Worker:
         refusal = None
         if rid in self._channel_of or rid in self._parked:
             refusal = Failed(rid, "invalid_request", f"request_id {rid!r} is already running here")
-        elif self._draining or not self.engine.healthy:
+        elif self._draining or not self.health()[0]:
             code = "draining" if self._draining else "worker_unhealthy"
             refusal = Failed(rid, code, f"worker {self.config.worker_id} is not taking requests ({code})")
         if refusal is not None:
@@ -194,8 +195,8 @@ class Worker:
         return self._load
 
     def health(self) -> tuple[bool, str]:
-        if self._thread is not None and not self._thread.is_alive():
-            return False, "the stepping thread died"
+        if self._thread_error is not None or (self._thread is not None and not self._thread.is_alive()):
+            return False, self._thread_error or "the stepping thread died"
         if not self.engine.healthy:
             return False, self.engine.health_error or "unhealthy"
         return True, "ok"
@@ -251,7 +252,7 @@ class Worker:
         mismatch = self._layout.mismatch(offer.layout)
         if mismatch is not None:
             raise ValueError(f"worker {self.config.worker_id} cannot take KV from {offer.source_id}: {mismatch}")
-        if self._draining or not self.engine.healthy:
+        if self._draining or not self.health()[0]:
             raise ValueError(f"worker {self.config.worker_id} is not taking migrations "
                              f"({'draining' if self._draining else 'unhealthy'})")
         if offer.request_id in self._channel_of or offer.request_id in self._parked:
@@ -310,6 +311,8 @@ class Worker:
     async def _call(self, command: EngineCall) -> Any:
         """Run one engine call on the stepping thread, between two steps."""
         self._ensure_thread()
+        if self._thread_error is not None:
+            raise RuntimeError(self._thread_error)
         call = Call(command)
         self._send(call)
         return await asyncio.wrap_future(call.reply)
@@ -326,6 +329,34 @@ class Worker:
             self._thread.start()
 
     def _run(self) -> None:
+        try:
+            self._step_until_stopped()
+        except BaseException as e:  # noqa: BLE001 - whatever ends the thread, no request may hang
+            self._stepping_died(f"the stepping thread died: {type(e).__name__}: {e}")
+            raise
+
+    def _stepping_died(self, error: str) -> None:
+        """Still on the dying thread: end every request with a retriable error (routers
+        resume them elsewhere) and report unhealthy, so the manager replaces the worker."""
+        self._thread_error = error
+        try:
+            failed = [e for output in self.engine.fail(error) for e in self._events_of(output)]
+        except BaseException:  # noqa: BLE001 - the engine's state is unknown; the loop fails the rest
+            failed = []
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_everything, failed, error)
+
+    def _fail_everything(self, failed: list[Event], error: str) -> None:
+        self._load = dataclasses.replace(self._load, healthy=False)
+        self._deliver(failed)
+        rids = set(self._channel_of) | set(self._parked)
+        self._deliver([Failed(rid, "worker_unhealthy", error) for rid in rids])
+        while not self._commands.empty():  # calls queued for the thread get the error
+            command = self._commands.get_nowait()
+            if isinstance(command, Call) and command.reply.set_running_or_notify_cancel():
+                command.reply.set_exception(RuntimeError(error))
+
+    def _step_until_stopped(self) -> None:
         engine = self.engine
         while not self._stopping:
             applied = self._apply_commands()

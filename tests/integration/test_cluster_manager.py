@@ -8,7 +8,11 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
+from workers import SamplingParams
 from workers.engine.config import EngineConfig
+from workers.events import Failed, WorkerRequest
+
+GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
 
 def test_manager_registers_polls_and_replaces(ray_local, make_model):
@@ -21,20 +25,46 @@ def test_manager_registers_polls_and_replaces(ray_local, make_model):
         assert sorted(s.worker_id for s in snapshot) == ["t-manager-w0", "t-manager-w1"]
         assert all(s.healthy and s.load.free_blocks == s.load.total_blocks for s in snapshot)
         ray_local.kill(snapshot[0].handle)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            ids = {s.worker_id: s.healthy for s in ray_local.get(manager.snapshot.remote())}
-            if ids == {"t-manager-w1": True, "t-manager-w2": True}:
-                break
-            time.sleep(0.2)
-        assert ids == {"t-manager-w1": True, "t-manager-w2": True}
+        # Every router whose stream broke reports it, all at once: the worker is
+        # replaced once, and polling goes on.
+        ray_local.get([manager.report_failure.remote("t-manager-w0") for _ in range(8)])
+        wait_for_workers(ray_local, manager, {"t-manager-w1": True, "t-manager-w2": True})
         assert ray_local.get(manager.status.remote())["replaced"] == 1
         groups = {g["name"]: g["state"] for g in ray_local.util.placement_group_table().values()}
         assert groups["yard-t-manager-w0"] == "REMOVED"  # the dead worker's bundles came back
         assert groups["yard-t-manager-w2"] == "CREATED"
+
+        # A worker whose stepping thread dies fails its requests at once, with a code
+        # routers retry elsewhere, says it is unhealthy, and is replaced.
+        def break_the_stepping_thread(worker) -> None:
+            """Runs inside the worker actor (a local function travels by value): the
+            next step's events raise, outside the engine's guard, as a worker bug would."""
+            def broken(output):
+                raise RuntimeError("injected fault")
+            worker._events_of = broken
+
+        w1 = next(s.handle for s in ray_local.get(manager.snapshot.remote()) if s.worker_id == "t-manager-w1")
+        ray_local.get(w1.__ray_call__.remote(break_the_stepping_thread))
+        events = [e for ref in w1.generate.remote(WorkerRequest("doomed", (5, 6, 7), GREEDY))
+                  for e in ray_local.get(ref)]
+        assert [type(e) for e in events] == [Failed] and events[0].code == "worker_unhealthy"
+        assert "injected fault" in events[0].message
+        assert ray_local.get(w1.health.remote()) == (False, events[0].message)
+        wait_for_workers(ray_local, manager, {"t-manager-w2": True, "t-manager-w3": True})
+        assert ray_local.get(manager.status.remote())["replaced"] == 2
     finally:
         ray_local.get(manager.shutdown.remote())
         ray_local.kill(manager)
+
+
+def wait_for_workers(ray, manager, expected: dict[str, bool], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        ids = {s.worker_id: s.healthy for s in ray.get(manager.snapshot.remote())}
+        if ids == expected:
+            return
+        time.sleep(0.2)
+    assert ids == expected
 
 
 def test_tensor_parallel_worker_is_rank_0_in_its_own_placement_group(ray_local, make_model):
