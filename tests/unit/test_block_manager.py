@@ -95,3 +95,48 @@ def test_reserve_and_release_round_trip():
     bm.release(reversed(blocks))
     assert bm.num_free_blocks == 6
     assert bm.ref_counts == [0] * 6
+
+
+def leading_reported(bm: BlockManager, s: Sequence, limit: int) -> int:
+    """How many of s's leading blocks a router would count as cached (router/prefix_policy.py)."""
+    reported = set(bm.cached_block_hashes(limit))
+    bm.hash_full_blocks(s)
+    n = 0
+    while n < len(s.block_hashes) and s.block_hashes[n] in reported:
+        n += 1
+    return n
+
+
+def test_reported_hashes_keep_whole_chains_in_lru_order():
+    bm = BlockManager(num_blocks=64, block_size=2)
+    system = [1, 2, 3, 4]  # a shared prefix: two blocks, cached first
+    first = seq("first", system + [10, 11, 12])
+    compute_all(bm, first)
+    bm.free(first)
+    for i in range(8):  # then many unrelated prompts, each of two full blocks
+        s = seq(f"other-{i}", [100 + 4 * i, 101 + 4 * i, 102 + 4 * i, 103 + 4 * i, 7])
+        compute_all(bm, s)
+        bm.free(s)
+    late = seq("late", system + [20, 21, 22])
+    assert leading_reported(bm, late, limit=6) == 0  # the shared head is the least recently used
+    compute_all(bm, late)  # a hit on the system prompt: it is the most recently used now
+    bm.free(late)
+    reported = bm.cached_block_hashes(limit=6)
+    assert len(reported) == 5  # late's chain (3), other-7's (2); other-6's would not fit whole
+    assert leading_reported(bm, seq("next", system + [30, 31, 32]), limit=6) == 2
+    assert leading_reported(bm, seq("again", system + [20, 21, 22]), limit=6) == 3
+    # Every reported block comes with its ancestors.
+    parents = {h: bm.block_content[bm.cached[h]][1][0] for h in reported}
+    assert all(p is None or p in reported for p in parents.values())
+
+
+def test_a_block_whose_ancestor_was_evicted_is_not_reported():
+    bm = BlockManager(num_blocks=8, block_size=2)
+    a = seq("a", [1, 2, 3, 4, 5, 6, 9])  # three full blocks, 0 1 2, then a partial one
+    compute_all(bm, a)
+    b = seq("b", [40, 41, 9])
+    compute_all(bm, b)
+    bm.free(a)
+    bm.free_queue.move_to_end(0, last=False)  # make a's head the next block handed out
+    bm.reserve(1)  # ...which evicts it: a's other blocks can never be hit again
+    assert bm.cached_block_hashes(limit=10) == [chain_hash(None, (40, 41))]

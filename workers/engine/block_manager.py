@@ -34,7 +34,7 @@ class BlockManager:
         self.watermark_blocks = watermark_blocks
         self.ref_counts = [0] * num_blocks
         self.free_queue: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.cached: dict[int, int] = {}  # block hash -> block id
+        self.cached: OrderedDict[int, int] = OrderedDict()  # block hash -> block id, least recently used first
         # block id -> (its hash, (parent hash, tokens)) for the token check on every hit
         self.block_content: dict[int, tuple[int, tuple[Optional[int], tuple[int, ...]]]] = {}
         self.prefix_query_tokens = 0
@@ -94,9 +94,33 @@ class BlockManager:
         seq.num_hashed_blocks = full
 
     def cached_block_hashes(self, limit: int) -> list[int]:
-        """The most recently cached block hashes, newest last (for load reports)."""
-        hashes = list(self.cached)
-        return hashes[-limit:] if limit else []
+        """At most `limit` cached block hashes for load reports, the most recently used
+        chains first, each with all its ancestors. A router counts a prompt's leading
+        blocks that are cached, so a block is worth reporting only with the blocks
+        before it: the heads of chains (a system prompt everyone shares) above all.
+        A block whose ancestor was evicted can never be hit, and is left out."""
+        reported: dict[int, None] = {}
+        orphans: set[int] = set()
+        for newest in reversed(self.cached):
+            chain = self._unreported_chain(newest, reported, orphans)
+            if len(reported) + len(chain) > limit:
+                break  # the rest is older: what is reported stays a set of whole chains
+            reported.update(dict.fromkeys(reversed(chain)))
+        return list(reported)
+
+    def _unreported_chain(self, block_hash: int, reported: dict[int, None], orphans: set[int]) -> list[int]:
+        """block_hash and its ancestors not yet reported, newest first; empty if an
+        ancestor is no longer cached (then they all join `orphans`)."""
+        chain: list[int] = []
+        h: Optional[int] = block_hash
+        while h is not None and h not in reported:
+            block = self.cached.get(h)
+            if block is None or h in orphans:
+                orphans.update(chain)
+                return []
+            chain.append(h)
+            h = self.block_content[block][1][0]
+        return chain
 
     # -- allocation --------------------------------------------------------------------
     def can_admit(self, seq: Sequence, hits: list[int], num_new_tokens: int) -> bool:
@@ -108,6 +132,7 @@ class BlockManager:
         """Give a waiting seq its prefix hits and blocks for num_new_tokens more."""
         for block in hits:
             self._take(block)
+            self.cached.move_to_end(self.block_content[block][0])  # used now
         seq.block_ids = list(hits)
         seq.num_computed_tokens = seq.num_cached_tokens = len(hits) * self.block_size
         seq.num_hashed_blocks = len(hits)
