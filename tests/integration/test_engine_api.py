@@ -89,6 +89,22 @@ def test_too_long_prompt_fails_alone(llama_dir):
     assert len(outs[2].token_ids) == 40
 
 
+@pytest.mark.parametrize("limits, bound", [
+    (dict(enable_chunked_prefill=False, max_num_batched_tokens=48), "max_num_batched_tokens"),
+    (dict(num_kv_blocks=3), "KV cache"),
+])
+def test_a_sequence_that_could_never_be_scheduled_fails_alone(llama_dir, limits, bound):
+    # 48 tokens: the step budget without chunking, or 3 blocks of 16. Unset
+    # max_model_len used to leave such a prompt waiting at the queue's head forever.
+    llm = LLM(model=str(llama_dir), **limits)
+    assert llm.engine.max_model_len == 48 and bound in llm.engine.max_model_len_bound
+    outs = llm.generate([prompt(0, 10), prompt(1, 60), prompt(2, 8)],
+                        SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert outs[1].finish_reason == "error"
+    assert "60 tokens" in outs[1].error and "max_model_len (48)" in outs[1].error and bound in outs[1].error
+    assert [len(o.token_ids) for o in (outs[0], outs[2])] == [12, 12]
+
+
 def test_bad_token_ids_and_request_ids_are_named(llama_dir):
     engine = LLMEngine(EngineConfig(model=str(llama_dir)))
     with pytest.raises(ValueError, match=r"prompt_token_ids holds 5000"):

@@ -51,7 +51,6 @@ class LLMEngine:
         self.model_dir = resolve_model(config.model)
         mc = self.model_config = load_model_config(self.model_dir, config.dtype)
         self.tokenizer = load_tokenizer(self.model_dir)
-        self.max_model_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
         tp_size = config.tensor_parallel_size
         local_kv_heads = ShardPlan.for_rank(mc, 0, tp_size).kv_heads  # checks the split too
         num_blocks = config.num_kv_blocks or int(
@@ -68,6 +67,8 @@ class LLMEngine:
         self.health_error: Optional[str] = None
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    watermark_blocks=num_blocks // 100)
+        self.max_model_len, self.max_model_len_bound = _max_model_len(config, mc.max_position_embeddings,
+                                                                      self.blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
@@ -134,12 +135,10 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in this engine")
         if check_tokens:
             self._check_prompt(token_ids[:num_prompt])
-        usable_blocks = self.blocks.num_blocks - self.blocks.watermark_blocks
-        room = min(self.max_model_len, usable_blocks * self.blocks.block_size) - num_prompt
+        room = self.max_model_len - num_prompt
         if room < 1:
-            raise ValueError(
-                f"prompt has {num_prompt} tokens; it must be shorter than max_model_len "
-                f"({self.max_model_len}) and the KV cache ({self.blocks.num_blocks} blocks)")
+            raise ValueError(f"prompt has {num_prompt} tokens; it must be shorter than max_model_len "
+                             f"({self.max_model_len}), set by {self.max_model_len_bound}")
         return Sequence(request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
                         params=params, max_tokens=min(params.max_tokens, room), priority=priority,
                         arrival_time=self.clock() if arrival_time is None else arrival_time)
@@ -380,3 +379,18 @@ class LLMEngine:
         bad = next((b for b in block_ids if not 0 <= b < self.blocks.num_blocks), None)
         if bad is not None:
             raise ValueError(f"block id {bad} is outside [0, {self.blocks.num_blocks})")
+
+
+def _max_model_len(config: EngineConfig, max_position_embeddings: int, blocks: BlockManager) -> tuple[int, str]:
+    """The longest sequence (prompt and output) this instance can ever run, and what
+    sets it. A longer one could never be scheduled: without chunked prefill a
+    sequence is prefilled (or recomputed after a preemption) in one step, so it must
+    fit the step's token budget; and it must fit the KV cache above the watermark."""
+    bounds = {"the model's max_position_embeddings": max_position_embeddings,
+              "usable KV cache blocks x block_size": (blocks.num_blocks - blocks.watermark_blocks) * blocks.block_size}
+    if config.max_model_len is not None:
+        bounds["max_model_len"] = config.max_model_len
+    if not config.enable_chunked_prefill:
+        bounds["max_num_batched_tokens, as enable_chunked_prefill is off"] = config.max_num_batched_tokens
+    bound = min(bounds, key=bounds.__getitem__)
+    return bounds[bound], bound
