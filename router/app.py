@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from cluster.config import ClusterConfig
-from cluster.manager import ClusterManager
+from cluster.config import ClusterConfig, config_changes
+from cluster.sizing import DEFAULT_ROUTER_CPUS
 from cluster.values import with_values_file
 from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.core import Overloaded, RouterCore
@@ -30,9 +30,9 @@ from workers.events import Failed, Finished, Tokens
 api = FastAPI(title="yard")
 
 
-def _stream_lines(enc: StreamEncoder, event: Any) -> list[str]:
+def _stream_lines(enc: StreamEncoder, event: Any, logprobs: Optional[list] = None) -> list[str]:
     if isinstance(event, Tokens):
-        return enc.delta(event.text)
+        return enc.delta(event.text, logprobs)
     if isinstance(event, Finished):
         return enc.finish(event.reason, _usage(event), stop_reason=event.stop_reason)
     return enc.error(worker_failure(event))
@@ -79,7 +79,7 @@ class Router(GrpcIngress):
             await self.core.refresh()
         try:
             gen = parse(parse_json(await request.body()), [self.config.model_name])
-            worker_request = self.core.prepare(gen, request.headers.get("x-session-id"))
+            worker_request = await self.core.prepare(gen, request.headers.get("x-session-id"))
         except Overloaded as e:
             self.core.refused(e)
             return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": str(e.retry_after_s)})
@@ -92,10 +92,13 @@ class Router(GrpcIngress):
 
     async def _whole(self, gen: GenerateRequest, worker_request: Any) -> JSONResponse:
         text, finish, usage, stop_reason = "", None, None, None
+        logprobs: Optional[list] = [] if worker_request.params.logprobs is not None else None
         try:
             async for event in self.core.stream(worker_request):
                 if isinstance(event, Tokens):
                     text += event.text
+                    if logprobs is not None:
+                        logprobs += self._logprobs(event) or []
                 elif isinstance(event, Finished):
                     finish, stop_reason, usage = event.reason, event.stop_reason, _usage(event)
                 elif isinstance(event, Failed):
@@ -105,7 +108,7 @@ class Router(GrpcIngress):
             return JSONResponse(unavailable(str(e)).body(), status_code=SERVICE_UNAVAILABLE)
         make = completion_body if gen.kind == "completion" else chat_body
         body = make(worker_request.request_id, self.config.model_name, int(time.time()), text, finish,
-                    usage, stop_reason=stop_reason)
+                    usage, logprobs=logprobs, stop_reason=stop_reason)
         return JSONResponse(body)
 
     async def _sse(self, gen: GenerateRequest, worker_request: Any) -> AsyncIterator[str]:
@@ -116,8 +119,10 @@ class Router(GrpcIngress):
         for chunk in enc.start():
             yield chunk
         try:
+            want_logprobs = worker_request.params.logprobs is not None
             async for event in self.core.stream(worker_request):
-                chunk = "".join(_stream_lines(enc, event))
+                logprobs = self._logprobs(event) if want_logprobs and isinstance(event, Tokens) else None
+                chunk = "".join(_stream_lines(enc, event, logprobs))
                 if chunk:  # a token may end inside a character: no text yet
                     yield chunk
         except NoWorkerAvailable as e:
@@ -125,11 +130,20 @@ class Router(GrpcIngress):
 
 
 def ensure_cluster(cluster: ClusterConfig) -> Any:
-    """The cluster manager of this name, started (with its workers) if not yet running."""
+    """The cluster manager of this name, started (with its workers) if not yet running.
+    A running one keeps the settings it started with: a redeploy that changes them
+    fails here, naming them, rather than serve with the old ones unseen."""
+    from cluster.manager import ClusterManager  # the engine's imports (torch): not in router replicas
+
     manager = ray.remote(ClusterManager).options(
         name=f"yard-manager-{cluster.name}", namespace=MANAGER_NAMESPACE, lifetime="detached",
         get_if_exists=True,
         num_cpus=0).remote(cluster)
+    changes = config_changes(ray.get(manager.get_config.remote()), cluster)
+    if changes:
+        raise ValueError(f"cluster {cluster.name!r} is already running with other settings "
+                         f"({'; '.join(changes)}); a running cluster keeps its own. Stop it first "
+                         f"(yard stop --cluster {cluster.name}), or deploy under another cluster.name")
     ray.get(manager.start.remote(), timeout=cluster.startup_timeout_s + 60)
     return manager
 
@@ -156,4 +170,4 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     # where load shedding cannot see them.
     return Router.options(num_replicas=int(args.get("replicas", 1)),
                           max_ongoing_requests=int(args.get("max_ongoing_requests", 1024)),
-                          ray_actor_options={"num_cpus": float(args.get("router_cpus", 0.5))}).bind(router)
+                          ray_actor_options={"num_cpus": float(args.get("router_cpus", DEFAULT_ROUTER_CPUS))}).bind(router)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import dataclasses
 import logging
 import time
@@ -19,7 +20,7 @@ from typing import Any, AsyncIterator, Optional
 import ray
 
 from router.config import MANAGER_NAMESPACE, RouterConfig
-from router.dispatch import DispatchRequest
+from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad
 from router.metrics import RouterMetrics
@@ -49,6 +50,9 @@ class RouterCore:
         model_dir = resolve_model(config.model)
         self.model_config = load_model_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        # The model's limit until the workers tell theirs (refresh): an engine may run
+        # less (its settings, its KV cache), and the router must refuse what it cannot.
         self.max_model_len = self.model_config.max_position_embeddings
         self.policy = make_policy(config.policy, **config.policy_arguments())
         self.metrics = RouterMetrics(config.model_name)
@@ -61,6 +65,7 @@ class RouterCore:
         self.sent: collections.Counter[str] = collections.Counter()
         self.ended: collections.Counter[str] = collections.Counter()
         self._refresher: Optional[asyncio.Task] = None
+        self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
 
     # -- the worker snapshot ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -72,6 +77,9 @@ class RouterCore:
                 self.sent[wid] = self.ended[wid] = 0  # a fresh report counts them
         self.handles = {s.worker_id: s.handle for s in snapshot}
         self.loads = loads
+        limits = [s.load.max_model_len for s in snapshot if s.load is not None and s.load.max_model_len]
+        if limits:
+            self.max_model_len = min(limits)
         for wid in [w for w in self.links if w not in self.handles]:
             self.links.pop(wid).close()
 
@@ -96,9 +104,12 @@ class RouterCore:
         check_prompt_token_ids(gen.prompt, self.model_config.vocab_size)
         return list(gen.prompt)
 
-    def prepare(self, gen: GenerateRequest, session_id: Optional[str]) -> WorkerRequest:
-        """Tokens, final sampling parameters and a request id; raises APIError."""
-        ids = self.tokenize(gen)
+    async def prepare(self, gen: GenerateRequest, session_id: Optional[str]) -> WorkerRequest:
+        """Tokens, final sampling parameters and a request id; raises APIError.
+        Tokenizing a long prompt or rendering a chat template takes milliseconds to
+        seconds: it runs on a thread, so that the replica's other streams go on (one
+        thread: a tokenizer is not safe to share between threads)."""
+        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.tokenize, gen)
         sampling = gen.resolve_sampling(len(ids), self.max_model_len)
         self.check_capacity()
         request_id = gen.request_id or f"{gen.kind}-{uuid.uuid4().hex}"
@@ -120,10 +131,20 @@ class RouterCore:
 
     async def stream(self, request: WorkerRequest) -> AsyncIterator[Event]:
         """The request's events, timed: TTFT, TPOT and end-to-end latency, and its
-        final status, go to the metrics."""
+        final status, go to the metrics. A request id is unique among this replica's
+        requests in flight: a second one with the same id (gRPC clients choose
+        theirs) is refused, because its events could not be told from the first's."""
+        rid = request.request_id
+        if rid in self.in_flight:
+            self.metrics.finished("invalid_request")
+            yield Failed(rid, "invalid_request", f"request_id: {rid!r} is already in flight on this router; "
+                                                   "ids must be unique among requests in flight")
+            return
+        self.in_flight.add(rid)
         stream = RequestStream(request, lambda excluded: self._pick(request, excluded), _open_stream,
                                self._report_failure, self.config.max_attempts, self._follow_move)
-        start, first, tokens, status = time.monotonic(), None, 0, "failed"
+        start, first, tokens = time.monotonic(), None, 0
+        status: Optional[str] = None  # set by the request's last event
         self.metrics.started(+1)
         try:
             async for event in stream.events():
@@ -136,11 +157,18 @@ class RouterCore:
                 elif isinstance(event, Failed):
                     status = event.code
                 yield event
+        except NoWorkerAvailable:
+            status = "no_worker"
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status = status or "cancelled"  # the client went away before the end
+            raise
         finally:
+            self.in_flight.discard(rid)
             for attempt in stream.attempts:
                 self.ended[attempt.worker_id] += 1
             self.metrics.started(-1)
-            self.metrics.finished(status)
+            self.metrics.finished(status or "failed")
 
     def _observe(self, start: float, first: Optional[float], tokens: int, event: Finished) -> None:
         end = time.monotonic()

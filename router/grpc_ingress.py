@@ -72,7 +72,7 @@ class GrpcIngress:
             if request.WhichOneof("prompt") == "token_ids":
                 # Checked here too so that the details name the proto field.
                 check_prompt_token_ids(gen.prompt, self.core.model_config.vocab_size, param="token_ids.ids")
-            worker_request = self.core.prepare(gen, gen.session_id)
+            worker_request = await self.core.prepare(gen, gen.session_id)
         except APIError as e:
             self.core.refused(e)
             _set_status(grpc_context, e)

@@ -18,15 +18,19 @@ RAYSERVICE = REPO / "deploy" / "kustomize" / "base" / "rayservice.yaml"
 
 
 
+MAX_MODEL_LEN = 1920
+
+
 def serve_config() -> dict[str, Any]:
     """serveConfigV2 of the RayService we ship, parsed."""
     return yaml.safe_load(yaml.safe_load(RAYSERVICE.read_text())["spec"]["serveConfigV2"])
 
 
 def test_values(model: str) -> dict[str, Any]:
-    # Small enough for 2 cores; 8 queued per worker so that a burst sheds with 429.
+    # Small enough for 2 cores; 8 queued per worker so that a burst sheds with 429;
+    # a max_model_len under the model's 2048, which the router must learn from the workers.
     return {"cluster": {"name": "e2e", "num_workers": 2, "worker_cpus": 0.5, "gpus_per_rank": 0,
-                        "load_poll_interval_s": 0.2, "engine": {"model": model}},
+                        "load_poll_interval_s": 0.2, "engine": {"model": model, "max_model_len": MAX_MODEL_LEN}},
             "router": {"served_model_name": "tiny-llama", "max_queue_per_worker": 8},
             "replicas": 1}
 
@@ -53,7 +57,7 @@ def serve_app(ray_local, make_model, tmp_path_factory):
                                    grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
     client.deploy_apps(config, _blocking=True)
     yield {"base_url": f"http://127.0.0.1:{port}", "grpc_target": f"127.0.0.1:{grpc_port}", "model_dir": model,
-           "app_name": app["name"]}
+           "app_name": app["name"], "max_model_len": MAX_MODEL_LEN}
     serve.shutdown()
     manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     ray_local.get(manager.shutdown.remote())

@@ -146,3 +146,29 @@ def test_bad_request_during_long_generate(pb2, yard, offline):
     assert ids == expected.token_ids and len(ids) == n
     assert text == expected.text
     assert last.finish_reason == "length" and last.usage.completion_tokens == n
+
+
+def test_a_second_stream_with_an_id_in_flight_is_refused_and_the_first_goes_on(pb2, yard, offline):
+    n = 200
+    expected = offline.generate(PROMPT, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True))[0]
+    request = greedy(pb2, n, text=PROMPT)
+    request.request_id = "client-chosen-id"
+    stream = yard.Generate(request, metadata=METADATA, timeout=300)
+    first = next(stream)
+    assert first.request_id == "client-chosen-id"
+
+    twin = greedy(pb2, 5, text="another prompt")
+    twin.request_id = "client-chosen-id"
+    with pytest.raises(grpc.RpcError) as info:
+        list(yard.Generate(twin, metadata=METADATA, timeout=60))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request_id" in info.value.details() and "client-chosen-id" in info.value.details()
+
+    ids, text, last = collect([first, *stream])
+    assert ids == expected.token_ids and text == expected.text
+    assert last.finish_reason == "length"
+    # Once the first has ended, the id is free again.
+    again = greedy(pb2, 4, text=PROMPT)
+    again.request_id = "client-chosen-id"
+    ids, _, _ = collect(yard.Generate(again, metadata=METADATA, timeout=60))
+    assert ids == expected.token_ids[:4]

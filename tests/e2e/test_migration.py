@@ -48,8 +48,8 @@ CASES: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0},
     "seeded": {"temperature": 0.9, "top_p": 0.9, "seed": 11},
     "penalties": {"temperature": 0.8, "seed": 5, "presence_penalty": 0.5, "frequency_penalty": 0.3},
-    # The worker samples with logprobs on (the text must not change); HTTP does not
-    # return them yet (issue 10), so only the text is compared.
+    # The worker samples with logprobs on (the text must not change); the logprobs
+    # themselves are compared across moves through gRPC (token ids, not texts).
     "logprobs": {"temperature": 0, "logprobs": 2},
 }
 

@@ -45,6 +45,42 @@ def test_streaming_chat_with_usage_matches_offline(client, offline):
     assert chunks[-1].usage.completion_tokens == 16
 
 
+def test_completion_logprobs_whole_and_streamed_match_offline(client, offline):
+    want = offline.generate("The quick brown fox", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                                  logprobs=2))[0]
+    token = lambda i: offline.tokenizer.decode([i])  # noqa: E731
+    tokens = [token(t.token_id) for t in want.logprobs]
+    top = [{token(t.token_id): t.logprob, **{token(i): lp for i, lp in t.top_logprobs}} for t in want.logprobs]
+    args = dict(model="tiny-llama", prompt="The quick brown fox", max_tokens=12, temperature=0, logprobs=2,
+                extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args).choices[0]
+    assert whole.text == want.text
+    assert whole.logprobs.tokens == tokens
+    assert whole.logprobs.token_logprobs == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert [set(d) for d in whole.logprobs.top_logprobs] == [set(d) for d in top]
+    assert whole.logprobs.text_offset[0] == 0
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args) if c.choices]
+    streamed = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+    assert streamed == tokens and "".join(c.text for c in chunks) == want.text
+
+
+def test_chat_logprobs_with_top_alternatives_match_offline(client, offline):
+    messages = [{"role": "user", "content": "What is a KV cache?"}]
+    want = offline.chat(messages, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=3))[0]
+    token = lambda i: offline.tokenizer.decode([i])  # noqa: E731
+    args = dict(model="tiny-llama", messages=messages, max_tokens=10, temperature=0, logprobs=True,
+                top_logprobs=3, extra_body={"ignore_eos": True})
+    content = client.chat.completions.create(**args).choices[0].logprobs.content
+    assert [c.token for c in content] == [token(t.token_id) for t in want.logprobs]
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in want.logprobs], abs=1e-5)
+    assert [[a.token for a in c.top_logprobs] for c in content] == \
+        [[token(i) for i, _ in t.top_logprobs] for t in want.logprobs]
+    assert all(c.bytes == list(c.token.encode()) for c in content)
+    streamed = [c for chunk in client.chat.completions.create(stream=True, **args) if chunk.choices
+                and chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [token(t.token_id) for t in want.logprobs]
+
+
 def test_models_and_health(serve_app, client):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     with urllib.request.urlopen(serve_app["base_url"] + "/health") as r:
@@ -74,6 +110,22 @@ def test_bad_input_gets_openai_errors(serve_app, body, status, param):
     assert code == status
     assert payload["error"]["param"] == param
     assert payload["error"]["message"]
+
+
+def test_the_workers_max_model_len_is_the_routers(serve_app):
+    # The engines run at most `limit` tokens, less than the model's 2048: the router
+    # refuses a prompt that only the model would fit, and says the real limit.
+    limit = serve_app["max_model_len"]
+    with urllib.request.urlopen(serve_app["base_url"] + "/v1/models") as r:
+        models = json.loads(r.read())
+    assert models["data"][0]["max_model_len"] == limit
+    code, payload = post(serve_app, "/v1/completions",
+                         json.dumps({"model": "tiny-llama", "prompt": [5] * limit}).encode())
+    assert code == 413 and payload["error"]["param"] == "prompt"
+    assert f"{limit} tokens" in payload["error"]["message"]
+    code, payload = post(serve_app, "/v1/completions", json.dumps(
+        {"model": "tiny-llama", "prompt": [5] * 20, "max_tokens": limit}).encode())
+    assert code == 400 and payload["error"]["param"] == "max_tokens"
 
 
 def test_long_prompt_is_413_and_empty_messages_400(serve_app):

@@ -27,6 +27,7 @@ import yaml
 from debian_tools import tool
 
 from cluster.serving import free_port
+from workers.engine.block_manager import chain_hash
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "kustomize" / "monitoring"
@@ -133,19 +134,33 @@ def prometheus(metrics_port, rules_file, tmp_path_factory):
         log.close()
 
 
-def send_load(serve_app: dict[str, Any], ray_local: Any) -> None:
+def send_load(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometheus") -> None:
     """Completions (a shared 40-token prefix, so the prefix-aware policy predicts
     hits and workers realize them), one request refused before dispatch, and a
     worker killed and replaced."""
     client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
     shared = list(range(100, 140))
-    for i in range(8):
+    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
+
+    def complete(i: int) -> None:
         client.completions.create(model="tiny-llama", prompt=shared + [200 + i], max_tokens=6, temperature=0,
                                   extra_body={"ignore_eos": True})
-        time.sleep(0.3)  # think time: the router's snapshot catches up with the cached blocks
+
+    # A hit is predicted once the router's snapshot shows the shared blocks cached:
+    # wait until the manager's does (the router pulls it every 0.1 s), then send more.
+    complete(0)
+    head = chain_hash(None, tuple(shared[:16]))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(
+            s.load and head in s.load.cached_block_hashes for s in ray_local.get(manager.snapshot.remote())):
+        time.sleep(0.05)
+    for i in range(1, 16):
+        complete(i)
+    hits = ('sum(ray_yard_router_prefix_predicted_hit_blocks_total) > 0 and '
+            'sum(ray_yard_router_prefix_realized_hit_blocks_total) > 0')
+    assert prometheus.wait_for(hits, 90), "no prefix hit was predicted and realized"
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-model", prompt="x", max_tokens=2)
-    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     before = {s.worker_id for s in ray_local.get(manager.snapshot.remote())}
     ray_local.kill(ray_local.get(manager.snapshot.remote())[0].handle)
     deadline = time.monotonic() + 120
@@ -184,6 +199,38 @@ def migrate_one(client: openai.OpenAI, ray_local: Any, manager: Any) -> None:
         assert len(stream.result()) > 0
 
 
+def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometheus") -> list[dict[str, Any]]:
+    """No worker takes requests (both draining): every request is a 503 counted as
+    no_worker, and the failing-or-shed alert's condition holds. Returns what the
+    alert's expression evaluated to; serving resumes afterwards."""
+    client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
+    manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
+    workers = [s.handle for s in ray_local.get(manager.snapshot.remote())]
+    outage = 'sum(ray_yard_router_requests_total{status="no_worker"})'
+
+    def refused() -> bool:
+        try:
+            client.completions.create(model="tiny-llama", prompt="anyone there?", max_tokens=2)
+        except openai.InternalServerError as e:
+            assert e.status_code == 503, e
+            return True
+        return False
+
+    ray_local.get([w.set_draining.remote(True) for w in workers])
+    try:
+        deadline = time.monotonic() + 60
+        while not refused() and time.monotonic() < deadline:  # until the router's snapshot shows it
+            time.sleep(0.05)
+        assert prometheus.wait_for(f"{outage} > 0", 90), "the outage's 503s are not counted as no_worker"
+        for _ in range(10):  # an increase Prometheus sees, so that rate() is above 0
+            assert refused()
+        assert prometheus.wait_for(f"sum(increase({outage.removeprefix('sum')}[5m])) > 0", 90)
+        alert = next(r for r in alert_rules() if r["alert"] == "YardRequestsFailingOrShed")
+        return prometheus.query(alert["expr"])
+    finally:
+        ray_local.get([w.set_draining.remote(False) for w in workers])
+
+
 def test_promtool_checks_the_rules(rules_file):
     out = subprocess.run([str(tool("promtool")), "check", "rules", str(rules_file)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -191,7 +238,7 @@ def test_promtool_checks_the_rules(rules_file):
 
 
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus):
-    send_load(serve_app, ray_local)
+    send_load(serve_app, ray_local, prometheus)
     # Ray exports a few seconds after recording; rates need two scrapes after that.
     assert prometheus.wait_for('count_over_time(ray_yard_router_requests_total{status="ok"}[1m]) > 3', 90)
     assert prometheus.wait_for("ray_yard_cluster_worker_replacements_total", 60)
@@ -206,6 +253,9 @@ def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prom
 
     for rule in alert_rules():
         assert prometheus.query(as_bool(rule["expr"])), f"alert {rule['alert']}: no data for {as_bool(rule['expr'])}"
+
+    firing = total_outage(serve_app, ray_local, prometheus)
+    assert firing and firing[0]["metric"]["model"] == "tiny-llama", firing
 
     names = set().union(*(metric_names(expr) for _, expr in queries),
                         *(metric_names(r["expr"]) for r in alert_rules()))
