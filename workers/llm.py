@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import weakref
 from dataclasses import dataclass, fields
 from typing import Any, Optional, Sequence as Seq, Union
 
@@ -43,16 +44,21 @@ class LLM:
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_args))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
+        # An instance dropped without close() still releases its ranks (and their
+        # CPUs, which the next tensor-parallel instance needs) when it is collected.
+        self._release = weakref.finalize(self, self.engine.shutdown)
 
-    def shutdown(self) -> None:
-        """Release the tensor-parallel ranks, if any."""
-        self.engine.shutdown()
+    def close(self) -> None:
+        """Release the tensor-parallel ranks and their placement group, if any; once."""
+        self._release()
+
+    shutdown = close
 
     def __enter__(self) -> "LLM":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.shutdown()
+        self.close()
 
     def generate(self, prompts: Union[Prompt, Seq[Prompt]],
                  sampling_params: Union[SamplingParams, Seq[SamplingParams], None] = None,

@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
+if TYPE_CHECKING:  # a router reads configs too, and does not import torch
+    import torch
 
 SUPPORTED_ARCHITECTURES = (
     "LlamaForCausalLM",
@@ -20,11 +21,7 @@ SUPPORTED_ARCHITECTURES = (
     "MixtralForCausalLM",
 )
 
-DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+DTYPES = ("bfloat16", "float16", "float32")  # names of torch dtypes
 
 
 class ModelConfigError(ValueError):
@@ -59,9 +56,15 @@ class ModelConfig:
     o_bias: bool
     num_experts: int  # 0 for dense models
     num_experts_per_token: int
-    dtype: torch.dtype
+    dtype_name: str  # one of DTYPES
     bos_token_id: Optional[int]
     eos_token_ids: tuple[int, ...]
+
+    @property
+    def dtype(self) -> "torch.dtype":
+        import torch
+
+        return getattr(torch, self.dtype_name)
 
     @property
     def is_moe(self) -> bool:
@@ -120,7 +123,7 @@ def parse_model_config(raw: dict[str, Any], dtype: Optional[str], source: str) -
         o_bias=arch != "Qwen2ForCausalLM" and bool(raw.get("attention_bias", False)),
         num_experts=raw.get("num_local_experts", 0) if arch == "MixtralForCausalLM" else 0,
         num_experts_per_token=raw.get("num_experts_per_tok", 2),
-        dtype=_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32", source),
+        dtype_name=_dtype(dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32", source),
         bos_token_id=raw.get("bos_token_id"),
         eos_token_ids=eos_ids,
     )
@@ -160,8 +163,8 @@ def _rope_scaling(raw: dict[str, Any], source: str) -> Optional[RopeScaling]:
     raise ModelConfigError(f"{source}: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
 
-def _dtype(name: Any, source: str) -> torch.dtype:
+def _dtype(name: Any, source: str) -> str:
     key = str(name).removeprefix("torch.")
     if key not in DTYPES:
         raise ModelConfigError(f"{source}: dtype {name!r} is not one of {sorted(DTYPES)}")
-    return DTYPES[key]
+    return key

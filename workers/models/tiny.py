@@ -16,10 +16,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import save_file
+if TYPE_CHECKING:  # imported where weights are made: routers resolve presets without torch
+    import torch
 
 CORPUS_PATH = Path(__file__).with_name("tiny_corpus.txt")
 TOKENIZER_VOCAB_SIZE = 1024
@@ -40,7 +40,7 @@ SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = ("float32", "bfloat16", "float16")  # names of torch dtypes
 
 _COMMON: dict[str, Any] = {
     "hidden_act": "silu",
@@ -153,7 +153,7 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def init_tensor(name: str, shape: tuple[int, ...], seed: int) -> "torch.Tensor":
     """One tensor, from a generator seeded by (seed, name): a tensor's values do not
     depend on which other tensors exist (tied or not, sharded or not).
 
@@ -164,6 +164,8 @@ def init_tensor(name: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     1 + N(0, 0.2) and biases N(0, 0.5), large enough that a loader that drops a norm
     or a bias visibly changes the output.
     """
+    import torch
+
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
     noise = torch.randn(shape, generator=gen, dtype=torch.float32)
@@ -196,8 +198,10 @@ def split_shards(sizes: dict[str, int], shards: int) -> list[list[str]]:
     return groups
 
 
-def write_weights(tensors: dict[str, torch.Tensor], out_dir: Path, shards: int) -> None:
+def write_weights(tensors: dict[str, "torch.Tensor"], out_dir: Path, shards: int) -> None:
     """model.safetensors, or HF-named shards plus model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
     if shards == 1:
         save_file(tensors, out_dir / "model.safetensors", metadata={"format": "pt"})
         return
@@ -282,7 +286,9 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     # Generated in float32 then cast, so every dtype holds the same values rounded.
     shapes = tensor_shapes(config)
-    tensors = {n: init_tensor(n, s, seed).to(DTYPES[dtype]) for n, s in sorted(shapes.items())}
+    import torch
+
+    tensors = {n: init_tensor(n, s, seed).to(getattr(torch, dtype)) for n, s in sorted(shapes.items())}
     write_weights({n: tensors[n] for n in shapes}, out, shards)
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {

@@ -35,10 +35,31 @@ class TPExecutor:
         current = get_current_placement_group()
         self.owns_placement = current is None or len(current.bundle_specs) != size
         if self.owns_placement:
-            self.placement = placement_group([{"CPU": cpus_per_rank}] * size, strategy=strategy)
+            bundles = [{"CPU": cpus_per_rank}] * size
+            # At once, rather than after timeout_s: the CPUs are not free now (an
+            # earlier instance most likely still holds them).
+            if size * cpus_per_rank > ray.available_resources().get("CPU", 0):
+                raise RuntimeError(_placement_error("cannot place", bundles))
+            self.placement = placement_group(bundles, strategy=strategy)
         else:
             self.placement = current
-        ray.get(self.placement.ready(), timeout=timeout_s)
+        self.ranks: list = []
+        try:
+            self._wait_for_placement(timeout_s)
+            self._start(model_dir, dtype, size, num_blocks, block_size, device, timeout_s)
+        except BaseException:
+            self._release()  # no rank or bundle outlives a failed start
+            raise
+
+    def _wait_for_placement(self, timeout_s: float) -> None:
+        try:
+            ray.get(self.placement.ready(), timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(_placement_error(f"could not place within {timeout_s:g} s",
+                                                self.placement.bundle_specs)) from None
+
+    def _start(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
+               device: str, timeout_s: float) -> None:
         host = ray.util.get_node_ip_address()
         store = open_store(host, size, timeout_s)
         actor = ray.remote(max_concurrency=2)(RankWorker)
@@ -72,7 +93,17 @@ class TPExecutor:
                 ray.get(self.loops, timeout=self.timeout_s)
         except Exception:  # noqa: BLE001 - tearing down a broken instance
             pass
+        self._release()
+
+    def _release(self) -> None:
         for rank in self.ranks:
             ray.kill(rank)
         if self.owns_placement:
             remove_placement_group(self.placement)
+
+
+def _placement_error(what: str, bundles: list[dict[str, float]]) -> str:
+    return (f"tensor parallelism {what} its {len(bundles)} ranks: it asks for bundles {bundles}, and the "
+            f"cluster has {ray.available_resources().get('CPU', 0):g} CPUs free of "
+            f"{ray.cluster_resources().get('CPU', 0):g}. Does an earlier instance still hold them? Close it "
+            f"(LLM.close(), or `with LLM(...)`)")
