@@ -102,6 +102,10 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
     status.add_argument("--cluster", default="yard", help="cluster name (default yard)")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     status.set_defaults(func=_status)
+    stop = sub.add_parser("stop", help="stop a running cluster's manager and workers (before a redeploy "
+                          "that changes its settings)")
+    stop.add_argument("--cluster", default="yard", help="cluster name (default yard)")
+    stop.set_defaults(func=_stop)
     drain = sub.add_parser("drain", help="move every request off a worker (live migration); returns when it is empty")
     drain.add_argument("worker_id", nargs="?", help="the worker's id, as yard status shows it")
     drain.add_argument("--this-node", action="store_true",
@@ -138,6 +142,12 @@ def _status(args: argparse.Namespace) -> int:
     from cluster.serving import print_status
 
     return print_status(args.cluster, args.json)
+
+
+def _stop(args: argparse.Namespace) -> int:
+    from cluster.serving import stop_command
+
+    return stop_command(args.cluster)
 
 
 def _drain(args: argparse.Namespace) -> int:

@@ -64,6 +64,19 @@ class ClusterConfig:
         return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration), **raw)
 
 
+def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """'field: old -> new' for every setting that differs between two configs
+    (dataclasses, compared field by field, nested ones too)."""
+    changes = []
+    for f in fields(old):
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if hasattr(a, "__dataclass_fields__") and type(a) is type(b):
+            changes += config_changes(a, b, f"{prefix}{f.name}.")
+        elif a != b:
+            changes.append(f"{prefix}{f.name}: {a!r} -> {b!r}")
+    return changes
+
+
 def _check_keys(section: str, raw: dict[str, Any], known: set[str]) -> None:
     unknown = sorted(set(raw) - known)
     if unknown:

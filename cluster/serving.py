@@ -18,6 +18,8 @@ from typing import Any, Optional
 import yaml
 
 from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env, direct_ingress_env
+from cluster.sizing import fit
+from cluster.values import with_values_file
 from router.config import MANAGER_NAMESPACE
 
 DEFAULT_HTTP_PORT = 8000
@@ -25,6 +27,7 @@ DEFAULT_GRPC_PORT = 9000
 INGRESS_MODES = ("proxy", "direct")
 APP_NAME = "yard"
 GRPC_SERVICER = "router.grpc_stubs.add_YardServicer_to_server"
+DEPLOY_TIMEOUT_S = 300.0  # the router replicas start in seconds; longer means Ray cannot place them
 
 
 def load_serve_config(path: Optional[str], model: Optional[str], workers: Optional[int],
@@ -82,6 +85,7 @@ def connect_ray(serve_env: Optional[dict[str, str]] = None) -> bool:
 def start(config: dict[str, Any]) -> dict[str, str]:
     """Start Serve and the application; returns the endpoints."""
     from ray import serve
+    from ray.serve import api as serve_api
 
     from router.app import APP_ARGS, build_app
 
@@ -97,9 +101,34 @@ def start(config: dict[str, Any]) -> dict[str, str]:
         connect_ray()
     serve.start(http_options={"host": http["host"], "port": proxy_http},
                 grpc_options={"port": proxy_grpc, "grpc_servicer_functions": [GRPC_SERVICER]})
+    import ray
+
     app_args = {k: v for k, v in config.items() if k in APP_ARGS | {"values_file"}}
-    serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+    app_args = fit(with_values_file(app_args), ray.cluster_resources().get("CPU", 0))
+    serve_api._run(build_app(app_args), name=APP_NAME, route_prefix="/", _blocking=False)
+    wait_until_running(APP_NAME, DEPLOY_TIMEOUT_S)
     return {"http": f"http://{http['host']}:{http['port']}/v1", "grpc": f"{http['host']}:{grpc['port']}"}
+
+
+def wait_until_running(app_name: str, timeout_s: float) -> None:
+    """Wait for the Serve application to run; raise, saying why, if it failed or is
+    still not running after timeout_s (a replica Ray cannot place waits forever)."""
+    import ray
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        state = getattr(app, "status", "NOT_STARTED")
+        if state == "RUNNING":
+            return
+        if state in ("DEPLOY_FAILED", "UNHEALTHY") or time.monotonic() > deadline:
+            details = {name: d.message for name, d in (app.deployments if app else {}).items() if d.message}
+            raise RuntimeError(f"the Serve application {app_name!r} is {state} after "
+                               f"{timeout_s - max(0.0, deadline - time.monotonic()):.0f} s: {details or 'no message'}; "
+                               f"Ray has {ray.available_resources().get('CPU', 0):g} CPUs free of "
+                               f"{ray.cluster_resources().get('CPU', 0):g}")
+        time.sleep(0.5)
 
 
 def free_port() -> int:
@@ -111,17 +140,32 @@ def free_port() -> int:
 
 
 def stop(config: dict[str, Any]) -> None:
-    import ray
     from ray import serve
 
     serve.shutdown()
-    name = config.get("cluster", {}).get("name", "yard")
+    stop_cluster(config.get("cluster", {}).get("name", "yard"))
+
+
+def stop_cluster(name: str) -> bool:
+    """Stop the named cluster's manager and its workers; False if none runs."""
+    import ray
+
     try:
         manager = ray.get_actor(f"yard-manager-{name}", namespace=MANAGER_NAMESPACE)
     except ValueError:
-        return
+        return False
     ray.get(manager.shutdown.remote())
     ray.kill(manager)
+    return True
+
+
+def stop_command(cluster_name: str) -> int:
+    connect_ray()
+    if not stop_cluster(cluster_name):
+        print(f"no yard cluster named {cluster_name!r} is running")
+        return 1
+    print(f"cluster {cluster_name!r} stopped: its manager and workers are gone")
+    return 0
 
 
 def serve_forever(config: dict[str, Any]) -> None:

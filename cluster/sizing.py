@@ -1,0 +1,68 @@
+"""Fit a serve config to the Ray cluster it starts on, or say why it cannot fit.
+
+`yard serve` asks Ray for CPUs: each worker actor (`worker_cpus`), each further
+tensor-parallel rank (`engine.tp_cpus_per_rank`) and each router replica
+(`router_cpus`). Asking for more than the cluster has leaves an actor pending
+forever, so Serve would wait without a word. Here, before anything starts: a
+`worker_cpus` the config does not set shrinks so that everything fits, and a demand
+that cannot fit fails, naming what was asked and what there is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_WORKER_CPUS = 1.0
+DEFAULT_ROUTER_CPUS = 0.5
+MIN_WORKER_CPUS = 0.1  # below this Ray still schedules, but a worker would crawl
+
+
+@dataclass(frozen=True)
+class Demand:
+    workers: int
+    worker_cpus: float
+    tp_ranks_per_worker: int  # further ranks, besides the worker itself
+    tp_cpus_per_rank: float
+    replicas: int
+    router_cpus: float
+
+    @property
+    def total(self) -> float:
+        per_worker = self.worker_cpus + self.tp_ranks_per_worker * self.tp_cpus_per_rank
+        return self.workers * per_worker + self.replicas * self.router_cpus
+
+    def describe(self) -> str:
+        tp = (f" + {self.tp_ranks_per_worker} tensor-parallel rank(s) x {self.tp_cpus_per_rank:g}"
+              if self.tp_ranks_per_worker else "")
+        return (f"{self.workers} worker(s) x ({self.worker_cpus:g}{tp}) CPUs and {self.replicas} router "
+                f"replica(s) x {self.router_cpus:g} CPUs = {self.total:g} CPUs")
+
+
+def demand_of(args: dict[str, Any]) -> Demand:
+    """What a build_app args dict (values file merged) asks Ray for."""
+    cluster = args.get("cluster") or {}
+    engine = cluster.get("engine") or {}
+    return Demand(workers=int(cluster.get("num_workers", 2)),
+                  worker_cpus=float(cluster.get("worker_cpus", DEFAULT_WORKER_CPUS)),
+                  tp_ranks_per_worker=int(engine.get("tensor_parallel_size", 1)) - 1,
+                  tp_cpus_per_rank=float(engine.get("tp_cpus_per_rank", 1.0)),
+                  replicas=int(args.get("replicas", 1)),
+                  router_cpus=float(args.get("router_cpus", DEFAULT_ROUTER_CPUS)))
+
+
+def fit(args: dict[str, Any], cluster_cpus: float) -> dict[str, Any]:
+    """args with worker_cpus sized to the cluster when the config leaves it unset;
+    raises ValueError when the demand cannot fit."""
+    demand = demand_of(args)
+    if "worker_cpus" not in (args.get("cluster") or {}) and demand.total > cluster_cpus:
+        spare = cluster_cpus - (demand.total - demand.workers * demand.worker_cpus)
+        worker_cpus = round(min(DEFAULT_WORKER_CPUS, spare / demand.workers), 2)
+        if worker_cpus >= MIN_WORKER_CPUS:
+            args = {**args, "cluster": {**args.get("cluster", {}), "worker_cpus": worker_cpus}}
+            demand = demand_of(args)
+    if demand.total > cluster_cpus:
+        raise ValueError(f"this deployment asks Ray for {demand.describe()}, but the cluster has "
+                         f"{cluster_cpus:g} CPUs: lower cluster.worker_cpus, cluster.num_workers, replicas or "
+                         f"router_cpus, or add nodes")
+    return args
