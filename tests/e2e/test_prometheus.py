@@ -206,7 +206,7 @@ def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometh
     client = openai.OpenAI(base_url=serve_app["base_url"] + "/v1", api_key="unused", max_retries=0)
     manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     workers = [s.handle for s in ray_local.get(manager.snapshot.remote())]
-    outage = 'sum(ray_yard_router_requests_total{status="no_worker"})'
+    no_worker = 'ray_yard_router_requests_total{status="no_worker"}'
 
     def refused() -> bool:
         try:
@@ -221,10 +221,10 @@ def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometh
         deadline = time.monotonic() + 60
         while not refused() and time.monotonic() < deadline:  # until the router's snapshot shows it
             time.sleep(0.05)
-        assert prometheus.wait_for(f"{outage} > 0", 90), "the outage's 503s are not counted as no_worker"
+        assert prometheus.wait_for(f"sum({no_worker}) > 0", 90), "the outage's 503s are not counted as no_worker"
         for _ in range(10):  # an increase Prometheus sees, so that rate() is above 0
             assert refused()
-        assert prometheus.wait_for(f"sum(increase({outage.removeprefix('sum')}[5m])) > 0", 90)
+        assert prometheus.wait_for(f"sum(increase({no_worker}[5m])) > 0", 90)
         alert = next(r for r in alert_rules() if r["alert"] == "YardRequestsFailingOrShed")
         return prometheus.query(alert["expr"])
     finally:

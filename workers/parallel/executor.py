@@ -10,6 +10,7 @@ within it instead of hanging the caller.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -22,6 +23,7 @@ from workers.parallel.group import TPGroup, join_group, open_store
 from workers.parallel.rank_worker import RankWorker
 
 STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
+FREE_CPUS_WAIT_S = 5.0
 
 
 class TPExecutor:
@@ -36,10 +38,7 @@ class TPExecutor:
         self.owns_placement = current is None or len(current.bundle_specs) != size
         if self.owns_placement:
             bundles = [{"CPU": cpus_per_rank}] * size
-            # At once, rather than after timeout_s: the CPUs are not free now (an
-            # earlier instance most likely still holds them).
-            if size * cpus_per_rank > ray.available_resources().get("CPU", 0):
-                raise RuntimeError(_placement_error("cannot place", bundles))
+            _wait_for_free_cpus(size * cpus_per_rank, bundles)
             self.placement = placement_group(bundles, strategy=strategy)
         else:
             self.placement = current
@@ -100,6 +99,17 @@ class TPExecutor:
             ray.kill(rank)
         if self.owns_placement:
             remove_placement_group(self.placement)
+
+
+def _wait_for_free_cpus(cpus: float, bundles: list[dict[str, float]]) -> None:
+    """Fail within FREE_CPUS_WAIT_S, not after the whole timeout, when the CPUs are not
+    free (an earlier instance most likely still holds them). The short wait covers
+    CPUs an instance closed a moment ago: Ray's free count lags their release."""
+    deadline = time.monotonic() + FREE_CPUS_WAIT_S
+    while cpus > ray.available_resources().get("CPU", 0):
+        if time.monotonic() > deadline:
+            raise RuntimeError(_placement_error("cannot place", bundles))
+        time.sleep(0.1)
 
 
 def _placement_error(what: str, bundles: list[dict[str, float]]) -> str:
