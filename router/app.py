@@ -22,6 +22,7 @@ from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.core import Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
 from router.grpc_ingress import GrpcIngress
+from router.limits import read_body
 from router.openai_errors import SERVICE_UNAVAILABLE, APIError, unavailable, worker_failure
 from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
 from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
@@ -61,7 +62,11 @@ class Router(GrpcIngress):
                              "healthy_workers": len(healthy)}, status_code=status)
 
     @api.get("/v1/models")
-    async def models(self) -> JSONResponse:
+    async def models(self, request: Request) -> JSONResponse:
+        try:
+            self.core.keys.caller(request.headers.get("authorization"))
+        except APIError as e:
+            return JSONResponse(e.body(), status_code=e.status)
         card = ModelCard(self.config.model_name, self.created, self.core.max_model_len)
         return JSONResponse(models_body([card]))
 
@@ -78,8 +83,10 @@ class Router(GrpcIngress):
         if not self.core.loads:
             await self.core.refresh()
         try:
-            gen = parse(parse_json(await request.body()), [self.config.model_name])
-            worker_request = await self.core.prepare(gen, request.headers.get("x-session-id"))
+            caller = self.core.keys.caller(request.headers.get("authorization"))
+            body = await read_body(request, self.core.limits)
+            gen = parse(parse_json(body), [self.config.model_name])
+            worker_request = await self.core.prepare(gen, request.headers.get("x-session-id"), caller)
         except Overloaded as e:
             self.core.refused(e)
             return JSONResponse(e.body(), status_code=e.status, headers={"Retry-After": str(e.retry_after_s)})

@@ -24,14 +24,25 @@ class RouterConfig:
     retry_after_s: int = 1
     max_attempts: int = 3  # workers one request may try before it fails
     block_size: int = 16  # the workers' KV block size: prefix hashes must match theirs
+    # Who may call, and what a request may ask (router/auth.py, router/limits.py).
+    api_keys_file: Optional[str] = None  # one key per line, then its grants ("priority")
+    api_keys_env: str = "YARD_API_KEYS"  # keys, comma-separated (a Kubernetes Secret)
+    allow_priority: bool = False  # may every caller set a request's priority (it preempts others)?
+    max_body_bytes: int = 8 * 2**20
+    max_prompt_tokens: Optional[int] = None  # per request; None: only max_model_len
+    max_completion_tokens: Optional[int] = None  # per request; a default max_tokens is capped to it
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {list(POLICIES)}, got {self.policy!r}")
-        for name in ("max_queue_per_worker", "retry_after_s", "max_attempts", "block_size"):
+        for name in ("max_queue_per_worker", "retry_after_s", "max_attempts", "block_size", "max_body_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_prompt_tokens", "max_completion_tokens"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or null, got {value!r}")
         if not self.snapshot_interval_s > 0:
             raise ValueError(f"snapshot_interval_s must be > 0, got {self.snapshot_interval_s!r}")
 

@@ -24,7 +24,9 @@ from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad
 from router.metrics import RouterMetrics
-from router.openai_errors import SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, APIError
+from router.auth import ApiKeys, Caller, check_priority
+from router.limits import RequestLimits
+from router.openai_errors import FORBIDDEN, SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, UNAUTHORIZED, APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
 from router.policies import make_policy
 from router.worker_link import WorkerLink
@@ -50,6 +52,8 @@ class RouterCore:
         model_dir = resolve_model(config.model)
         self.model_config = load_model_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
+        self.keys = ApiKeys.load(config.api_keys_file, config.api_keys_env, config.allow_priority)
+        self.limits = RequestLimits(config.max_body_bytes, config.max_prompt_tokens, config.max_completion_tokens)
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
         # The model's limit until the workers tell theirs (refresh): an engine may run
         # less (its settings, its KV cache), and the router must refuse what it cannot.
@@ -104,13 +108,15 @@ class RouterCore:
         check_prompt_token_ids(gen.prompt, self.model_config.vocab_size)
         return list(gen.prompt)
 
-    async def prepare(self, gen: GenerateRequest, session_id: Optional[str]) -> WorkerRequest:
+    async def prepare(self, gen: GenerateRequest, session_id: Optional[str], caller: Caller) -> WorkerRequest:
         """Tokens, final sampling parameters and a request id; raises APIError.
         Tokenizing a long prompt or rendering a chat template takes milliseconds to
         seconds: it runs on a thread, so that the replica's other streams go on (one
         thread: a tokenizer is not safe to share between threads)."""
+        check_priority(caller, gen.priority)
         ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.tokenize, gen)
-        sampling = gen.resolve_sampling(len(ids), self.max_model_len)
+        self.limits.check_prompt(gen, len(ids))
+        sampling = self.limits.cap_output(gen, gen.resolve_sampling(len(ids), self.max_model_len))
         self.check_capacity()
         request_id = gen.request_id or f"{gen.kind}-{uuid.uuid4().hex}"
         # Arrival at the router orders the request first-come-first-served on any
@@ -121,7 +127,8 @@ class RouterCore:
     def refused(self, err: APIError) -> None:
         """Count a request answered with an error before any worker saw it."""
         shed = err.status in (TOO_MANY_REQUESTS, SERVICE_UNAVAILABLE) and err.code
-        self.metrics.finished(err.code if shed else "invalid_request")
+        unauthorized = err.status in (UNAUTHORIZED, FORBIDDEN)
+        self.metrics.finished(err.code if shed else "unauthorized" if unauthorized else "invalid_request")
 
     def check_capacity(self) -> None:
         """Shed load (429) when every healthy worker's queue is at the limit."""

@@ -27,6 +27,7 @@ from router.dispatch import NoWorkerAvailable
 from router.grpc_protocol import from_proto, generate_response, list_models_response
 from router.openai_errors import APIError, unavailable, worker_failure
 from router.openai_protocol import check_prompt_token_ids
+from router.auth import Caller
 from router.openai_responses import ModelCard, TokenLogprob, Usage
 from workers.events import Failed, Finished, Tokens
 
@@ -68,11 +69,12 @@ class GrpcIngress:
         pb2 = _pb2()
         try:
             await self._grpc_ready()
+            caller = self._caller(grpc_context)
             gen = from_proto(request, [self.config.model_name])
             if request.WhichOneof("prompt") == "token_ids":
                 # Checked here too so that the details name the proto field.
                 check_prompt_token_ids(gen.prompt, self.core.model_config.vocab_size, param="token_ids.ids")
-            worker_request = await self.core.prepare(gen, gen.session_id)
+            worker_request = await self.core.prepare(gen, gen.session_id, caller)
         except APIError as e:
             self.core.refused(e)
             _set_status(grpc_context, e)
@@ -103,6 +105,11 @@ class GrpcIngress:
             _set_status(grpc_context, unavailable(str(e)))
             raise
 
+    def _caller(self, grpc_context: Any) -> Caller:
+        """Who calls, from the `authorization` metadata (as HTTP's header)."""
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        return self.core.keys.caller(metadata.get("authorization"))
+
     def _logprobs(self, event: Tokens) -> Optional[list[TokenLogprob]]:
         if event.logprobs is None:
             return None
@@ -128,5 +135,10 @@ class GrpcIngress:
                                   total_workers=max(len(loads), len(self.core.handles)))
 
     async def ListModels(self, request: Any, grpc_context: Any) -> Any:  # noqa: N802
+        try:
+            self._caller(grpc_context)
+        except APIError as e:
+            _set_status(grpc_context, e)
+            raise
         card = ModelCard(self.config.model_name, self.created, self.core.max_model_len)
         return list_models_response(_pb2(), [card])

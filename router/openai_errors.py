@@ -9,7 +9,11 @@ Status rule (one per kind of mistake, so a client can tell them apart):
 * 422 `invalid_request_error`: a field of the right type whose value is out of its
   range (`temperature` -1, `top_p` 0, `logprobs` 50, `top_k` -5).
 * 404 `model_not_found`: `model` names no served model.
-* 413 `context_length_exceeded`: the prompt alone does not fit in max_model_len.
+* 413 `context_length_exceeded`: the prompt alone does not fit in max_model_len;
+  413 `prompt_too_long` / `request_too_large`: over the deployment's own limits
+  (router.max_prompt_tokens, router.max_body_bytes).
+* 401 `invalid_api_key`: keys are configured and the request names none of them
+  (router/auth.py); 403 `priority_not_allowed`: a priority the caller may not set.
 
 OpenAI and vLLM answer 400 for both of the first two; 422 for out-of-range values
 follows RFC 9110 (well-formed, understood, but unprocessable). The openai client
@@ -27,6 +31,8 @@ import json
 from typing import Any, Optional
 
 BAD_REQUEST = 400
+UNAUTHORIZED = 401
+FORBIDDEN = 403
 NOT_FOUND = 404
 CONTENT_TOO_LARGE = 413
 UNPROCESSABLE = 422
@@ -38,6 +44,8 @@ SERVICE_UNAVAILABLE = 503
 _GRPC_CODES = {
     BAD_REQUEST: "INVALID_ARGUMENT",
     UNPROCESSABLE: "INVALID_ARGUMENT",
+    UNAUTHORIZED: "UNAUTHENTICATED",
+    FORBIDDEN: "PERMISSION_DENIED",
     CONTENT_TOO_LARGE: "INVALID_ARGUMENT",
     NOT_FOUND: "NOT_FOUND",
     TOO_MANY_REQUESTS: "RESOURCE_EXHAUSTED",

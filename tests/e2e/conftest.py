@@ -57,7 +57,7 @@ def serve_app(ray_local, make_model, tmp_path_factory):
                                    grpc_options=gRPCOptions(**config.grpc_options.model_dump()))
     client.deploy_apps(config, _blocking=True)
     yield {"base_url": f"http://127.0.0.1:{port}", "grpc_target": f"127.0.0.1:{grpc_port}", "model_dir": model,
-           "app_name": app["name"], "max_model_len": MAX_MODEL_LEN}
+           "app_name": app["name"], "max_model_len": MAX_MODEL_LEN, "app_args": app["args"]}
     serve.shutdown()
     manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     ray_local.get(manager.shutdown.remote())

@@ -101,8 +101,10 @@ def test_serve_config_validates_with_rays_schema_and_names_our_app():
     assert config.grpc_options.grpc_servicer_functions == ["router.grpc_stubs.add_YardServicer_to_server"]
     for template in pod_templates(rayservice):  # Serve's streaming settings, in every Ray process
         (container,) = template["spec"]["containers"]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
         assert {k: env.get(k) for k in STREAMING_SERVE_ENV} == STREAMING_SERVE_ENV
+        # Router replicas run in any Ray process: every pod reads the API keys' Secret.
+        assert env["YARD_API_KEYS"] == {"secretKeyRef": {"name": "yard-api-keys", "key": "keys", "optional": True}}
 
 
 @pytest.mark.parametrize("overlay", ["../base"] + OVERLAYS)
