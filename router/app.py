@@ -25,10 +25,12 @@ from router.grpc_ingress import GrpcIngress
 from router.limits import read_body
 from router.openai_errors import SERVICE_UNAVAILABLE, APIError, unavailable, worker_failure
 from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
+from router.openapi_schema import OPENAPI
 from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
 from workers.events import Failed, Finished, Tokens
 
 api = FastAPI(title="yard")
+api.openapi = lambda: OPENAPI  # FastAPI cannot see the fields of our raw-body endpoints
 
 
 def _stream_lines(enc: StreamEncoder, event: Any, logprobs: Optional[list] = None) -> list[str]:

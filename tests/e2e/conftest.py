@@ -62,3 +62,21 @@ def serve_app(ray_local, make_model, tmp_path_factory):
     manager = ray_local.get_actor("yard-manager-e2e", namespace="yard")
     ray_local.get(manager.shutdown.remote())
     ray_local.kill(manager)
+
+
+@pytest.fixture(scope="session")
+def secure_app(ray_local, serve_app, tmp_path_factory):
+    """A second application over the e2e cluster: API keys (team-key; boss-key may
+    set priority) and per-request limits (64 prompt tokens, 32 output tokens)."""
+    from ray import serve
+
+    from router.app import build_app
+
+    keys = tmp_path_factory.mktemp("keys") / "api-keys"
+    keys.write_text("# one key per line, then its grants\nteam-key\nboss-key priority\n")
+    args = serve_app["app_args"]
+    router = {**args.get("router", {}), "api_keys_file": str(keys), "max_body_bytes": 4096,
+              "max_prompt_tokens": 64, "max_completion_tokens": 32}
+    serve.run(build_app({**args, "router": router}), name="secure", route_prefix="/secure")
+    yield {"base_url": serve_app["base_url"] + "/secure", "grpc_target": serve_app["grpc_target"]}
+    serve.delete("secure")

@@ -18,22 +18,6 @@ from router.grpc_stubs import load
 METADATA = (("application", "secure"),)
 
 
-@pytest.fixture(scope="module")
-def secure_app(ray_local, serve_app, tmp_path_factory):
-    from ray import serve
-
-    from router.app import build_app
-
-    keys = tmp_path_factory.mktemp("keys") / "api-keys"
-    keys.write_text("# one key per line, then its grants\nteam-key\nboss-key priority\n")
-    args = serve_app["app_args"]
-    router = {**args.get("router", {}), "api_keys_file": str(keys), "max_body_bytes": 4096,
-              "max_prompt_tokens": 64, "max_completion_tokens": 32}
-    serve.run(build_app({**args, "router": router}), name="secure", route_prefix="/secure")
-    yield {"base_url": serve_app["base_url"] + "/secure", "grpc_target": serve_app["grpc_target"]}
-    serve.delete("secure")
-
-
 def post(url: str, body: bytes, key: str | None = None) -> tuple[int, dict[str, Any]]:
     headers = {"Content-Type": "application/json"}
     if key is not None:
