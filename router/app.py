@@ -58,6 +58,8 @@ class Router(GrpcIngress):
     @api.get("/health")
     async def health(self) -> JSONResponse:
         self.core.ensure_refreshing()
+        if not self.core.loads:  # a replica that just started has not pulled a snapshot yet
+            await self.core.refresh()
         healthy = [w for w in self.core.loads.values() if w.healthy]
         status = 200 if healthy else SERVICE_UNAVAILABLE
         return JSONResponse({"status": "ok" if healthy else "no healthy worker",

@@ -229,6 +229,9 @@ def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometh
         return prometheus.query(alert["expr"])
     finally:
         ray_local.get([w.set_draining.remote(False) for w in workers])
+        deadline = time.monotonic() + 60  # serving again before the next test
+        while refused() and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 def test_promtool_checks_the_rules(rules_file):

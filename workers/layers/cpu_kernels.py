@@ -28,9 +28,12 @@ from workers.models.tiny import cache_root
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("paged_decode.c")
-# -ffast-math lets the compiler vectorize the dot products and expf; the reordered
-# float sums stay within a few ulps of the reference.
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC")
+# Fast math, part by part: reassociation and no errno let the compiler vectorize
+# the dot products and expf (the reordered float sums stay within a few ulps of the
+# reference). Not -ffast-math itself: a library linked with it sets the CPU to flush
+# subnormals to zero when it loads, for the whole process that loads it.
+FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+         "-freciprocal-math", "-fno-math-errno", "-ffinite-math-only", "-fopenmp", "-shared", "-fPIC")
 
 DecodeKernel = Callable[..., None]
 
