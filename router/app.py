@@ -21,12 +21,14 @@ from cluster.values import with_values_file
 from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.core import Overloaded, RouterCore
 from router.dispatch import NoWorkerAvailable
+from router.choices import choice_requests, stream_choices
 from router.grpc_ingress import GrpcIngress
 from router.limits import read_body
 from router.openai_errors import SERVICE_UNAVAILABLE, APIError, unavailable, worker_failure
 from router.openai_protocol import GenerateRequest, parse_chat_request, parse_completion_request, parse_json
 from router.openapi_schema import OPENAPI
-from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, models_body)
+from router.openai_responses import (ModelCard, StreamEncoder, Usage, chat_body, completion_body, merge_choices,
+                                     models_body)
 from workers.events import Failed, Finished, Tokens
 
 api = FastAPI(title="yard")
@@ -44,6 +46,12 @@ def _stream_lines(enc: StreamEncoder, event: Any, logprobs: Optional[list] = Non
 def _usage(event: Finished) -> Usage:
     u = event.usage
     return Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
+
+
+def _total_usage(ends: list[Finished]) -> Usage:
+    """n choices of one prompt: the prompt counts once, every choice's output counts."""
+    first = ends[0].usage
+    return Usage(first.prompt_tokens, sum(e.usage.completion_tokens for e in ends), first.cached_tokens)
 
 
 # Defined after the helpers it calls: Serve captures the class when it is decorated.
@@ -102,42 +110,54 @@ class Router(GrpcIngress):
         return await self._whole(gen, worker_request)
 
     async def _whole(self, gen: GenerateRequest, worker_request: Any) -> JSONResponse:
-        text, finish, usage, stop_reason = "", None, None, None
-        logprobs: Optional[list] = [] if worker_request.params.logprobs is not None else None
+        n = gen.n
+        texts, ends = [""] * n, [None] * n
+        logprobs = [[] if worker_request.params.logprobs is not None else None for _ in range(n)]
         try:
-            async for event in self.core.stream(worker_request):
+            async for i, event in stream_choices(self.core, choice_requests(worker_request, n)):
                 if isinstance(event, Tokens):
-                    text += event.text
-                    if logprobs is not None:
-                        logprobs += self._logprobs(event) or []
+                    texts[i] += event.text
+                    if logprobs[i] is not None:
+                        logprobs[i] += self._logprobs(event) or []
                 elif isinstance(event, Finished):
-                    finish, stop_reason, usage = event.reason, event.stop_reason, _usage(event)
+                    ends[i] = event
                 elif isinstance(event, Failed):
                     err = worker_failure(event)
                     return JSONResponse(err.body(), status_code=err.status)
         except NoWorkerAvailable as e:
             return JSONResponse(unavailable(str(e)).body(), status_code=SERVICE_UNAVAILABLE)
         make = completion_body if gen.kind == "completion" else chat_body
-        body = make(worker_request.request_id, self.config.model_name, int(time.time()), text, finish,
-                    usage, logprobs=logprobs, stop_reason=stop_reason)
-        return JSONResponse(body)
+        bodies = [make(worker_request.request_id, self.config.model_name, int(time.time()), texts[i], end.reason,
+                       _usage(end), logprobs=logprobs[i], stop_reason=end.stop_reason) for i, end in enumerate(ends)]
+        return JSONResponse(merge_choices(bodies, _total_usage(ends)) if n > 1 else bodies[0])
 
     async def _sse(self, gen: GenerateRequest, worker_request: Any) -> AsyncIterator[str]:
-        enc = StreamEncoder(gen.kind, worker_request.request_id, self.config.model_name, int(time.time()),
-                            include_usage=gen.include_usage)
+        created = int(time.time())
+        encoders = [StreamEncoder(gen.kind, worker_request.request_id, self.config.model_name, created,
+                                  include_usage=gen.include_usage, index=i) for i in range(gen.n)]
         # One chunk per event, however many SSE lines it makes: each chunk is a
         # message through Serve's proxy.
-        for chunk in enc.start():
-            yield chunk
+        for enc in encoders:
+            for chunk in enc.start():
+                yield chunk
+        ends: list[Any] = [None] * gen.n
         try:
             want_logprobs = worker_request.params.logprobs is not None
-            async for event in self.core.stream(worker_request):
+            async for i, event in stream_choices(self.core, choice_requests(worker_request, gen.n)):
                 logprobs = self._logprobs(event) if want_logprobs and isinstance(event, Tokens) else None
-                chunk = "".join(_stream_lines(enc, event, logprobs))
+                if isinstance(event, Finished):
+                    ends[i] = event
+                    chunk = "".join(encoders[i].finish_choice(event.reason, stop_reason=event.stop_reason))
+                    if all(ends):
+                        chunk += "".join(encoders[0].end(_total_usage(ends)))
+                else:
+                    chunk = "".join(_stream_lines(encoders[i], event, logprobs))
                 if chunk:  # a token may end inside a character: no text yet
                     yield chunk
+                if isinstance(event, Failed):
+                    return
         except NoWorkerAvailable as e:
-            yield "".join(enc.error(unavailable(str(e))))
+            yield "".join(encoders[0].error(unavailable(str(e))))
 
 
 def ensure_cluster(cluster: ClusterConfig) -> Any:

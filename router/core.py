@@ -70,6 +70,7 @@ class RouterCore:
         self.ended: collections.Counter[str] = collections.Counter()
         self._refresher: Optional[asyncio.Task] = None
         self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
+        self.placed: dict[str, str] = {}  # request id -> the worker it runs on now
 
     # -- the worker snapshot ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -136,9 +137,10 @@ class RouterCore:
         if healthy and all(w.queue_length >= self.config.max_queue_per_worker for w in healthy):
             raise Overloaded(self.config.retry_after_s)
 
-    async def stream(self, request: WorkerRequest) -> AsyncIterator[Event]:
+    async def stream(self, request: WorkerRequest, prefer: Optional[str] = None) -> AsyncIterator[Event]:
         """The request's events, timed: TTFT, TPOT and end-to-end latency, and its
-        final status, go to the metrics. A request id is unique among this replica's
+        final status, go to the metrics. `prefer`: a worker to send it to while that
+        one is healthy (the other choices of a request, router/choices.py). A request id is unique among this replica's
         requests in flight: a second one with the same id (gRPC clients choose
         theirs) is refused, because its events could not be told from the first's."""
         rid = request.request_id
@@ -148,8 +150,9 @@ class RouterCore:
                                                    "ids must be unique among requests in flight")
             return
         self.in_flight.add(rid)
-        stream = RequestStream(request, lambda excluded: self._pick(request, excluded), _open_stream,
-                               self._report_failure, self.config.max_attempts, self._follow_move)
+        stream = RequestStream(request, lambda excluded: self._pick(request, excluded, prefer), _open_stream,
+                               self._report_failure, self.config.max_attempts,
+                               lambda worker_id: self._follow_move(rid, worker_id))
         start, first, tokens = time.monotonic(), None, 0
         status: Optional[str] = None  # set by the request's last event
         self.metrics.started(+1)
@@ -172,6 +175,7 @@ class RouterCore:
             raise
         finally:
             self.in_flight.discard(rid)
+            self.placed.pop(rid, None)
             for attempt in stream.attempts:
                 self.ended[attempt.worker_id] += 1
             self.metrics.started(-1)
@@ -184,17 +188,24 @@ class RouterCore:
         self.metrics.timings(first - start, tpot, end - start,
                              event.usage.cached_tokens // self.config.block_size)
 
-    def _pick(self, request: WorkerRequest, excluded: frozenset[str]) -> tuple[str, Any]:
+    def _pick(self, request: WorkerRequest, excluded: frozenset[str], prefer: Optional[str] = None
+              ) -> tuple[str, Any]:
         candidates = [w for w in self._current_loads() if w.worker_id not in excluded]
-        decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
-                                                      request.session_id), candidates)
-        self.metrics.dispatched(decision.policy, decision.worker_id, decision.predicted_hit_blocks)
-        self.sent[decision.worker_id] += 1
-        return decision.worker_id, self._link(decision.worker_id)
+        if any(w.worker_id == prefer and w.healthy for w in candidates):
+            worker_id, policy, predicted = prefer, "same_prompt", 0
+        else:
+            decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
+                                                          request.session_id), candidates)
+            worker_id, policy, predicted = decision.worker_id, decision.policy, decision.predicted_hit_blocks
+        self.metrics.dispatched(policy, worker_id, predicted)
+        self.sent[worker_id] += 1
+        self.placed[request.request_id] = worker_id
+        return worker_id, self._link(worker_id)
 
-    def _follow_move(self, worker_id: str) -> WorkerLink:
+    def _follow_move(self, request_id: str, worker_id: str) -> WorkerLink:
         """The link to where a request moved (with its KV): it now counts there."""
         self.sent[worker_id] += 1
+        self.placed[request_id] = worker_id
         if worker_id not in self.handles:  # newer than this replica's snapshot
             self.handles[worker_id] = ray.get_actor(worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE)
         return self._link(worker_id)

@@ -28,6 +28,7 @@ Kind = Literal["completion", "chat"]
 # OpenAI's default for /v1/completions (vLLM's too); chat without max_tokens fills
 # the context, which is only known once the prompt is tokenized (resolve_sampling).
 DEFAULT_COMPLETION_MAX_TOKENS = 16
+MAX_CHOICES = 16  # `n`
 
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -60,6 +61,7 @@ class GenerateRequest:
     include_usage: bool = False
     user: Optional[str] = None
     priority: int = 0
+    n: int = 1  # choices, each sampled on its own (router/choices.py)
     request_id: Optional[str] = None  # given by gRPC clients; HTTP ids are the router's
     session_id: Optional[str] = None
     # The field the client used for max_tokens (chat: max_completion_tokens or
@@ -231,15 +233,17 @@ def _common(body: dict[str, Any]) -> dict[str, Any]:
             raise bad_request("stream_options", "stream_options is only allowed when stream is true")
         include_usage = bool(_opt(options, "include_usage", "bool", "stream_options.include_usage"))
     priority = _opt(body, "priority", "int")
+    n = _opt(body, "n", "int")
+    if n is not None and not 1 <= n <= MAX_CHOICES:
+        raise invalid_value("n", f"n: between 1 and {MAX_CHOICES} choices, got {show(n)}")
     return {"stream": stream, "include_usage": include_usage, "user": _opt(body, "user", "str"),
-            "priority": 0 if priority is None else priority}
+            "priority": 0 if priority is None else priority, "n": 1 if n is None else n}
 
 
 def _reject_unsupported(body: dict[str, Any], kind: Kind) -> None:
-    for name in ("n", "best_of"):
-        value = _opt(body, name, "int")
-        if value is not None and value != 1:
-            raise bad_request(name, f"{name}: only {name}=1 is supported, got {show(value)}")
+    best_of = _opt(body, "best_of", "int")
+    if best_of is not None and best_of != 1:
+        raise bad_request("best_of", f"best_of: only best_of=1 is supported (use n), got {show(best_of)}")
     unsupported = ["logit_bias", "tools", "functions"]
     unsupported += ["echo", "suffix"] if kind == "completion" else ["audio", "prediction"]
     for name in unsupported:

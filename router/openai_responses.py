@@ -124,6 +124,12 @@ def chat_body(request_id: str, model: str, created: int, text: str, finish_reaso
     }
 
 
+def merge_choices(bodies: Sequence[dict[str, Any]], usage: Usage) -> dict[str, Any]:
+    """One response of n choices from n one-choice bodies (choice i from bodies[i])."""
+    return {**bodies[0], "choices": [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)],
+            "usage": usage.body()}
+
+
 def models_body(cards: Iterable[ModelCard]) -> dict[str, Any]:
     """/v1/models."""
     data = []
@@ -154,6 +160,7 @@ class StreamEncoder:
     model: str
     created: int
     include_usage: bool = False
+    index: int = 0  # the choice this encoder writes (n > 1: one encoder per choice)
     _role_sent: bool = False
     _text_offset: int = 0
 
@@ -170,10 +177,10 @@ class StreamEncoder:
         if self.kind == "completion":
             lp = None if logprobs is None else completion_logprobs(logprobs, self._text_offset)
             self._text_offset += len(text)
-            return {"index": 0, "text": text, "logprobs": lp,
+            return {"index": self.index, "text": text, "logprobs": lp,
                     "finish_reason": finish_reason, "stop_reason": stop_reason}
         delta = {"content": text} if text or finish_reason is None else {}
-        return {"index": 0, "delta": delta,
+        return {"index": self.index, "delta": delta,
                 "logprobs": None if logprobs is None else chat_logprobs(logprobs),
                 "finish_reason": finish_reason, "stop_reason": stop_reason}
 
@@ -182,7 +189,7 @@ class StreamEncoder:
         if self.kind != "chat" or self._role_sent:
             return []
         self._role_sent = True
-        return [sse(self._chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+        return [sse(self._chunk({"index": self.index, "delta": {"role": "assistant", "content": ""},
                                  "logprobs": None, "finish_reason": None}))]
 
     def delta(self, text: str, logprobs: Optional[Sequence[TokenLogprob]] = None) -> list[str]:
@@ -197,8 +204,17 @@ class StreamEncoder:
                stop_reason: StopReason = None) -> list[str]:
         """The last lines: the finishing chunk (with any last text), the usage chunk
         when asked for, and [DONE]."""
-        lines = self.start()
-        lines.append(sse(self._chunk(self._choice(text, logprobs, finish_reason, stop_reason))))
+        return self.finish_choice(finish_reason, text=text, logprobs=logprobs, stop_reason=stop_reason) + \
+            self.end(usage)
+
+    def finish_choice(self, finish_reason: str, *, text: str = "",
+                      logprobs: Optional[Sequence[TokenLogprob]] = None, stop_reason: StopReason = None) -> list[str]:
+        """This choice's finishing chunk (with any last text)."""
+        return self.start() + [sse(self._chunk(self._choice(text, logprobs, finish_reason, stop_reason)))]
+
+    def end(self, usage: Usage) -> list[str]:
+        """After every choice finished: the usage chunk when asked for, and [DONE]."""
+        lines = []
         if self.include_usage:
             lines.append(sse({"id": self.request_id,
                               "object": "text_completion" if self.kind == "completion" else "chat.completion.chunk",

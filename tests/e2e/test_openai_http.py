@@ -81,6 +81,36 @@ def test_chat_logprobs_with_top_alternatives_match_offline(client, offline):
     assert [c.token for c in streamed] == [token(t.token_id) for t in want.logprobs]
 
 
+def test_n_seeded_choices_each_match_an_offline_run_with_its_seed(client, offline):
+    prompt = "Once there was a cache that " * 6  # a few full blocks, shared by the choices
+    got = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=10, temperature=0.9, seed=7,
+                                    n=3, extra_body={"ignore_eos": True})
+    want = [offline.generate(prompt, SamplingParams(temperature=0.9, seed=7 + i, max_tokens=10,
+                                                    ignore_eos=True))[0] for i in range(3)]
+    assert [c.index for c in got.choices] == [0, 1, 2]
+    assert [c.text for c in got.choices] == [w.text for w in want]
+    assert len({c.text for c in got.choices}) > 1  # their own seeds: not one text three times
+    assert got.usage.prompt_tokens == len(want[0].prompt_token_ids) and got.usage.completion_tokens == 30
+
+
+def test_n_streamed_chat_choices_each_equal_the_greedy_run(client, offline):
+    messages = [{"role": "user", "content": "Name two caches."}]
+    expected = offline.chat(messages, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+    chunks = list(client.chat.completions.create(model="tiny-llama", messages=messages, max_tokens=8, temperature=0,
+                                                 n=2, stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True}))
+    texts = {0: "", 1: ""}
+    finished = []
+    for chunk in chunks:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.append((c.index, c.finish_reason))
+    assert texts == {0: expected, 1: expected}
+    assert sorted(finished) == [(0, "length"), (1, "length")]
+    assert chunks[-1].usage.completion_tokens == 16 and not chunks[-1].choices
+
+
 def test_models_and_health(serve_app, client):
     assert [m.id for m in client.models.list().data] == ["tiny-llama"]
     with urllib.request.urlopen(serve_app["base_url"] + "/health") as r:
