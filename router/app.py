@@ -201,4 +201,5 @@ def build_app(args: Optional[dict[str, Any]] = None) -> serve.Application:
     # where load shedding cannot see them.
     return Router.options(num_replicas=int(args.get("replicas", 1)),
                           max_ongoing_requests=int(args.get("max_ongoing_requests", 1024)),
-                          ray_actor_options={"num_cpus": float(args.get("router_cpus", DEFAULT_ROUTER_CPUS))}).bind(router)
+                          ray_actor_options={"num_cpus": float(args.get("router_cpus", DEFAULT_ROUTER_CPUS))}
+                          ).bind(router)

@@ -140,9 +140,11 @@ class RouterCore:
     async def stream(self, request: WorkerRequest, prefer: Optional[str] = None) -> AsyncIterator[Event]:
         """The request's events, timed: TTFT, TPOT and end-to-end latency, and its
         final status, go to the metrics. `prefer`: a worker to send it to while that
-        one is healthy (the other choices of a request, router/choices.py). A request id is unique among this replica's
-        requests in flight: a second one with the same id (gRPC clients choose
-        theirs) is refused, because its events could not be told from the first's."""
+        one is healthy (a request's other choices, router/choices.py).
+
+        A request id is unique among this replica's requests in flight: a second one
+        with the same id (gRPC clients choose theirs) is refused, because its events
+        could not be told from the first's."""
         rid = request.request_id
         if rid in self.in_flight:
             self.metrics.finished("invalid_request")

@@ -62,7 +62,8 @@ def test_a_choices_error_stops_the_others():
                 yield event
 
     async def run():
-        return [e async for e in stream_choices(Broken(), choice_requests(WorkerRequest("r", (1,), SamplingParams()), 2))]
+        requests = choice_requests(WorkerRequest("r", (1,), SamplingParams()), 2)
+        return [e async for e in stream_choices(Broken(), requests)]
 
     with pytest.raises(RuntimeError, match="no worker"):
         asyncio.run(run())
