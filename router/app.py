@@ -36,10 +36,9 @@ api.openapi = lambda: OPENAPI  # FastAPI cannot see the fields of our raw-body e
 
 
 def _stream_lines(enc: StreamEncoder, event: Any, logprobs: Optional[list] = None) -> list[str]:
+    """A Tokens or Failed event's lines (Finished ends a choice: _sse handles it)."""
     if isinstance(event, Tokens):
         return enc.delta(event.text, logprobs)
-    if isinstance(event, Finished):
-        return enc.finish(event.reason, _usage(event), stop_reason=event.stop_reason)
     return enc.error(worker_failure(event))
 
 
