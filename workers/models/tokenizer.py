@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
-def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+def load_tokenizer(model_dir: Path) -> "PreTrainedTokenizerBase":
+    from transformers import AutoTokenizer  # imports torch: not at import time (router replicas)
+
     if not (Path(model_dir) / "tokenizer.json").exists() and not (Path(model_dir) / "tokenizer.model").exists():
         raise FileNotFoundError(f"no tokenizer.json in model directory {model_dir}")
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+def encode_prompt(tokenizer: Any, prompt: str) -> list[int]:
     """Prompt text to token ids, with the special tokens (BOS) the model expects."""
     return tokenizer.encode(prompt, add_special_tokens=True)
 
 
-def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
     """Apply the chat template, then encode. The template writes its own special tokens
     (BOS included), so none are added again."""
     if not messages:
