@@ -206,7 +206,8 @@ def print_status(cluster_name: str, as_json: bool = False) -> int:
     if as_json:
         print(json.dumps(status, indent=2))
         return 0
-    print(f"cluster {status['cluster']}: {len(status['workers'])} workers, {status['replaced']} replaced")
+    restarted = " (its manager restarted and adopted the workers)" if status["restarted"] else ""
+    print(f"cluster {status['cluster']}: {len(status['workers'])} workers, {status['replaced']} replaced{restarted}")
     print(f"{'worker':<24}{'role':<8}{'healthy':<9}{'draining':<10}{'running':>8}{'waiting':>8}"
           f"{'free/total blocks':>20}")
     for w in status["workers"]:

@@ -9,19 +9,35 @@ from __future__ import annotations
 
 from typing import Any
 
+from router.openai_protocol import MAX_CHOICES
+from workers.sampling_params import MAX_LOGPROBS
+
 _NUMBER = {"type": "number"}
 _INT = {"type": "integer"}
 _STRINGS = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]}
 
-# Sampling fields both endpoints take (docs/engine.md has their meaning and ranges).
+
+def _between(low: float, high: float, kind: dict[str, str] = _NUMBER) -> dict[str, Any]:
+    return {**kind, "minimum": low, "maximum": high}
+
+
+_PENALTY = _between(-2, 2)
+_INT64 = _between(-2**63, 2**63 - 1, _INT)
+
+# Sampling fields both endpoints take, with the ranges the parser accepts
+# (docs/engine.md has their meaning). A value outside is refused with a 400 or 422.
 _SAMPLING: dict[str, Any] = {
-    "temperature": _NUMBER, "top_p": _NUMBER, "top_k": _INT, "min_p": _NUMBER, "seed": _INT,
-    "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER, "repetition_penalty": _NUMBER,
-    "stop": _STRINGS, "stop_token_ids": {"type": "array", "items": _INT}, "ignore_eos": {"type": "boolean"},
+    "temperature": {**_NUMBER, "minimum": 0}, "top_p": {**_NUMBER, "exclusiveMinimum": 0, "maximum": 1},
+    "top_k": {**_INT, "minimum": -1}, "min_p": _between(0, 1), "seed": _INT64,
+    "presence_penalty": _PENALTY, "frequency_penalty": _PENALTY,
+    "repetition_penalty": {**_NUMBER, "exclusiveMinimum": 0},
+    "stop": _STRINGS, "stop_token_ids": {"type": "array", "items": {**_INT, "minimum": 0}},
+    "ignore_eos": {"type": "boolean"},
     "include_stop_str_in_output": {"type": "boolean"}, "skip_special_tokens": {"type": "boolean"},
     "stream": {"type": "boolean"},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
-    "user": {"type": "string"}, "priority": _INT, "n": _INT, "best_of": _INT,
+    "user": {"type": "string"}, "priority": _INT, "n": _between(1, MAX_CHOICES, _INT),
+    "best_of": {**_INT, "const": 1},
 }
 
 _COMPLETION_REQUEST = {
@@ -30,10 +46,9 @@ _COMPLETION_REQUEST = {
     "properties": {
         "model": {"type": "string"},
         "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": _INT, "minItems": 1}]},
-        "max_tokens": _INT,
-        "logprobs": _INT,
-        "echo": {"type": "boolean"},
-        "suffix": {"type": "string"},
+        "max_tokens": {**_INT, "minimum": 1},
+        "logprobs": _between(0, MAX_LOGPROBS, _INT),
+        "echo": {"type": "boolean", "const": False},  # not supported: refused when true
         **_SAMPLING,
     },
 }
@@ -51,10 +66,10 @@ _CHAT_REQUEST = {
     "properties": {
         "model": {"type": "string"},
         "messages": {"type": "array", "items": _MESSAGE, "minItems": 1},
-        "max_tokens": _INT,
-        "max_completion_tokens": _INT,
+        "max_tokens": {**_INT, "minimum": 1},
+        "max_completion_tokens": {**_INT, "minimum": 1},
         "logprobs": {"type": "boolean"},
-        "top_logprobs": _INT,
+        "top_logprobs": _between(0, MAX_LOGPROBS, _INT),  # with logprobs true
         **_SAMPLING,
     },
 }
