@@ -8,12 +8,20 @@ whose actor died, is unhealthy), replaces dead workers under a new id, and serve
 snapshots of the registry that router replicas pull. Every migration interval it
 asks the migration policy (cluster/migration_policy.py) which requests to move and
 tells their source workers; it drains workers on request.
+
+The workers and their placement groups are detached: they outlive the manager. When
+the manager dies, Ray restarts it (the actor has unlimited restarts), and the new
+one adopts the workers that still run (cluster/adoption.py) instead of starting new
+ones; routers serve on their last snapshot meanwhile. A manager that Ray did not
+restart (a fresh deploy after one was killed for good) removes such orphans instead:
+it cannot know what settings they were started with.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import time
@@ -24,9 +32,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from cluster.adoption import Orphans, find_orphans, placement_name, remove_orphans
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, RequestView, WorkerView
+from router.config import MANAGER_NAMESPACE
 from workers.events import worker_actor_name
 from workers.load_report import LoadReport
 from workers.migration import MigrationOrder as WorkerMigrationOrder
@@ -40,7 +50,7 @@ log = logging.getLogger(__name__)
 class WorkerEntry:
     worker_id: str
     handle: Any  # the Worker actor handle
-    role: str
+    role: Optional[str]  # None: adopted, until its first load report says
     placement: Optional[PlacementGroup] = None  # the worker's and its TP ranks' bundles
     healthy: bool = False  # until its first load report arrives
     load: Optional[LoadReport] = None
@@ -65,7 +75,7 @@ class InFlight:
 class WorkerSnapshot:
     worker_id: str
     handle: Any
-    role: str
+    role: Optional[str]  # None: adopted, not yet reported
     healthy: bool
     load: Optional[LoadReport]
 
@@ -77,12 +87,16 @@ class ClusterManager:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.workers: dict[str, WorkerEntry] = {}
-        self._ids = itertools.count()
         self._replaced = 0
         self._metrics = ClusterMetrics(config.name, sum(count for _, count in config.pools()))
-        for role, count in config.pools():
-            for _ in range(count):
-                self._start_worker(role)
+        orphans = find_orphans(config.name)
+        self._ids = itertools.count(orphans.next_index)  # ids are never reused, across managers
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        if self.restarted:
+            self._adopt(orphans)
+        else:
+            remove_orphans(orphans)
+        self._top_up()
         self._loop_task: Optional[asyncio.Task] = None
         self._polling: Optional[asyncio.Future] = None  # the poll running now, shared by its callers
         self._migration_task: Optional[asyncio.Task] = None
@@ -93,6 +107,23 @@ class ClusterManager:
         self._migration_totals: collections.Counter[tuple[str, str]] = collections.Counter()  # (reason, outcome)
         self._recent_migrations: collections.deque[MigrationResult] = collections.deque(maxlen=32)
 
+    def _adopt(self, orphans: Orphans) -> None:
+        """Take over the workers a previous incarnation started; their role is known
+        from their first load report, as a booting worker's is."""
+        for worker_id, (handle, placement) in orphans.workers.items():
+            self.workers[worker_id] = WorkerEntry(worker_id, handle, None, placement, booting=handle.load.remote())
+            log.warning("manager restarted: adopting worker %s", worker_id)
+        remove_orphans(dataclasses.replace(orphans, workers={}))  # groups whose worker is gone
+
+    def _top_up(self) -> None:
+        """Start the workers each pool lacks (at start, and after one was removed).
+        While an adopted worker has not said its role, wait: it may fill a pool."""
+        if any(e.role is None for e in self.workers.values()):
+            return
+        for role, count in self.config.pools():
+            for _ in range(count - sum(e.role == role for e in self.workers.values())):
+                self._start_worker(role)
+
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role,
@@ -100,11 +131,11 @@ class ClusterManager:
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks)
         bundles = self.config.worker_bundles()
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
-                                    name=f"yard-{worker_id}")
+                                    name=placement_name(worker_id), lifetime="detached")
         handle = ray.remote(Worker).options(
             num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
-            name=worker_actor_name(worker_id), lifetime=None).remote(wc)
+            name=worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE, lifetime="detached").remote(wc)
         entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote())
         self.workers[worker_id] = entry
         return entry
@@ -117,11 +148,16 @@ class ClusterManager:
         while any(e.booting is not None for e in self.workers.values()) and time.monotonic() < deadline:
             await asyncio.sleep(0.2)
             await self.poll_once()
+        self._ensure_loops()
+        return sum(w.healthy for w in self.workers.values())
+
+    def _ensure_loops(self) -> None:
+        """Start polling and planning migrations, once. A manager that Ray restarted
+        gets no start() call: the first router that pulls a snapshot starts them."""
         if self._loop_task is None:
             loop = asyncio.get_running_loop()
             self._loop_task = loop.create_task(self._poll_forever())
             self._migration_task = loop.create_task(self._migrate_forever())
-        return sum(w.healthy for w in self.workers.values())
 
     async def _poll_forever(self) -> None:
         while True:
@@ -156,6 +192,7 @@ class ClusterManager:
             entry.failures += 1
             if entry.failures >= self.config.failures_before_replace:
                 self._replace(entry)
+        self._top_up()  # once adopted workers have said their roles
         self._metrics.states(self._state_counts(), len(self._in_flight))
 
     def _state_counts(self) -> dict[str, int]:
@@ -182,6 +219,7 @@ class ClusterManager:
         except ray.exceptions.RayError:
             return None
         entry.booting = None
+        entry.role = entry.role or report.role  # an adopted worker's
         return report
 
     def _replace(self, entry: WorkerEntry) -> None:
@@ -191,7 +229,7 @@ class ClusterManager:
         _remove(entry)
         self._replaced += 1
         self._metrics.replaced()
-        self._start_worker(entry.role)
+        self._top_up()
 
     async def report_failure(self, worker_id: str) -> None:
         """A router saw a worker's stream break: check it now rather than next poll."""
@@ -292,11 +330,13 @@ class ClusterManager:
     def get_config(self) -> ClusterConfig:
         return self.config
 
-    def snapshot(self) -> list[WorkerSnapshot]:
+    async def snapshot(self) -> list[WorkerSnapshot]:
+        self._ensure_loops()
         return [WorkerSnapshot(e.worker_id, e.handle, e.role, e.healthy, e.load) for e in self.workers.values()]
 
-    def status(self) -> dict[str, Any]:
-        return {"cluster": self.config.name, "replaced": self._replaced,
+    async def status(self) -> dict[str, Any]:
+        self._ensure_loops()
+        return {"cluster": self.config.name, "replaced": self._replaced, "restarted": self.restarted,
                 "migrations": self._migration_status(),
                 "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy, "draining": e.draining,
                              "running": e.load.num_running if e.load else None,

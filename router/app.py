@@ -165,10 +165,12 @@ def ensure_cluster(cluster: ClusterConfig) -> Any:
     fails here, naming them, rather than serve with the old ones unseen."""
     from cluster.manager import ClusterManager  # the engine's imports (torch): not in router replicas
 
+    # Ray restarts a manager that dies, with the same settings; the new one adopts the
+    # running workers, and routers serve on their last snapshot meanwhile. Calls made
+    # while it restarts wait for it rather than fail.
     manager = ray.remote(ClusterManager).options(
         name=f"yard-manager-{cluster.name}", namespace=MANAGER_NAMESPACE, lifetime="detached",
-        get_if_exists=True,
-        num_cpus=0).remote(cluster)
+        get_if_exists=True, max_restarts=-1, max_task_retries=-1, num_cpus=0).remote(cluster)
     changes = config_changes(ray.get(manager.get_config.remote()), cluster)
     if changes:
         raise ValueError(f"cluster {cluster.name!r} is already running with other settings "

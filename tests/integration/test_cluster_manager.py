@@ -8,9 +8,9 @@ import pytest
 
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
-from workers import SamplingParams
+from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
-from workers.events import Failed, WorkerRequest
+from workers.events import Failed, Tokens, WorkerRequest
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
@@ -52,6 +52,51 @@ def test_manager_registers_polls_and_replaces(ray_local, make_model):
         assert ray_local.get(w1.health.remote()) == (False, events[0].message)
         wait_for_workers(ray_local, manager, {"t-manager-w2": True, "t-manager-w3": True})
         assert ray_local.get(manager.status.remote())["replaced"] == 2
+    finally:
+        ray_local.get(manager.shutdown.remote())
+        ray_local.kill(manager)
+
+
+def test_a_restarted_manager_adopts_the_running_workers(ray_local, make_model):
+    """Ray restarts a manager that dies; the new one takes over the same workers, and a
+    request running on one meanwhile goes on undisturbed. A manager that Ray did not
+    restart (a fresh deploy) removes what an earlier one left, and reuses no id."""
+    from router.config import MANAGER_NAMESPACE
+
+    config = ClusterConfig(name="t-adopt", engine=EngineConfig(model=str(make_model("tiny-llama"))),
+                           num_workers=2, worker_cpus=0.5, load_poll_interval_s=0.2, health_timeout_s=10.0)
+    options = {"name": "yard-manager-t-adopt", "namespace": MANAGER_NAMESPACE, "lifetime": "detached",
+               "max_restarts": -1, "max_task_retries": -1}  # as router/app.py's ensure_cluster
+    manager = ray_local.remote(ClusterManager).options(**options).remote(config)
+    try:
+        assert ray_local.get(manager.start.remote(), timeout=120) == 2
+        before = {s.worker_id: s.handle for s in ray_local.get(manager.snapshot.remote())}
+        long = SamplingParams(temperature=0, max_tokens=300, ignore_eos=True)
+        expected = LLM(model=config.engine.model).generate([[5, 6, 7]], long)[0].token_ids
+        running = before["t-adopt-w0"].generate.remote(WorkerRequest("survivor", (5, 6, 7), long))
+        first = ray_local.get(next(running))  # the request runs: now the manager dies
+        ray_local.kill(manager, no_restart=False)
+
+        wait_for_workers(ray_local, manager, {"t-adopt-w0": True, "t-adopt-w1": True})
+        status = ray_local.get(manager.status.remote())
+        assert status["restarted"] and status["replaced"] == 0
+        tokens = [t for e in first + [e for ref in running for e in ray_local.get(ref)] if isinstance(e, Tokens)
+                  for t in e.token_ids]
+        assert tokens == expected
+        groups = {g["name"]: g["state"] for g in ray_local.util.placement_group_table().values()}
+        assert {n: st for n, st in groups.items() if n.startswith("yard-t-adopt")} == {
+            "yard-t-adopt-w0": "CREATED", "yard-t-adopt-w1": "CREATED"}
+
+        # Killed for good, without shutdown: the next manager is new, not restarted.
+        ray_local.kill(manager)
+        manager = ray_local.remote(ClusterManager).options(**options).remote(config)
+        assert ray_local.get(manager.start.remote(), timeout=120) == 2
+        assert sorted(s.worker_id for s in ray_local.get(manager.snapshot.remote())) == ["t-adopt-w2", "t-adopt-w3"]
+        groups = {g["name"]: g["state"] for g in ray_local.util.placement_group_table().values()}
+        assert groups["yard-t-adopt-w0"] == groups["yard-t-adopt-w1"] == "REMOVED"
+        for old in before.values():
+            with pytest.raises(ray_local.exceptions.RayActorError):
+                ray_local.get(old.load.remote(), timeout=30)
     finally:
         ray_local.get(manager.shutdown.remote())
         ray_local.kill(manager)
