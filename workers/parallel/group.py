@@ -26,6 +26,10 @@ class Traffic:
     all_reduce_bytes: int = 0
 
 
+# How long a rank waits for its leader's next command: a worker may idle for days.
+IDLE_WAIT = datetime.timedelta(days=365)
+
+
 class RankFailure(RuntimeError):
     """A collective failed or timed out: a rank died or hangs."""
 
@@ -57,14 +61,17 @@ class TPGroup:
         _wait(self.pg.allgather([parts], [x.contiguous()]))
         return torch.cat(parts, dim=-1)
 
-    def broadcast_object(self, obj: Any = None) -> Any:
-        """The leader's `obj` on every rank (pickled into a byte tensor)."""
+    def broadcast_object(self, obj: Any = None, idle: bool = False) -> Any:
+        """The leader's `obj` on every rank (pickled into a byte tensor). `idle`: a
+        rank waiting for its next command waits as long as the leader idles (a dead
+        leader still shows at once: its connections close); the group's timeout
+        applies to everything else."""
         if self.is_leader:
             data = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)
             size = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        _wait(self.pg.broadcast(size, 0))
+        _wait(self.pg.broadcast(size, 0, timeout=IDLE_WAIT) if idle else self.pg.broadcast(size, 0))
         if not self.is_leader:
             data = torch.empty(int(size.item()), dtype=torch.uint8)
         _wait(self.pg.broadcast(data, 0))

@@ -41,7 +41,7 @@ class RankWorker:
         """Follow the leader until it says stop; a failed collective ends it with an error."""
         group, runner = self.group, self.runner
         while True:
-            command: RankCommand = group.broadcast_object()
+            command: RankCommand = group.broadcast_object(idle=True)
             if isinstance(command, RunStep):
                 runner.run(runner.attach(command.inputs))
             elif isinstance(command, Stop):
