@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -88,10 +89,12 @@ class ClusterManager:
         self.config = config
         self.workers: dict[str, WorkerEntry] = {}
         self._replaced = 0
-        self._metrics = ClusterMetrics(config.name, sum(count for _, count in config.pools()))
+        self._metrics = ClusterMetrics(config.name, sum(count for _, count in config.role_counts()))
         orphans = find_orphans(config.name)
         self._ids = itertools.count(orphans.next_index)  # ids are never reused, across managers
-        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():  # Ray warns about an actor_id it reads inside
+            warnings.simplefilter("ignore")
+            self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
         if self.restarted:
             self._adopt(orphans)
         else:
@@ -120,16 +123,16 @@ class ClusterManager:
         While an adopted worker has not said its role, wait: it may fill a pool."""
         if any(e.role is None for e in self.workers.values()):
             return
-        for role, count in self.config.pools():
+        for role, count in self.config.role_counts():
             for _ in range(count - sum(e.role == role for e in self.workers.values())):
                 self._start_worker(role)
 
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
-        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine, role=role,
+        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(role), role=role,
                           stream_interval_s=self.config.stream_interval_s,
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks)
-        bundles = self.config.worker_bundles()
+        bundles = self.config.worker_bundles(role)
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=placement_name(worker_id), lifetime="detached")
         handle = ray.remote(Worker).options(
@@ -190,7 +193,10 @@ class ClusterManager:
             # either way it is replaced after failures_before_replace polls in a row.
             entry.healthy = False
             entry.failures += 1
+            why = "no answer" if report is None else "reports unhealthy"
+            log.warning("worker %s failed a poll (%s), %d in a row", entry.worker_id, why, entry.failures)
             if entry.failures >= self.config.failures_before_replace:
+                log.warning("replacing worker %s", entry.worker_id)
                 self._replace(entry)
         self._top_up()  # once adopted workers have said their roles
         self._metrics.states(self._state_counts(), len(self._in_flight))
@@ -206,7 +212,10 @@ class ClusterManager:
             return self._boot_status(entry)
         try:
             return await asyncio.wait_for(entry.handle.load.remote(), self.config.health_timeout_s)
-        except (asyncio.TimeoutError, ray.exceptions.RayError):
+        except (asyncio.TimeoutError, ray.exceptions.RayError) as e:
+            log.warning("polling worker %s: %s", entry.worker_id,
+                        f"no answer within {self.config.health_timeout_s:g} s" if isinstance(e, asyncio.TimeoutError)
+                        else f"{type(e).__name__}: {str(e)[:200]}")
             return None
 
     def _boot_status(self, entry: WorkerEntry) -> Any:
@@ -248,7 +257,10 @@ class ClusterManager:
 
     def plan_migrations(self) -> list[MigrationOrder]:
         """Ask the policy what to move now, and start those migrations."""
-        views = [self._view(e) for e in self.workers.values() if e.load is not None and e.booting is None]
+        # Prefill workers hand their requests to decode workers themselves: the policy
+        # neither moves their requests nor sends any there.
+        views = [self._view(e) for e in self.workers.values()
+                 if e.load is not None and e.booting is None and e.role != "prefill"]
         orders = self._policy.plan(views)
         for order in orders:
             self._launch(order)

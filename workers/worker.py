@@ -27,7 +27,8 @@ from workers.channel import ENDS_HERE, Channel, ChannelClosed, coalesce
 from workers.engine.engine import LLMEngine
 from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
-from workers.events import Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage, WorkerRequest
+from workers.events import (Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage, WorkerRequest,
+                            worker_actor_name)
 from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
@@ -40,6 +41,7 @@ __all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
+_IDLE_REPORT_INTERVAL_S = 1.0  # ... and while idle
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 _MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
 
@@ -85,6 +87,10 @@ class Worker:
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
         self._arrived_paused_at: dict[str, float] = {}  # request id → its pause at the source (wall)
         self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
+        # Prefill/decode: request id → the decode worker it goes to after its first token.
+        self._handoffs: dict[str, str] = {}
+        self._handoff_ids = itertools.count()
+        self._handoff_tasks: set[asyncio.Future] = set()
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
@@ -159,6 +165,8 @@ class Worker:
             return
         channel.requests.add(rid)
         self._channel_of[rid] = channel
+        if request.handoff_to is not None and self.config.role == "prefill":
+            self._handoffs[rid] = request.handoff_to
         if request.arrival_time is None:  # FCFS order is by arrival at the router, kept across moves
             request = _with_arrival(request, time.time())
         self._send(AddRequest(request))
@@ -176,6 +184,7 @@ class Worker:
         while len(self._closed_channels) > _CLOSED_CHANNELS_KEPT:
             self._closed_channels.pop(next(iter(self._closed_channels)))
         for rid in channel.requests:
+            self._handoffs.pop(rid, None)
             if self._channel_of.pop(rid, None) is not None:
                 self.abort(rid)
         channel.requests.clear()
@@ -372,9 +381,12 @@ class Worker:
                     continue
             else:
                 # A reservation must not outlive its deadline while idle; a command (a
-                # migration's end) may have changed the load: report it.
-                if engine.expire_reservations() or applied:
-                    self._report(time.perf_counter())
+                # migration's end) may have changed the load: report it. An idle
+                # worker reports now and then too, so a report's age says whether the
+                # stepping thread still runs.
+                now = time.perf_counter()
+                if engine.expire_reservations() or applied or now - self._reported_at >= _IDLE_REPORT_INTERVAL_S:
+                    self._report(now)
             # Nothing to run (idle, or only requests paused for a migration).
             self._wake.wait(_IDLE_WAIT_S)
             self._wake.clear()
@@ -449,8 +461,20 @@ class Worker:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
     def _deliver(self, events: list[Event]) -> None:
+        first_tokens = [e.request_id for e in events if isinstance(e, Tokens) and e.request_id in self._handoffs]
+        self._deliver_to_channels(events)
+        for rid in first_tokens:
+            decode_id = self._handoffs.pop(rid, None)
+            if decode_id is not None and rid in self._channel_of:  # still running here
+                task = asyncio.ensure_future(self._hand_off(rid, decode_id))
+                self._handoff_tasks.add(task)  # the loop keeps only a weak reference
+                task.add_done_callback(self._handoff_tasks.discard)
+
+    def _deliver_to_channels(self, events: list[Event]) -> None:
         for event in events:
             rid = event.request_id
+            if isinstance(event, ENDS_HERE):
+                self._handoffs.pop(rid, None)
             if rid in self._arrived_paused_at and isinstance(event, (Tokens, *ENDS_HERE)):
                 paused_at = self._arrived_paused_at.pop(rid)
                 if isinstance(event, Tokens):
@@ -465,6 +489,25 @@ class Worker:
                 del self._channel_of[rid]
                 channel.requests.discard(rid)
             channel.deliver(event)
+
+    # -- prefill/decode disaggregation, prefill side ------------------------------------------
+    async def _hand_off(self, request_id: str, decode_id: str) -> MigrationResult:
+        """Move a request whose first token is out to its decode worker, KV and all,
+        as a live migration; if that fails, the request goes on here."""
+        import ray
+
+        try:
+            destination = await asyncio.to_thread(ray.get_actor, worker_actor_name(decode_id),
+                                                  namespace=ray.get_runtime_context().namespace)
+        except ValueError as e:
+            result = MigrationResult(f"{self.config.worker_id}-h-none", request_id, self.config.worker_id, decode_id,
+                                     "handoff", "failed", f"no decode worker {decode_id}: {e}")
+        else:
+            order = MigrationOrder(f"{self.config.worker_id}-h{next(self._handoff_ids)}", request_id, decode_id,
+                                   destination, "handoff")
+            result = await self.migrate(order)
+        self._metrics.handoffs.inc(1, {**self._metrics.tags, "outcome": result.outcome})
+        return result
 
 
 def _node_ip() -> str:
