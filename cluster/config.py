@@ -1,20 +1,51 @@
 """The cluster tier's configuration: how many workers of which role, and how the
-manager watches them. Validated where it is made; YAML is parsed only at the edge."""
+manager watches them. Validated where it is made; YAML is parsed only at the edge.
+
+Workers come in pools by role: `num_workers` mixed workers (prefill and decode in
+one), and optionally a `prefill` and a `decode` pool (`pools:`), each with its own
+worker count, resources and engine settings over the cluster's
+(docs/disaggregation.md)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Optional
 
 from cluster.migration_policy import MigrationConfig
 from workers.engine.config import EngineConfig
+
+
+SPLIT_ROLES = ("prefill", "decode")
+# What the two sides of a prefill-to-decode handoff must share for the KV to fit.
+KV_SETTINGS = ("model", "dtype", "block_size", "tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One role's workers; unset fields take the cluster's."""
+
+    num_workers: int = 1
+    worker_cpus: Optional[float] = None
+    gpus_per_rank: Optional[float] = None
+    engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig settings over the cluster's
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        if self.worker_cpus is not None and not self.worker_cpus > 0:
+            raise ValueError(f"worker_cpus must be > 0, got {self.worker_cpus!r}")
+        if self.gpus_per_rank is not None and not self.gpus_per_rank >= 0:
+            raise ValueError(f"gpus_per_rank must be >= 0, got {self.gpus_per_rank!r}")
+        _check_keys("engine", self.engine, {f.name for f in fields(EngineConfig)})
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str = "yard"  # prefixes worker ids and actor names: two clusters need two names
     engine: EngineConfig = field(default_factory=EngineConfig)
-    num_workers: int = 2  # mixed-role workers
+    num_workers: int = 2  # mixed-role workers (0 where prefill and decode pools serve)
+    pools: dict[str, PoolConfig] = field(default_factory=dict)  # "prefill" and "decode", both or neither
     worker_cpus: float = 1.0  # Ray CPUs each worker actor asks for
     gpus_per_rank: float = 0.0  # Ray GPUs of each tensor-parallel rank (the worker is rank 0)
     load_poll_interval_s: float = 0.5
@@ -29,8 +60,7 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum():
             raise ValueError(f"name must be letters, digits and dashes, got {self.name!r}")
-        if not isinstance(self.num_workers, int) or self.num_workers < 1:
-            raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        self._check_pools()
         if not isinstance(self.failures_before_replace, int) or self.failures_before_replace < 1:
             raise ValueError(f"failures_before_replace must be an integer >= 1, got {self.failures_before_replace!r}")
         for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s"):
@@ -41,17 +71,50 @@ class ClusterConfig:
         if not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s!r}")
 
-    def worker_bundles(self) -> list[dict[str, float]]:
+    def _check_pools(self) -> None:
+        unknown = sorted(set(self.pools) - set(SPLIT_ROLES))
+        if unknown:
+            raise ValueError(f"pools: unknown role(s) {unknown}; pools are {list(SPLIT_ROLES)} "
+                             f"(mixed workers are num_workers)")
+        if self.pools and set(self.pools) != set(SPLIT_ROLES):
+            raise ValueError(f"pools: prefill and decode come together (a prefill worker hands its requests "
+                             f"to a decode worker), got only {sorted(self.pools)}")
+        least = 0 if self.pools else 1
+        if not isinstance(self.num_workers, int) or self.num_workers < least:
+            raise ValueError(f"num_workers must be an integer >= {least}, got {self.num_workers!r}")
+        if self.pools:
+            prefill, decode = self.engine_for("prefill"), self.engine_for("decode")
+            differ = [f"{k}: prefill {getattr(prefill, k)!r}, decode {getattr(decode, k)!r}"
+                      for k in KV_SETTINGS if getattr(prefill, k) != getattr(decode, k)]
+            if differ:
+                raise ValueError(f"pools: the prefill and decode engines must lay out KV alike; "
+                                 f"{'; '.join(differ)}")
+
+    def engine_for(self, role: str) -> EngineConfig:
+        """The engine settings of a role's workers: the pool's over the cluster's."""
+        pool = self.pools.get(role)
+        return dataclasses.replace(self.engine, **pool.engine) if pool and pool.engine else self.engine
+
+    def worker_bundles(self, role: str = "mixed") -> list[dict[str, float]]:
         """One worker's placement group: bundle 0 for the worker actor (rank 0), one
         per further tensor-parallel rank."""
-        def bundle(cpus: float) -> dict[str, float]:
-            return {"CPU": cpus, "GPU": self.gpus_per_rank} if self.gpus_per_rank else {"CPU": cpus}
-        ranks = self.engine.tensor_parallel_size
-        return [bundle(self.worker_cpus)] + [bundle(self.engine.tp_cpus_per_rank)] * (ranks - 1)
+        pool = self.pools.get(role)
+        cpus = pool.worker_cpus if pool and pool.worker_cpus is not None else self.worker_cpus
+        gpus = pool.gpus_per_rank if pool and pool.gpus_per_rank is not None else self.gpus_per_rank
+        engine = self.engine_for(role)
 
-    def pools(self) -> list[tuple[str, int]]:
-        """(role, count) of the workers to run. Prefill/decode pools come later."""
-        return [("mixed", self.num_workers)]
+        def bundle(cpus: float) -> dict[str, float]:
+            return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+        return [bundle(cpus)] + [bundle(engine.tp_cpus_per_rank)] * (engine.tensor_parallel_size - 1)
+
+    def role_counts(self) -> list[tuple[str, int]]:
+        """(role, count) of the workers to run."""
+        mixed = [("mixed", self.num_workers)] if self.num_workers else []
+        return mixed + [(role, self.pools[role].num_workers) for role in SPLIT_ROLES if role in self.pools]
+
+    @property
+    def disaggregated(self) -> bool:
+        return bool(self.pools)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ClusterConfig":
@@ -59,9 +122,13 @@ class ClusterConfig:
         raw = dict(raw)
         engine = raw.pop("engine", {}) or {}
         migration = raw.pop("migration", {}) or {}
-        _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration"})
+        pools = raw.pop("pools", {}) or {}
+        _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration", "pools"})
         _check_keys("engine", engine, {f.name for f in fields(EngineConfig)})
-        return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration), **raw)
+        for role, pool in pools.items():
+            _check_keys(f"pools.{role}", pool or {}, {f.name for f in fields(PoolConfig)})
+        return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration),
+                   pools={role: PoolConfig(**(pool or {})) for role, pool in pools.items()}, **raw)
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:

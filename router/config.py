@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from workers.events import ACTOR_NAMESPACE
+
 # The cluster manager lives in this Ray namespace, so routers (in Serve's namespace)
 # and the yard command (in its own) find it by name.
-MANAGER_NAMESPACE = "yard"
+MANAGER_NAMESPACE = ACTOR_NAMESPACE
 
 POLICIES = ("round_robin", "power_of_two", "least_load", "prefix_aware", "session_affinity", "flood")
 

@@ -72,6 +72,7 @@ class RouterCore:
         self._refresher: Optional[asyncio.Task] = None
         self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
         self.placed: dict[str, str] = {}  # request id -> the worker it runs on now
+        self.handoffs: dict[str, str] = {}  # request id -> its decode worker, until sent to a prefill worker
 
     # -- the worker snapshot ---------------------------------------------------------------
     async def refresh(self) -> None:
@@ -153,7 +154,7 @@ class RouterCore:
                                                    "ids must be unique among requests in flight")
             return
         self.in_flight.add(rid)
-        stream = RequestStream(request, lambda excluded: self._pick(request, excluded, prefer), _open_stream,
+        stream = RequestStream(request, lambda excluded: self._pick(request, excluded, prefer), self._open_stream,
                                self._report_failure, self.config.max_attempts,
                                lambda worker_id: self._follow_move(rid, worker_id))
         start, first, tokens = time.monotonic(), None, 0
@@ -179,6 +180,7 @@ class RouterCore:
         finally:
             self.in_flight.discard(rid)
             self.placed.pop(rid, None)
+            self.handoffs.pop(rid, None)
             for attempt in stream.attempts:
                 self.ended[attempt.worker_id] += 1
             self.metrics.started(-1)
@@ -193,7 +195,8 @@ class RouterCore:
 
     def _pick(self, request: WorkerRequest, excluded: frozenset[str], prefer: Optional[str] = None
               ) -> tuple[str, Any]:
-        candidates = [w for w in self._current_loads() if w.worker_id not in excluded]
+        loads = [w for w in self._current_loads() if w.worker_id not in excluded]
+        candidates, decode_id = split_roles(loads)
         if any(w.worker_id == prefer and w.healthy for w in candidates):
             worker_id, policy, predicted = prefer, "same_prompt", 0
         else:
@@ -203,7 +206,17 @@ class RouterCore:
         self.metrics.dispatched(policy, worker_id, predicted)
         self.sent[worker_id] += 1
         self.placed[request.request_id] = worker_id
+        if decode_id is not None:
+            self.handoffs[request.request_id] = decode_id
         return worker_id, self._link(worker_id)
+
+    def _open_stream(self, link: WorkerLink, request: WorkerRequest, attach: bool) -> AsyncIterator[list[Event]]:
+        """The request's event batches from a worker; a new one sent to a prefill worker
+        names the decode worker it goes on to."""
+        decode_id = self.handoffs.pop(request.request_id, None)
+        if decode_id is not None and not attach:
+            request = dataclasses.replace(request, handoff_to=decode_id)
+        return link.stream(request, attach)
 
     def _follow_move(self, request_id: str, worker_id: str) -> WorkerLink:
         """The link to where a request moved (with its KV): it now counts there."""
@@ -234,8 +247,16 @@ class RouterCore:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
 
 
-def _open_stream(link: WorkerLink, request: WorkerRequest, attach: bool) -> AsyncIterator[list[Event]]:
-    return link.stream(request, attach)
+def split_roles(loads: list[WorkerLoad]) -> tuple[list[WorkerLoad], Optional[str]]:
+    """Where a new request goes: with healthy prefill and decode workers, to a prefill
+    worker, then on to the freest decode worker (its id is returned); otherwise to
+    any worker, which serves it whole (a pool that is down costs the split, not the
+    request)."""
+    prefill = [w for w in loads if w.role == "prefill" and w.healthy]
+    decode = [w for w in loads if w.role == "decode" and w.healthy]
+    if prefill and decode:
+        return prefill, max(decode, key=lambda w: (w.freeness, -w.queue_length)).worker_id
+    return loads, None
 
 
 def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:

@@ -45,7 +45,8 @@ _COMPLETION_REQUEST = {
     "required": ["model", "prompt"],
     "properties": {
         "model": {"type": "string"},
-        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": _INT, "minItems": 1}]},
+        # Token ids must also be below the model's vocabulary size (400 otherwise).
+        "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {**_INT, "minimum": 0}, "minItems": 1}]},
         "max_tokens": {**_INT, "minimum": 1},
         "logprobs": _between(0, MAX_LOGPROBS, _INT),
         "echo": {"type": "boolean", "const": False},  # not supported: refused when true

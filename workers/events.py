@@ -26,6 +26,9 @@ class WorkerRequest:
     # Resuming elsewhere (after a worker died): the output already sent to the
     # client. The worker recomputes prompt + these and continues from their end.
     resume_token_ids: tuple[int, ...] = ()
+    # Prefill/decode disaggregation: sent to a prefill worker, the request moves with
+    # its KV to this decode worker once its first token is out (workers/worker.py).
+    handoff_to: Optional[str] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,11 @@ class Failed:
 
 
 Event = Union[Tokens, Finished, Moved, Failed]
+
+
+# The Ray namespace of the cluster manager and its workers (router/config.py names it
+# MANAGER_NAMESPACE): a worker finds another by name here.
+ACTOR_NAMESPACE = "yard"
 
 
 def worker_actor_name(worker_id: str) -> str:

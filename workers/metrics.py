@@ -32,6 +32,9 @@ class WorkerMetrics:
             "yard_worker_migration_downtime_seconds",
             "live migration downtime: the request's pause at the source to its first token here",
             MIGRATION_DOWNTIME_BOUNDARIES, keys)
+        self.handoffs = metrics.Counter(
+            "yard_worker_handoffs", "prefill-to-decode handoffs this worker started, by outcome "
+            "(committed; aborted or failed: the request went on here)", keys + ("outcome",))
         self._last: EngineStats | None = None
 
     def update(self, stats: EngineStats) -> None:

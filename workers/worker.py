@@ -17,6 +17,7 @@ import asyncio
 import collections
 import dataclasses
 import itertools
+import logging
 import queue
 import threading
 import time
@@ -27,8 +28,8 @@ from workers.channel import ENDS_HERE, Channel, ChannelClosed, coalesce
 from workers.engine.engine import LLMEngine
 from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
-from workers.events import (Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage, WorkerRequest,
-                            worker_actor_name)
+from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage,
+                            WorkerRequest, worker_actor_name)
 from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
@@ -38,6 +39,8 @@ from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, 
 from workers.worker_config import WorkerConfig
 
 __all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
+
+log = logging.getLogger(__name__)
 
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
@@ -498,7 +501,7 @@ class Worker:
 
         try:
             destination = await asyncio.to_thread(ray.get_actor, worker_actor_name(decode_id),
-                                                  namespace=ray.get_runtime_context().namespace)
+                                                  namespace=ACTOR_NAMESPACE)
         except ValueError as e:
             result = MigrationResult(f"{self.config.worker_id}-h-none", request_id, self.config.worker_id, decode_id,
                                      "handoff", "failed", f"no decode worker {decode_id}: {e}")
@@ -507,6 +510,9 @@ class Worker:
                                    destination, "handoff")
             result = await self.migrate(order)
         self._metrics.handoffs.inc(1, {**self._metrics.tags, "outcome": result.outcome})
+        if result.outcome != "committed":  # never silent: the request decodes on here, and the log says why
+            log.warning("handoff of %s to %s %s (%s); it goes on here", request_id, decode_id, result.outcome,
+                        result.error)
         return result
 
 

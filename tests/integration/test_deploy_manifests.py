@@ -124,11 +124,15 @@ def test_values_make_a_valid_cluster_that_fits_the_pods(overlay):
     pod_gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
     assert int(group["rayStartParams"]["num-gpus"]) == pod_gpus  # Ray's count matches the pod's
     assert int(container["resources"]["requests"].get("nvidia.com/gpu", 0)) == pod_gpus
-    worker_gpus = sum(b.get("GPU", 0) for b in cluster.worker_bundles())
-    assert (worker_gpus > 0) == (pod_gpus > 0) == (cluster.engine.device == "cuda")
-    if worker_gpus:
-        assert worker_gpus <= pod_gpus or cluster.engine.placement_strategy in ("PACK", "SPREAD")
-        assert cluster.num_workers * worker_gpus <= group["replicas"] * pod_gpus
+    total_gpus = 0
+    for role, count in cluster.role_counts():  # mixed workers, or prefill and decode pools
+        worker_gpus = sum(b.get("GPU", 0) for b in cluster.worker_bundles(role))
+        engine = cluster.engine_for(role)
+        assert (worker_gpus > 0) == (pod_gpus > 0) == (engine.device == "cuda")
+        if worker_gpus:
+            assert worker_gpus <= pod_gpus or engine.placement_strategy in ("PACK", "SPREAD")
+        total_gpus += count * worker_gpus
+    assert total_gpus <= group["replicas"] * pod_gpus
 
 
 def test_pod_monitor_finds_the_metrics_port():

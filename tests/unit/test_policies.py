@@ -362,3 +362,18 @@ def test_router_adjusts_a_stale_report_by_what_it_sent_and_saw_end():
     assert (fewer.num_running, fewer.num_waiting, fewer.freeness) == (3, 0, 100.0)
     assert _adjusted(stale, -10).queue_length == 0
     assert _adjusted(stale, 0) is stale
+
+
+def test_prefill_and_decode_pools_split_a_request_until_one_pool_is_down():
+    from router.core import split_roles
+
+    loads = [load("p0", role="prefill"), load("p1", role="prefill", healthy=False),
+             load("d0", role="decode", freeness=5.0), load("d1", role="decode", freeness=9.0),
+             load("d2", role="decode", freeness=9.0, num_waiting=2), load("d3", role="decode", freeness=50.0,
+                                                                           healthy=False)]
+    candidates, decode = split_roles(loads)
+    assert [w.worker_id for w in candidates] == ["p0"] and decode == "d1"  # freest; fewer queued on a tie
+    no_decode = [w for w in loads if w.role == "prefill"] + [load("d0", role="decode", healthy=False)]
+    assert split_roles(no_decode) == (no_decode, None)  # every worker serves whole
+    mixed = [load("m0"), load("m1")]
+    assert split_roles(mixed) == (mixed, None)

@@ -34,3 +34,15 @@ def test_tensor_parallel_ranks_count_and_too_many_workers_fail():
         fit(args, cluster_cpus=2)
     fitted = fit(args, cluster_cpus=4)  # the workers shrink; the ranks keep what they asked
     assert fitted["cluster"]["worker_cpus"] == 0.75 and demand_of(fitted).total == 4.0
+
+
+def test_prefill_and_decode_pools_count_with_their_own_settings():
+    args = {"cluster": {"num_workers": 0, "engine": {"tensor_parallel_size": 1},
+                        "pools": {"prefill": {"num_workers": 1, "worker_cpus": 2.0},
+                                  "decode": {"num_workers": 2}}}}
+    demand = demand_of(args)
+    assert [(g.role, g.workers, g.worker_cpus) for g in demand.groups] == [("prefill", 1, 2.0), ("decode", 2, 1.0)]
+    fitted = fit(args, cluster_cpus=4)  # only the decode pool's cluster-wide worker_cpus shrinks
+    assert fitted["cluster"]["worker_cpus"] == 0.75 and demand_of(fitted).total == 4.0
+    with pytest.raises(ValueError, match=r"1 prefill worker\(s\) x \(2\) CPUs, 2 decode worker\(s\) x \(0\.1\) "):
+        fit({**args, "cluster": {**args["cluster"], "worker_cpus": 0.1}}, cluster_cpus=2)

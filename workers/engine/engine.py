@@ -86,6 +86,7 @@ class LLMEngine:
         self._total_step_time = 0.0
         self._total_model_time = 0.0
         self._prompt_tokens = 0
+        self._computed_tokens = 0
         self._generation_tokens = 0
 
     def _start_ranks(self, num_blocks: int) -> "TPExecutor":
@@ -197,6 +198,7 @@ class LLMEngine:
         model_time = time.perf_counter() - model_start
         for seq, n in chunks:
             seq.num_computed_tokens += n
+            self._computed_tokens += n
             self.blocks.commit_computed(seq)
         if sampling:
             rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids) for s in sampling]
@@ -286,6 +288,7 @@ class LLMEngine:
             total_model_time_s=self._total_model_time,
             prompt_tokens=self._prompt_tokens,
             generation_tokens=self._generation_tokens,
+            computed_tokens=self._computed_tokens,
             num_migrated_in=self._migrated_in,
             num_migrated_out=self._migrated_out,
         )

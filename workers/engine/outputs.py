@@ -44,6 +44,9 @@ class EngineStats:
     total_model_time_s: float
     prompt_tokens: int
     generation_tokens: int
+    # Tokens run through the model (prompt chunks, then one per decode step): a request
+    # that arrived with its KV adds only its decode steps.
+    computed_tokens: int = 0
     num_migrated_in: int = 0  # requests committed here by a live migration
     num_migrated_out: int = 0
 

@@ -1,0 +1,86 @@
+"""Prefill/decode disaggregation through the official openai client: a cluster of one
+prefill and one decode worker gives exactly the colocated cluster's outputs, greedy
+and seeded, streamed and whole, for short, long (chunked) and prefix-sharing prompts.
+Every request is prefilled on the prefill worker and decoded on the decode worker,
+which never computes a prompt; afterwards neither holds a KV block."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+import pytest
+
+
+MAX_TOKENS = 96
+CASES: dict[str, dict[str, Any]] = {"greedy": {"temperature": 0}, "seeded": {"temperature": 0.9, "seed": 7}}
+SHARED = "A long shared system preamble that several requests begin with, " * 6
+
+
+@pytest.fixture(scope="module")
+def pd_app(ray_local, serve_app):
+    from ray import serve
+
+    from router.app import build_app
+
+    # The prefill worker runs long prompts in chunks of 32 tokens.
+    app = build_app({"cluster": {"name": "pd", "num_workers": 0, "worker_cpus": 0.5, "load_poll_interval_s": 0.1,
+                                 "engine": {"model": serve_app["model_dir"], "max_model_len": serve_app["max_model_len"]},
+                                 "pools": {"prefill": {"num_workers": 1, "engine": {"max_num_batched_tokens": 32}},
+                                           "decode": {"num_workers": 1}}},
+                     "router": {"served_model_name": "tiny-llama", "snapshot_interval_s": 0.05}})
+    serve.run(app, name="pd", route_prefix="/pd")
+    manager = ray_local.get_actor("yard-manager-pd", namespace="yard")
+    yield {"base_url": serve_app["base_url"] + "/pd/v1", "manager": manager}
+    serve.delete("pd")
+    ray_local.get(manager.shutdown.remote())
+    ray_local.kill(manager)
+
+
+def prompts() -> list[str]:
+    return ["Hi", "Tell me about the river and the old mill by the bridge",
+            "word " * 300,  # many chunks of prefill
+            SHARED + "then asks one thing", SHARED + "then asks another"]
+
+
+def complete(base_url: str, prompt: str, case: str, stream: bool) -> tuple[str, str, int]:
+    client = openai.OpenAI(base_url=base_url, api_key="unused", max_retries=0, timeout=120)
+    kwargs = dict(model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True},
+                  **CASES[case])
+    if not stream:
+        reply = client.completions.create(**kwargs)
+        return reply.choices[0].text, reply.choices[0].finish_reason, reply.usage.completion_tokens
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kwargs))
+    choices = [c.choices[0] for c in chunks if c.choices]
+    return "".join(c.text for c in choices), choices[-1].finish_reason, chunks[-1].usage.completion_tokens
+
+
+def engine_stats(ray, manager) -> dict[str, Any]:
+    """role → (its engine's stats, its load report), read in the worker actor."""
+    def stats(worker: Any) -> Any:  # a local function travels by value
+        return worker.engine.stats()
+
+    return {s.role: (ray.get(s.handle.__ray_call__.remote(stats)), s.load) for s in ray.get(manager.snapshot.remote())}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_pd_equals_colocated_and_the_decode_worker_never_prefills(ray_local, serve_app, pd_app, stream):
+    colocated = serve_app["base_url"] + "/v1"
+    before = engine_stats(ray_local, pd_app["manager"])
+    work = [(p, c) for c in CASES for p in prompts()]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda pc: complete(pd_app["base_url"], pc[0], pc[1], stream), work))
+        want = list(pool.map(lambda pc: complete(colocated, pc[0], pc[1], stream), work))
+    assert got == want
+    assert all(finish == "length" and n == MAX_TOKENS for _, finish, n in got)
+
+    after = engine_stats(ray_local, pd_app["manager"])
+    (prefill, _), (decode, _) = after["prefill"], after["decode"]
+    moved = decode.num_migrated_in - before["decode"][0].num_migrated_in
+    assert moved == prefill.num_migrated_out - before["prefill"][0].num_migrated_out == len(work)
+    assert decode.prompt_tokens == 0  # no request was ever admitted there with its prompt
+    # Every token the decode worker computed is one it then decoded from: no prompt
+    # was recomputed there.
+    assert decode.computed_tokens == decode.generation_tokens
+    assert prefill.generation_tokens - before["prefill"][0].generation_tokens >= len(work)  # the first tokens
