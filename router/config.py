@@ -25,6 +25,9 @@ class RouterConfig:
     max_queue_per_worker: int = 64  # above this on every worker, new requests get 429
     retry_after_s: int = 1
     max_attempts: int = 3  # workers one request may try before it fails
+    # Prefill/decode pools: a prompt with at most this many tokens not in a decode
+    # worker's prefix cache goes straight there, skipping the prefill hop (0: off).
+    decider_max_uncached_tokens: int = 0
     block_size: int = 16  # the workers' KV block size: prefix hashes must match theirs
     # Who may call, and what a request may ask (router/auth.py, router/limits.py).
     api_keys_file: Optional[str] = None  # one key per line, then its grants ("priority")
@@ -45,6 +48,9 @@ class RouterConfig:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or null, got {value!r}")
+        value = self.decider_max_uncached_tokens
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"decider_max_uncached_tokens must be an integer >= 0, got {value!r}")
         if not self.snapshot_interval_s > 0:
             raise ValueError(f"snapshot_interval_s must be > 0, got {self.snapshot_interval_s!r}")
 

@@ -28,6 +28,7 @@ from router.auth import ApiKeys, Caller, check_priority
 from router.limits import RequestLimits
 from router.openai_errors import FORBIDDEN, SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, UNAUTHORIZED, APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
+from router.pd_policy import route
 from router.policies import make_policy
 from router.worker_link import WorkerLink
 from workers.events import Event, Failed, Finished, Tokens, WorkerRequest, worker_actor_name
@@ -196,18 +197,20 @@ class RouterCore:
     def _pick(self, request: WorkerRequest, excluded: frozenset[str], prefer: Optional[str] = None
               ) -> tuple[str, Any]:
         loads = [w for w in self._current_loads() if w.worker_id not in excluded]
-        candidates, decode_id = split_roles(loads)
-        if any(w.worker_id == prefer and w.healthy for w in candidates):
+        where = route(loads, request.prompt_token_ids, self.config.block_size,
+                      self.config.decider_max_uncached_tokens)
+        if any(w.worker_id == prefer and w.healthy for w in where.candidates):
             worker_id, policy, predicted = prefer, "same_prompt", 0
         else:
             decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
-                                                          request.session_id), candidates)
-            worker_id, policy, predicted = decision.worker_id, decision.policy, decision.predicted_hit_blocks
+                                                          request.session_id), where.candidates)
+            worker_id, predicted = decision.worker_id, decision.predicted_hit_blocks
+            policy = "decider" if where.direct else decision.policy
         self.metrics.dispatched(policy, worker_id, predicted)
         self.sent[worker_id] += 1
         self.placed[request.request_id] = worker_id
-        if decode_id is not None:
-            self.handoffs[request.request_id] = decode_id
+        if where.handoff_to is not None:
+            self.handoffs[request.request_id] = where.handoff_to
         return worker_id, self._link(worker_id)
 
     def _open_stream(self, link: WorkerLink, request: WorkerRequest, attach: bool) -> AsyncIterator[list[Event]]:
@@ -245,18 +248,6 @@ class RouterCore:
             await self.manager.report_failure.remote(worker_id)
         except ray.exceptions.RayError as e:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
-
-
-def split_roles(loads: list[WorkerLoad]) -> tuple[list[WorkerLoad], Optional[str]]:
-    """Where a new request goes: with healthy prefill and decode workers, to a prefill
-    worker, then on to the freest decode worker (its id is returned); otherwise to
-    any worker, which serves it whole (a pool that is down costs the split, not the
-    request)."""
-    prefill = [w for w in loads if w.role == "prefill" and w.healthy]
-    decode = [w for w in loads if w.role == "decode" and w.healthy]
-    if prefill and decode:
-        return prefill, max(decode, key=lambda w: (w.freeness, -w.queue_length)).worker_id
-    return loads, None
 
 
 def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:

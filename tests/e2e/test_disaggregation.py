@@ -69,7 +69,7 @@ def test_pd_equals_colocated_and_the_decode_worker_never_prefills(ray_local, ser
     colocated = serve_app["base_url"] + "/v1"
     before = engine_stats(ray_local, pd_app["manager"])
     work = [(p, c) for c in CASES for p in prompts()]
-    with ThreadPoolExecutor(4) as pool:
+    with ThreadPoolExecutor(1) as pool:  # one at a time: batches alike on both sides
         got = list(pool.map(lambda pc: complete(pd_app["base_url"], pc[0], pc[1], stream), work))
         want = list(pool.map(lambda pc: complete(colocated, pc[0], pc[1], stream), work))
     assert got == want
@@ -84,3 +84,29 @@ def test_pd_equals_colocated_and_the_decode_worker_never_prefills(ray_local, ser
     # was recomputed there.
     assert decode.computed_tokens == decode.generation_tokens
     assert prefill.generation_tokens - before["prefill"][0].generation_tokens >= len(work)  # the first tokens
+
+
+def test_the_decider_sends_short_or_cached_prompts_straight_to_a_decode_worker(ray_local, serve_app, pd_app):
+    """A second router over the same pools, with the decider on (16 uncached tokens):
+    a short prompt skips the prefill hop, a long new one does not; outputs stay exact."""
+    from ray import serve
+
+    from router.app import Router
+    from router.config import RouterConfig
+
+    config = RouterConfig(model=serve_app["model_dir"], served_model_name="tiny-llama", cluster_name="pd",
+                          decider_max_uncached_tokens=16)
+    serve.run(Router.options(name="router").bind(config), name="pd-decider", route_prefix="/pd-decider")
+    try:
+        base_url = serve_app["base_url"] + "/pd-decider/v1"
+        colocated = serve_app["base_url"] + "/v1"
+        # A prompt the decode worker has seen (its KV came with a handoff) is cached
+        # there and would go direct too: the long one here is new.
+        for prompt, direct in (("Hi", True), ("river " * 300, False)):
+            before = engine_stats(ray_local, pd_app["manager"])["decode"][0]
+            assert complete(base_url, prompt, "greedy", True) == complete(colocated, prompt, "greedy", True)
+            after = engine_stats(ray_local, pd_app["manager"])["decode"][0]
+            assert (after.prompt_tokens > before.prompt_tokens) == direct, prompt
+            assert after.num_migrated_in - before.num_migrated_in == (0 if direct else 1), prompt
+    finally:
+        serve.delete("pd-decider")

@@ -365,15 +365,35 @@ def test_router_adjusts_a_stale_report_by_what_it_sent_and_saw_end():
 
 
 def test_prefill_and_decode_pools_split_a_request_until_one_pool_is_down():
-    from router.core import split_roles
+    from router.pd_policy import route
 
     loads = [load("p0", role="prefill"), load("p1", role="prefill", healthy=False),
              load("d0", role="decode", freeness=5.0), load("d1", role="decode", freeness=9.0),
              load("d2", role="decode", freeness=9.0, num_waiting=2), load("d3", role="decode", freeness=50.0,
                                                                            healthy=False)]
-    candidates, decode = split_roles(loads)
-    assert [w.worker_id for w in candidates] == ["p0"] and decode == "d1"  # freest; fewer queued on a tie
+    where = route(loads, (1, 2, 3), block_size=4)
+    assert [w.worker_id for w in where.candidates] == ["p0"] and where.handoff_to == "d1"  # freest; fewer queued
+    assert not where.direct
     no_decode = [w for w in loads if w.role == "prefill"] + [load("d0", role="decode", healthy=False)]
-    assert split_roles(no_decode) == (no_decode, None)  # every worker serves whole
+    assert route(no_decode, (1, 2, 3), 4).candidates == no_decode  # any worker serves it whole
     mixed = [load("m0"), load("m1")]
-    assert split_roles(mixed) == (mixed, None)
+    assert route(mixed, (1, 2, 3), 4) == route(mixed, (1, 2, 3), 4, 100)
+    assert route(mixed, (1, 2, 3), 4).handoff_to is None
+
+
+def test_the_decider_skips_the_prefill_hop_for_short_or_cached_prompts():
+    from router.pd_policy import route
+
+    prompt = tuple(range(10, 50))  # 40 tokens: 10 blocks of 4
+    hashes = prompt_block_hashes(prompt, 4)
+    loads = [load("p0", role="prefill"), load("d0", role="decode", freeness=50.0),
+             load("d1", role="decode", freeness=5.0, cached_block_hashes=frozenset(hashes[:9]))]
+    # d1 caches 36 of the 40 tokens: 4 uncached, within 8, so it goes there, no handoff.
+    where = route(loads, prompt, 4, decider_max_uncached_tokens=8)
+    assert where.direct and [w.worker_id for w in where.candidates] == ["d1"] and where.handoff_to is None
+    assert not route(loads, prompt, 4, decider_max_uncached_tokens=3).direct  # 4 uncached > 3
+    assert not route(loads, prompt, 4, decider_max_uncached_tokens=0).direct  # off
+    short = route(loads, (7, 8, 9), 4, decider_max_uncached_tokens=8)  # nothing cached, but short:
+    assert short.direct and [w.worker_id for w in short.candidates] == ["d0"]  # the freest then
+    long = route(loads, tuple(range(100, 140)), 4, decider_max_uncached_tokens=8)
+    assert not long.direct and long.handoff_to == "d0"

@@ -1,0 +1,40 @@
+"""Where a request goes in a cluster with prefill and decode pools.
+
+With healthy workers in both pools, a new request goes to a prefill worker (the
+dispatch policy chooses which) and names the decode worker it moves to after its
+first token: the one with the most free KV per running request. The decider
+(`decider_max_uncached_tokens`, as llm-d's) skips the prefill hop for a prompt that a
+decode worker can finish cheaply: one whose part not in that worker's prefix cache is
+at most that many tokens goes straight there. Without both pools, any worker takes
+the request whole: a pool that is down costs the split, not the request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from router.load import WorkerLoad
+from router.prefix_policy import leading_hits, prompt_block_hashes
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    candidates: list[WorkerLoad]  # where the dispatch policy may send the request
+    handoff_to: Optional[str] = None  # the decode worker it moves to after its first token
+    direct: bool = False  # the decider sent it straight to a decode worker
+
+
+def route(loads: Sequence[WorkerLoad], prompt_token_ids: Sequence[int], block_size: int,
+          decider_max_uncached_tokens: int = 0) -> Route:
+    prefill = [w for w in loads if w.role == "prefill" and w.healthy]
+    decode = [w for w in loads if w.role == "decode" and w.healthy]
+    if not (prefill and decode):
+        return Route(list(loads))
+    if decider_max_uncached_tokens > 0:
+        hashes = prompt_block_hashes(tuple(prompt_token_ids), block_size)
+        hits = {w.worker_id: leading_hits(hashes, w.cached_block_hashes) for w in decode}
+        best = max(decode, key=lambda w: (hits[w.worker_id], w.freeness, -w.queue_length))
+        if len(prompt_token_ids) - hits[best.worker_id] * block_size <= decider_max_uncached_tokens:
+            return Route([best], direct=True)
+    return Route(prefill, max(decode, key=lambda w: (w.freeness, -w.queue_length)).worker_id)
