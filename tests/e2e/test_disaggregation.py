@@ -110,3 +110,46 @@ def test_the_decider_sends_short_or_cached_prompts_straight_to_a_decode_worker(r
             assert after.num_migrated_in - before.num_migrated_in == (0 if direct else 1), prompt
     finally:
         serve.delete("pd-decider")
+
+
+def wait_until(condition, timeout_s: float, what: str) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.parametrize("victim", ["prefill", "decode"])
+def test_a_worker_of_either_pool_killed_mid_stream_loses_nothing(ray_local, serve_app, pd_app, victim):
+    """The prefill worker killed at the first token (its handoff may be under way), or
+    the decode worker killed once the request runs there: the client's text equals
+    the colocated cluster's, the pool is refilled, and no worker holds a block."""
+    manager, prompt = pd_app["manager"], f"A story that the {victim} worker will not finish"
+    want = complete(serve_app["base_url"] + "/v1", prompt, "greedy", True)
+    client = openai.OpenAI(base_url=pd_app["base_url"], api_key="unused", max_retries=0, timeout=120)
+    by_role = {s.role: s for s in ray_local.get(manager.snapshot.remote())}
+    chunks = []
+    for chunk in client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                           stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True}):
+        chunks.append(chunk)
+        if len(chunks) == 1 and victim == "prefill":
+            ray_local.kill(by_role["prefill"].handle, no_restart=True)
+        if len(chunks) == 1 and victim == "decode":
+            wait_until(lambda: ray_local.get(by_role["decode"].handle.load.remote()).num_running, 30,
+                       "the request on the decode worker")
+            ray_local.kill(by_role["decode"].handle, no_restart=True)
+    choices = [c.choices[0] for c in chunks if c.choices]
+    assert ("".join(c.text for c in choices), choices[-1].finish_reason, chunks[-1].usage.completion_tokens) == want
+
+    def refilled_and_free() -> bool:
+        workers = ray_local.get(manager.snapshot.remote())
+        return (sorted(s.role for s in workers if s.healthy) == ["decode", "prefill"]
+                and by_role[victim].worker_id not in {s.worker_id for s in workers}
+                and all(s.load.free_blocks == s.load.total_blocks and not s.load.requests for s in workers))
+    wait_until(refilled_and_free, 120, f"a new {victim} worker, and every block free")
