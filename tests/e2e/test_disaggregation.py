@@ -11,6 +11,7 @@ from typing import Any
 
 import openai
 import pytest
+from conditions import wait_until
 
 
 MAX_TOKENS = 96
@@ -110,18 +111,6 @@ def test_the_decider_sends_short_or_cached_prompts_straight_to_a_decode_worker(r
             assert after.num_migrated_in - before.num_migrated_in == (0 if direct else 1), prompt
     finally:
         serve.delete("pd-decider")
-
-
-def wait_until(condition, timeout_s: float, what: str) -> Any:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("victim", ["prefill", "decode"])

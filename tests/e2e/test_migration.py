@@ -10,13 +10,13 @@ tokens, and no KV block may be left behind. Then the flooded worker is drained u
 from __future__ import annotations
 
 import json
-import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
 import pytest
 
+from conditions import wait_until
 from workers import LLM, SamplingParams
 
 MAX_TOKENS = 160
@@ -74,16 +74,6 @@ def stream(base_url: str, prompt: str, case: dict[str, Any], max_tokens: int = M
     choices = [c.choices[0] for c in chunks if c.choices]
     return {"text": "".join(c.text for c in choices), "finish": choices[-1].finish_reason,
             "usage": chunks[-1].usage}
-
-
-def wait_until(condition, timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def all_blocks_free(ray, manager) -> bool:
