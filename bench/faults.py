@@ -8,6 +8,10 @@ Faults (--fault, or each in turn):
 * manager: the cluster manager actor dies (Ray restarts it; it adopts the workers);
 * router: a router replica dies (Serve starts another).
 
+Most streams are gRPC; a few (--http-streams) are streamed completions over HTTP,
+whose text must equal the undisturbed run's, or end with an error (an error event, a
+broken connection) with the text so far a prefix of it: never a clean [DONE] short.
+
 Every stream keeps its tokens by absolute index (GenerateResponse.start_index): a
 token that comes twice is duplicated, an index that never comes is lost, and a token
 unlike the undisturbed run's (the offline engine, same prompt and seed) is wrong.
@@ -45,6 +49,8 @@ class StreamSpec:
     prompt: tuple[int, ...]
     sampling: dict[str, Any]  # SamplingParams fields, the same for gRPC and the offline engine
     expected: tuple[int, ...] = ()  # the undisturbed run's tokens
+    expected_text: str = ""
+    http: bool = False  # streamed over HTTP (text) rather than gRPC (token ids)
 
 
 @dataclass(slots=True)
@@ -55,6 +61,9 @@ class StreamBook:
     duplicated: int = 0
     finish_reason: Optional[str] = None
     error: Optional[str] = None  # the gRPC status and details, if the call failed
+    text: str = ""  # an HTTP stream's text, its chunks, and its [DONE]
+    chunks: int = 0
+    done: bool = False
 
     def add(self, start_index: int, token_ids: list[int]) -> None:
         for i, token in enumerate(token_ids, start_index):
@@ -64,9 +73,11 @@ class StreamBook:
                 self.tokens[i] = token
 
 
-def workload(model_dir: str, streams: int, max_tokens: int, seed: int, tag: str) -> list[StreamSpec]:
+def workload(model_dir: str, streams: int, max_tokens: int, seed: int, tag: str, http_streams: int = 0
+             ) -> list[StreamSpec]:
     """`streams` prompts of random token ids, half greedy and half seeded sampling,
-    with the offline engine's output for each (the undisturbed run)."""
+    with the offline engine's output for each (the undisturbed run); the last
+    `http_streams` of them go over HTTP."""
     from workers import LLM, SamplingParams
 
     rng = random.Random(seed)
@@ -82,7 +93,8 @@ def workload(model_dir: str, streams: int, max_tokens: int, seed: int, tag: str)
         outputs = llm.generate([list(s.prompt) for s in specs], [SamplingParams(**s.sampling) for s in specs])
     finally:
         llm.close()
-    return [StreamSpec(s.request_id, s.prompt, s.sampling, tuple(o.token_ids)) for s, o in zip(specs, outputs)]
+    return [StreamSpec(s.request_id, s.prompt, s.sampling, tuple(o.token_ids), o.text, i >= streams - http_streams)
+            for i, (s, o) in enumerate(zip(specs, outputs))]
 
 
 async def _stream(stub: Any, pb2: Any, app: str, spec: StreamSpec, book: StreamBook) -> None:
@@ -99,8 +111,33 @@ async def _stream(stub: Any, pb2: Any, app: str, spec: StreamSpec, book: StreamB
         book.error = f"{e.code().name}: {e.details()}"
 
 
+async def _http_stream(base_url: str, spec: StreamSpec, book: StreamBook) -> None:
+    """An HTTP stream's text, [DONE], and any failure (an error event, a broken
+    connection, a non-200 status) as the error."""
+    from sse_client import post_lines  # bench/sse_client.py
+
+    payload = {"model": "tiny-llama", "prompt": list(spec.prompt), "stream": True, **spec.sampling}
+    try:
+        async for line in post_lines(f"{base_url}/v1/completions", payload):
+            if not line.startswith(b"data: "):
+                continue
+            if line == b"data: [DONE]":
+                book.done = True
+                continue
+            event = json.loads(line[6:])
+            if "error" in event:
+                book.error = f"error event: {event['error'].get('message')}"
+                continue
+            for choice in event.get("choices", []):
+                book.text += choice.get("text") or ""
+                book.chunks += 1
+                book.finish_reason = choice.get("finish_reason") or book.finish_reason
+    except Exception as e:  # noqa: BLE001 - how the stream broke is the finding
+        book.error = book.error or f"{type(e).__name__}: {e}"
+
+
 async def run_streams(target: str, app: str, specs: list[StreamSpec], fault: Callable[[], Any],
-                      started_tokens: int = 4) -> tuple[list[StreamBook], Any]:
+                      started_tokens: int = 4, http_base: str = "") -> tuple[list[StreamBook], Any]:
     """Stream every spec at once; when each stream has `started_tokens` tokens (every
     request is mid-flight) run `fault` on a thread; return the books and what the fault
     returned."""
@@ -112,8 +149,10 @@ async def run_streams(target: str, app: str, specs: list[StreamSpec], fault: Cal
     books = [StreamBook() for _ in specs]
     async with grpc.aio.insecure_channel(target) as channel:
         stub = stubs.pb2_grpc.YardStub(channel)
-        tasks = [asyncio.ensure_future(_stream(stub, stubs.pb2, app, s, b)) for s, b in zip(specs, books)]
-        while not all(len(b.tokens) >= started_tokens or b.error or b.finish_reason for b in books):
+        tasks = [asyncio.ensure_future(_http_stream(http_base, s, b) if s.http else _stream(stub, stubs.pb2, app, s, b))
+                 for s, b in zip(specs, books)]
+        while not all((b.chunks if s.http else len(b.tokens)) >= started_tokens or b.error or b.finish_reason
+                      for s, b in zip(specs, books)):
             if all(t.done() for t in tasks):
                 break
             await asyncio.sleep(0.01)
@@ -125,9 +164,13 @@ async def run_streams(target: str, app: str, specs: list[StreamSpec], fault: Cal
 def tally(specs: list[StreamSpec], books: list[StreamBook]) -> dict[str, Any]:
     """Per fault run: tokens lost, duplicated and wrong over the streams that ended
     normally; streams that ended with an error, and how many tokens they had."""
-    out = {"streams": len(specs), "tokens_expected": 0, "tokens_received": 0, "lost": 0, "duplicated": 0,
+    out = {"streams": sum(not s.http for s in specs), "tokens_expected": 0, "tokens_received": 0, "lost": 0, "duplicated": 0,
            "wrong": 0, "clean_short_ends": 0, "errored_streams": 0, "errored_wrong": 0, "errors": []}
+    out.update(http_streams=0, http_whole=0, http_errored=0, http_wrong=0, http_clean_short_ends=0, http_errors=[])
     for spec, book in zip(specs, books):
+        if spec.http:
+            _tally_http(out, spec, book)
+            continue
         wrong = sum(book.tokens[i] != t for i, t in enumerate(spec.expected) if i in book.tokens)
         wrong += sum(i >= len(spec.expected) for i in book.tokens)
         out["duplicated"] += book.duplicated
@@ -143,7 +186,24 @@ def tally(specs: list[StreamSpec], books: list[StreamBook]) -> dict[str, Any]:
         if book.finish_reason != "length" or len(book.tokens) < len(spec.expected):
             out["clean_short_ends"] += 1
     out["errors"] = sorted(set(out["errors"]))[:8]
+    out["http_errors"] = sorted(set(out["http_errors"]))[:8]
     return out
+
+
+def _tally_http(out: dict[str, Any], spec: StreamSpec, book: StreamBook) -> None:
+    """An HTTP stream ends whole ([DONE], the undisturbed text) or with an error, its
+    text so far a prefix of the undisturbed one; never a clean end short of it."""
+    out["http_streams"] += 1
+    if book.error is not None:
+        out["http_errored"] += 1
+        out["http_wrong"] += not spec.expected_text.startswith(book.text)
+        out["http_errors"].append(book.error[:160])
+    elif book.done and book.finish_reason == "length" and book.text == spec.expected_text:
+        out["http_whole"] += 1
+    elif spec.expected_text.startswith(book.text):
+        out["http_clean_short_ends"] += 1
+    else:
+        out["http_wrong"] += 1
 
 
 # -- the faults --------------------------------------------------------------------------------
@@ -233,12 +293,13 @@ def wait_recovered(manager: Any, app: str, num_workers: int, replicas: int, vict
 
 
 def run_fault(fault: str, target: str, app: str, manager: Any, specs: list[StreamSpec], num_workers: int,
-              replicas: int) -> dict[str, Any]:
-    """One fault under the streams; the books, then the time to full strength."""
+              replicas: int, http_base: str = "") -> dict[str, Any]:
+    """One fault under the streams (gRPC at `target`; HTTP at `http_base`, the app's
+    route, for specs marked http); the books, then the time to full strength."""
     from soak import books as kv_books  # bench/soak.py: held KV blocks once the workers settle
 
     start = time.monotonic()
-    books, victim = asyncio.run(run_streams(target, app, specs, inject(fault, manager, app)))
+    books, victim = asyncio.run(run_streams(target, app, specs, inject(fault, manager, app), http_base=http_base))
     ended_at = time.time()
     report = {"fault": fault, "victim": victim, **tally(specs, books), "streams_s": round(time.monotonic() - start, 1)}
     report["recovered_s"] = round(wait_recovered(manager, app, num_workers, replicas, victim), 1)
@@ -250,6 +311,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=FAULTS, action="append", help="default: each in turn")
     parser.add_argument("--streams", type=int, default=64)
+    parser.add_argument("--http-streams", type=int, default=8, help="of --streams, how many go over HTTP")
     parser.add_argument("--max-tokens", type=int, default=160)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -269,8 +331,10 @@ def main() -> None:
     try:
         manager = ray.get_actor("yard-manager-faults", namespace="yard")
         for i, fault in enumerate(args.fault or FAULTS):
-            specs = workload(resolve_model("tiny-llama"), args.streams, args.max_tokens, seed=i, tag=f"{fault}-{i}")
-            reports.append(run_fault(fault, endpoints["grpc"], "yard", manager, specs, 2, 2))
+            specs = workload(resolve_model("tiny-llama"), args.streams, args.max_tokens, seed=i, tag=f"{fault}-{i}",
+                             http_streams=args.http_streams)
+            reports.append(run_fault(fault, endpoints["grpc"], "yard", manager, specs, 2, 2,
+                                     http_base=endpoints["http"].removesuffix("/v1")))
             print(json.dumps(reports[-1]), flush=True)
     finally:
         stop(config)
