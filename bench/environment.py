@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
-from typing import Any
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def environment(*packages: str) -> dict[str, Any]:
@@ -22,3 +27,13 @@ def environment(*packages: str) -> dict[str, Any]:
 
         env["torch_threads"] = torch.get_num_threads()
     return env
+
+
+def write_results(report: Any, name: str, path: Optional[Path] = None) -> Path:
+    """Write a benchmark's report as JSON (default: bench/results/<name>-<timestamp>.json)
+    and say where."""
+    out = path or RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {out}")
+    return out

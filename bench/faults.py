@@ -308,6 +308,8 @@ def run_fault(fault: str, target: str, app: str, manager: Any, specs: list[Strea
 
 
 def main() -> None:
+    from environment import write_results  # bench/environment.py
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--fault", choices=FAULTS, action="append", help="default: each in turn")
     parser.add_argument("--streams", type=int, default=64)
@@ -338,10 +340,7 @@ def main() -> None:
             print(json.dumps(reports[-1]), flush=True)
     finally:
         stop(config)
-    out = args.json or BENCH / "results" / f"faults-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(reports, indent=2))
-    print(f"wrote {out}")
+    write_results(reports, "faults", args.json)
 
 
 if __name__ == "__main__":

@@ -221,6 +221,8 @@ def growth(memory: dict[str, list[tuple[float, float]]], duration_s: float) -> d
 
 
 def main() -> None:
+    from environment import write_results  # bench/environment.py
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=1800.0, help="seconds of traffic (1800 for the record)")
     parser.add_argument("--clients", type=int, default=8)
@@ -243,10 +245,7 @@ def main() -> None:
     finally:
         stop(config)
     print(json.dumps({k: v for k, v in report.items() if k != "memory"}, indent=2))
-    out = args.json or BENCH / "results" / f"soak-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    write_results(report, "soak", args.json)
 
 
 if __name__ == "__main__":

@@ -464,7 +464,8 @@ class Worker:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
     def _deliver(self, events: list[Event]) -> None:
-        first_tokens = [e.request_id for e in events if isinstance(e, Tokens) and e.request_id in self._handoffs]
+        first_tokens = [e.request_id for e in events
+                        if isinstance(e, Tokens) and e.request_id in self._handoffs] if self._handoffs else ()
         self._deliver_to_channels(events)
         for rid in first_tokens:
             decode_id = self._handoffs.pop(rid, None)
