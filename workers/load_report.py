@@ -48,6 +48,7 @@ class LoadReport:
     node_ip: str = ""  # the Ray node the worker runs on (what a node's preStop hook drains)
     num_preemptions: int = 0  # since the worker started
     max_model_len: int = 0  # the longest sequence it can run (0: not told)
+    queued_prefill_tokens: int = 0  # prompt tokens admitted here and not yet computed
 
 
 def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
@@ -93,4 +94,5 @@ def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int,
         head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
         num_preemptions=stats.num_preemptions, max_model_len=engine.max_model_len,
+        queued_prefill_tokens=stats.queued_prefill_tokens,
     )

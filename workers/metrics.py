@@ -6,17 +6,23 @@ from __future__ import annotations
 from ray.util import metrics
 
 from workers.engine.outputs import EngineStats
+from workers.migration import MigrationResult
 
 MIGRATION_DOWNTIME_BOUNDARIES = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5]
 STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
+PHASE_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+TRANSFER_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+# DistServe's breakdown of a request's latency. A request prefilled and decoded on one
+# worker has no transfer or decode_queue.
+PHASES = ("prefill_queue", "prefill", "transfer", "decode_queue", "decode")
 
 
 class WorkerMetrics:
     """Gauges are set and counters advanced from engine stats every few steps."""
 
-    def __init__(self, worker_id: str, model: str) -> None:
-        self.tags = {"worker": worker_id, "model": model}
-        keys = ("worker", "model")
+    def __init__(self, worker_id: str, model: str, role: str = "mixed") -> None:
+        self.tags = {"worker": worker_id, "model": model, "role": role}
+        keys = ("worker", "model", "role")
         self.running = metrics.Gauge("yard_worker_requests_running", "requests running", keys)
         self.waiting = metrics.Gauge("yard_worker_requests_waiting", "requests waiting", keys)
         self.kv_used = metrics.Gauge("yard_worker_kv_blocks_used", "KV blocks in use", keys)
@@ -35,6 +41,21 @@ class WorkerMetrics:
         self.handoffs = metrics.Counter(
             "yard_worker_handoffs", "prefill-to-decode handoffs this worker started, by outcome "
             "(committed; aborted or failed: the request went on here)", keys + ("outcome",))
+        self.queued_prefill_tokens = metrics.Gauge(
+            "yard_worker_queued_prefill_tokens", "prompt tokens admitted and not yet computed", keys)
+        self.phase = metrics.Histogram(
+            "yard_worker_request_phase_seconds", "a request's time in one phase on this worker: prefill_queue, "
+            "prefill, transfer (first token to the decode worker's commit), decode_queue, decode",
+            PHASE_BOUNDARIES, keys + ("phase",))
+        self.transfer_time = metrics.Histogram(
+            "yard_worker_kv_transfer_seconds", "time a migration or handoff from this worker spent copying KV",
+            TRANSFER_BOUNDARIES, keys + ("reason",))
+        self.transfer_bytes = metrics.Counter(
+            "yard_worker_kv_transfer_bytes", "KV bytes sent by migrations and handoffs from this worker",
+            keys + ("reason",))
+        self.transfer_hidden = metrics.Counter(
+            "yard_worker_kv_transfer_hidden_seconds", "copy time of handoffs spent while the prompt was still "
+            "computing (hidden behind the prefill)", keys + ("reason",))
         self._last: EngineStats | None = None
 
     def update(self, stats: EngineStats) -> None:
@@ -45,6 +66,7 @@ class WorkerMetrics:
         self.kv_used.set(stats.num_total_blocks - stats.num_free_blocks, t)
         self.kv_total.set(stats.num_total_blocks, t)
         self.hit_rate.set(stats.prefix_cache_hit_rate, t)
+        self.queued_prefill_tokens.set(stats.queued_prefill_tokens, t)
         last = self._last
         for counter, now, before in (
                 (self.prompt_tokens, stats.prompt_tokens, last.prompt_tokens if last else 0),
@@ -53,3 +75,15 @@ class WorkerMetrics:
             if now > before:
                 counter.inc(now - before, t)
         self._last = stats
+
+    def observe_phase(self, phase: str, seconds: float) -> None:
+        self.phase.observe(max(seconds, 0.0), {**self.tags, "phase": phase})
+
+    def observe_transfer(self, result: MigrationResult) -> None:
+        if not result.bytes:
+            return
+        tags = {**self.tags, "reason": result.reason}
+        self.transfer_time.observe(result.copy_s, tags)
+        self.transfer_bytes.inc(result.bytes, tags)
+        if result.prefill_copy_s > 0:
+            self.transfer_hidden.inc(result.prefill_copy_s, tags)

@@ -8,6 +8,10 @@ rest and the request's state; the destination commits and starts decoding; the
 source emits Moved(to_worker, next_index) and frees its blocks. Before the commit
 either side may give up, and the request then carries on at the source as if
 nothing happened. The KV goes worker to worker through a KVTransport.
+
+A prefill→decode handoff (reason "handoff") starts when the request is admitted: its
+stages stream the prompt's KV, chunk after chunk, while the prefill computes, and it
+pauses only once the first token is out, so that little is left to copy then.
 """
 
 from __future__ import annotations
@@ -17,14 +21,14 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
-from workers.engine.handoff import HandoffError
+from workers.engine.handoff import HandoffError, MigrationStep
 from workers.worker_commands import AdvanceMigration, CompleteMigration, EngineCall, ResumeMigration, StartMigration
 
 if TYPE_CHECKING:
     from workers.engine.engine import LLMEngine
     from workers.kv_transport import KVTransport
 
-REASONS = ("balance", "defrag", "priority", "drain", "manual")
+REASONS = ("balance", "defrag", "priority", "drain", "manual", "handoff")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +56,19 @@ def kv_layout(engine: "LLMEngine") -> KVLayout:
     shape = engine.runner.kv_caches.shape  # layers, 2, blocks, block_size, kv heads, head_dim
     return KVLayout(engine.model_dir.name, str(engine.model_config.dtype).removeprefix("torch."),
                     engine.blocks.block_size, engine.config.tensor_parallel_size, shape[0], shape[4], shape[5])
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSettings:
+    """How a source runs its migrations (from WorkerConfig)."""
+
+    pause_blocks: int  # pre-copy stops once at most this many blocks are unsent
+    max_stages: int  # pre-copy stages of a decoding request before it pauses anyway
+    call_timeout_s: float  # a destination call slower than this fails the migration
+
+
+class TransferTimeout(RuntimeError):
+    reason = "timeout"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +106,7 @@ class MigrationResult:
     blocks: int = 0
     bytes: int = 0
     copy_s: float = 0.0  # time spent sending and receiving KV
+    prefill_copy_s: float = 0.0  # the part of copy_s spent while the prompt was still computing
     paused_s: float = 0.0  # from the pause to the destination's commit
     next_index: Optional[int] = None  # where the destination continues (committed only)
 
@@ -102,7 +120,8 @@ class SourceMigration:
 
     def __init__(self, order: MigrationOrder, source_id: str, layout: KVLayout, engine: "LLMEngine",
                  transport: "KVTransport", call: Callable[[EngineCall], Awaitable[Any]],
-                 moved: Callable[[MigrationOrder, int], None], pause_blocks: int, max_stages: int) -> None:
+                 moved: Callable[[MigrationOrder, int], None], settings: SourceSettings,
+                 next_step: Callable[[], Awaitable[None]]) -> None:
         self.order = order
         self.source_id = source_id
         self.layout = layout
@@ -110,10 +129,13 @@ class SourceMigration:
         self.transport = transport
         self.call = call
         self.moved = moved  # (order, next index): emit Moved
-        self.pause_blocks = pause_blocks
-        self.max_stages = max_stages
+        self.pause_blocks = settings.pause_blocks
+        self.max_stages = settings.max_stages
+        self.call_timeout_s = settings.call_timeout_s
+        self.hold = order.reason == "handoff"  # stream the prompt's KV; pause after the first token
+        self.next_step = next_step  # returns after the source engine's next step
         self.stages = self.blocks = self.bytes = 0
-        self.copy_s = self.paused_s = 0.0
+        self.copy_s = self.prefill_copy_s = self.paused_s = 0.0
 
     async def run(self) -> MigrationResult:
         o = self.order
@@ -123,9 +145,14 @@ class SourceMigration:
             return self._result("aborted", f"{e.reason}: {e}")
         committed = False
         try:
-            await o.destination.accept_migration.remote(
-                MigrationOffer(o.migration_id, o.request_id, self.source_id, self.layout, num_tokens))
-            state, paused_at = await self._copy()
+            # A handoff reserves room at the destination once the prefill is under way
+            # (its first full block computed), not while the request waits in the queue.
+            first = await self._first_computed() if self.hold else None
+            await self._remote("accept_migration", MigrationOffer(o.migration_id, o.request_id, self.source_id,
+                                                                  self.layout, num_tokens))
+            state, paused_at = await self._copy(first)
+            # No timeout here: a commit that is slow may still land, and the request
+            # must then not also resume at the source.
             await o.destination.commit_migration.remote(o.migration_id, state, paused_at)
             committed = True
             self.paused_s = time.time() - paused_at
@@ -138,28 +165,56 @@ class SourceMigration:
             await self._abort()
             return self._result(*_outcome(e))
 
-    async def _copy(self) -> tuple[Any, float]:
-        """Stages until the pause; returns the request's state and when it paused."""
-        o = self.order
+    async def _first_computed(self) -> MigrationStep:
+        """Wait, step by step, for the request's first full block (or its first token)."""
         while True:
-            last_chance = self.stages + 1 >= self.max_stages
-            step = await self.call(AdvanceMigration(o.migration_id, 1 << 30 if last_chance else self.pause_blocks))
+            step = await self.call(AdvanceMigration(self.order.migration_id, self.pause_blocks, True))
+            if step.stage.block_ids or not step.in_prefill:
+                return step
+            await self.next_step()
+
+    async def _copy(self, step: Optional[MigrationStep]) -> tuple[Any, float]:
+        """Stages (from `step`, if one is already taken) until the pause; returns the
+        request's state and when it paused."""
+        o = self.order
+        decode_stages = 0  # max_stages bounds the chase of a decoding request, not a prefill
+        while True:
+            if step is None:
+                last_chance = decode_stages + 1 >= self.max_stages
+                step = await self.call(AdvanceMigration(o.migration_id, 1 << 30 if last_chance
+                                                        else self.pause_blocks, self.hold))
             paused_at = time.time() if step.paused else None
             if step.stage.block_ids or step.paused:
-                await self._send(step.stage)
+                await self._send(step.stage, step.in_prefill)
+            elif step.in_prefill:
+                await self.next_step()  # no new full block yet: wait for the next chunk
+            decode_stages += not step.in_prefill
             if paused_at is not None:
                 return step.state, paused_at
+            step = None
 
-    async def _send(self, stage: Any) -> None:
+    async def _remote(self, method: str, *args: Any) -> Any:
+        """Call the destination; a call that outlasts call_timeout_s (a stuck or
+        partitioned destination) fails the migration, so the request never waits on it."""
+        try:
+            return await asyncio.wait_for(getattr(self.order.destination, method).remote(*args), self.call_timeout_s)
+        except asyncio.TimeoutError:
+            raise TransferTimeout(f"{method} on {self.order.destination_id} took over {self.call_timeout_s} s") \
+                from None
+
+    async def _send(self, stage: Any, in_prefill: bool) -> None:
         o = self.order
         start = time.perf_counter()
         self.stages += 1
         if stage.block_ids:
             payload = await asyncio.to_thread(self.transport.send, self.engine, stage.block_ids)
-            await o.destination.receive_kv.remote(o.migration_id, stage.first_block, payload)
+            await self._remote("receive_kv", o.migration_id, stage.first_block, payload)
             self.blocks += payload.num_blocks
             self.bytes += payload.nbytes
-        self.copy_s += time.perf_counter() - start
+        took = time.perf_counter() - start
+        self.copy_s += took
+        if in_prefill:
+            self.prefill_copy_s += took
 
     async def _complete(self) -> None:
         o = self.order
@@ -181,7 +236,8 @@ class SourceMigration:
     def _result(self, outcome: str, error: Optional[str] = None, next_index: Optional[int] = None) -> MigrationResult:
         o = self.order
         return MigrationResult(o.migration_id, o.request_id, self.source_id, o.destination_id, o.reason, outcome,
-                               error, self.stages, self.blocks, self.bytes, self.copy_s, self.paused_s, next_index)
+                               error, self.stages, self.blocks, self.bytes, self.copy_s, self.prefill_copy_s,
+                               self.paused_s, next_index)
 
 
 def _outcome(e: BaseException) -> tuple[str, str]:

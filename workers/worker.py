@@ -33,9 +33,10 @@ from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, Tok
 from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
-from workers.migration import MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, kv_layout
-from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
-                                     EngineCall, GrowReservation, ReserveMigration)
+from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
+                               kv_layout)
+from workers.worker_commands import (AbortRequest, AddRequest, AfterNextStep, CancelMigration, Call, Command,
+                                     CommitMigration, EngineCall, GrowReservation, ReserveMigration)
 from workers.worker_config import WorkerConfig
 
 __all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
@@ -47,6 +48,8 @@ _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
 _IDLE_REPORT_INTERVAL_S = 1.0  # ... and while idle
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 _MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
+_HANDOFF_RETRY_S = 0.05  # a decode worker without room is asked again after this long
+_HANDOFFS_KEPT = 256  # the latest handoff results, for `recent_handoffs`
 
 
 @dataclass(slots=True)
@@ -90,13 +93,18 @@ class Worker:
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
         self._arrived_paused_at: dict[str, float] = {}  # request id → its pause at the source (wall)
         self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
-        # Prefill/decode: request id → the decode worker it goes to after its first token.
-        self._handoffs: dict[str, str] = {}
+        # Prefill/decode: handoffs run from admission; the first token's time (engine
+        # clock, set on the stepping thread) starts the transfer phase.
+        self._handing_off: set[str] = set()
+        self._first_token_at: dict[str, float] = {}
         self._handoff_ids = itertools.count()
         self._handoff_tasks: set[asyncio.Future] = set()
+        self._decode_workers: dict[str, Any] = {}  # decode worker id → actor handle
+        self._handoff_results: collections.deque[MigrationResult] = collections.deque(maxlen=_HANDOFFS_KEPT)
+        self._step_waiters: list[Any] = []  # AfterNextStep replies, answered after the next step
         self._node_ip = _node_ip()
         self._load = self._build_report()
-        self._metrics = WorkerMetrics(config.worker_id, config.engine.model)
+        self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
         self._reported_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
@@ -168,11 +176,11 @@ class Worker:
             return
         channel.requests.add(rid)
         self._channel_of[rid] = channel
-        if request.handoff_to is not None and self.config.role == "prefill":
-            self._handoffs[rid] = request.handoff_to
         if request.arrival_time is None:  # FCFS order is by arrival at the router, kept across moves
             request = _with_arrival(request, time.time())
         self._send(AddRequest(request))
+        if request.handoff_to is not None and self.config.role == "prefill":
+            self._start_handoff(rid, request.handoff_to)
 
     def _open_channel(self, channel_id: str) -> Channel:
         channel = self._channels.get(channel_id)
@@ -187,7 +195,6 @@ class Worker:
         while len(self._closed_channels) > _CLOSED_CHANNELS_KEPT:
             self._closed_channels.pop(next(iter(self._closed_channels)))
         for rid in channel.requests:
-            self._handoffs.pop(rid, None)
             if self._channel_of.pop(rid, None) is not None:
                 self.abort(rid)
         channel.requests.clear()
@@ -241,9 +248,12 @@ class Worker:
         self._ensure_thread()
         self._outgoing[order.request_id] += 1
         try:
-            return await SourceMigration(order, self.config.worker_id, self._layout, self.engine, self._transport,
-                                         self._call, self._moved, self.config.migration_pause_blocks,
-                                         self.config.migration_max_stages).run()
+            c = self.config
+            settings = SourceSettings(c.migration_pause_blocks, c.migration_max_stages, c.migration_call_timeout_s)
+            result = await SourceMigration(order, c.worker_id, self._layout, self.engine, self._transport,
+                                           self._call, self._moved, settings, self._next_step).run()
+            self._metrics.observe_transfer(result)
+            return result
         finally:
             self._outgoing[order.request_id] -= 1
             if not self._outgoing[order.request_id]:
@@ -272,6 +282,7 @@ class Worker:
         self._ensure_thread()
         blocks = await self._call(ReserveMigration(offer.migration_id, offer.request_id, offer.num_tokens))
         self._incoming[offer.migration_id] = _Incoming(offer.request_id, offer.source_id, len(blocks))
+        self._note_incoming()
 
     async def receive_kv(self, migration_id: str, first_block: int, payload: KVPayload) -> None:
         """Write a stage of blocks, growing the reservation first if the request grew."""
@@ -303,13 +314,21 @@ class Worker:
 
     async def cancel_migration(self, migration_id: str) -> None:
         self._incoming.pop(migration_id, None)
+        self._note_incoming()
         await self._call(CancelMigration(migration_id))
+
+    def _note_incoming(self) -> None:
+        """The load report says at once how many migrations are coming in, even while idle."""
+        self._load = dataclasses.replace(self._load, migrations_in=len(self._incoming))
 
     def _reap_incoming(self) -> None:
         """Forget migrations whose reservation expired (their source gave up or died
         without a cancel), so that they no longer count as migrations in flight."""
-        for mid in [m for m in self._incoming if not self.engine.destination.holds(m)]:
+        expired = [m for m in self._incoming if not self.engine.destination.holds(m)]
+        for mid in expired:
             del self._incoming[mid]
+        if expired:
+            self._note_incoming()
 
     def _reap_parked(self) -> None:
         """Requests moved here whose router never attached (it went away) are aborted."""
@@ -328,6 +347,13 @@ class Worker:
         call = Call(command)
         self._send(call)
         return await asyncio.wrap_future(call.reply)
+
+    async def _next_step(self) -> None:
+        """Return once the engine has stepped again (or has nothing to step)."""
+        self._ensure_thread()
+        waiter = AfterNextStep()
+        self._send(waiter)
+        await asyncio.wrap_future(waiter.reply)
 
     def _send(self, command: Command) -> None:
         self._commands.put(command)
@@ -376,6 +402,7 @@ class Worker:
                 start = time.perf_counter()
                 self._emit([e for output in self._step() for e in self._events_of(output)])
                 self._metrics.step_time.observe(time.perf_counter() - start, self._metrics.tags)
+                self._release_step_waiters()
                 # The report copies up to max_cached_hashes hashes: refresh it every few
                 # steps, and always when the worker falls idle, not on every token.
                 if start - self._reported_at >= _REPORT_INTERVAL_S or not engine.has_unfinished_requests():
@@ -391,8 +418,15 @@ class Worker:
                 if engine.expire_reservations() or applied or now - self._reported_at >= _IDLE_REPORT_INTERVAL_S:
                     self._report(now)
             # Nothing to run (idle, or only requests paused for a migration).
+            self._release_step_waiters()
             self._wake.wait(_IDLE_WAIT_S)
             self._wake.clear()
+
+    def _release_step_waiters(self) -> None:
+        waiters, self._step_waiters = self._step_waiters, []
+        for reply in waiters:
+            if reply.set_running_or_notify_cancel():
+                reply.set_result(None)
 
     def _step(self) -> list[StepOutput]:
         """One engine step. An error the engine did not expect (a kernel's out of
@@ -426,6 +460,8 @@ class Worker:
                 self._add(command.request)
             elif isinstance(command, AbortRequest):
                 self.engine.abort(command.request_id)
+            elif isinstance(command, AfterNextStep):
+                self._step_waiters.append(command.reply)
             else:
                 self._answer(command)
 
@@ -446,6 +482,8 @@ class Worker:
             self._emit([Failed(r.request_id, code, str(e))])
 
     def _events_of(self, out: StepOutput) -> list[Event]:
+        if out.timing is not None:
+            self._observe_phases(out)
         events: list[Event] = []
         if out.new_token_ids:
             logprobs = None if out.new_logprobs is None else tuple(
@@ -464,21 +502,8 @@ class Worker:
             self._loop.call_soon_threadsafe(self._deliver, events)
 
     def _deliver(self, events: list[Event]) -> None:
-        first_tokens = [e.request_id for e in events
-                        if isinstance(e, Tokens) and e.request_id in self._handoffs] if self._handoffs else ()
-        self._deliver_to_channels(events)
-        for rid in first_tokens:
-            decode_id = self._handoffs.pop(rid, None)
-            if decode_id is not None and rid in self._channel_of:  # still running here
-                task = asyncio.ensure_future(self._hand_off(rid, decode_id))
-                self._handoff_tasks.add(task)  # the loop keeps only a weak reference
-                task.add_done_callback(self._handoff_tasks.discard)
-
-    def _deliver_to_channels(self, events: list[Event]) -> None:
         for event in events:
             rid = event.request_id
-            if isinstance(event, ENDS_HERE):
-                self._handoffs.pop(rid, None)
             if rid in self._arrived_paused_at and isinstance(event, (Tokens, *ENDS_HERE)):
                 paused_at = self._arrived_paused_at.pop(rid)
                 if isinstance(event, Tokens):
@@ -495,26 +520,81 @@ class Worker:
             channel.deliver(event)
 
     # -- prefill/decode disaggregation, prefill side ------------------------------------------
-    async def _hand_off(self, request_id: str, decode_id: str) -> MigrationResult:
-        """Move a request whose first token is out to its decode worker, KV and all,
-        as a live migration; if that fails, the request goes on here."""
-        import ray
+    def _start_handoff(self, request_id: str, decode_id: str) -> None:
+        self._handing_off.add(request_id)
+        task = asyncio.ensure_future(self._hand_off(request_id, decode_id))
+        self._handoff_tasks.add(task)  # the loop keeps only a weak reference
+        task.add_done_callback(self._handoff_tasks.discard)
 
+    async def _hand_off(self, request_id: str, decode_id: str) -> MigrationResult:
+        """Move a request, admitted here, to its decode worker, KV and all, as a live
+        migration that streams the prompt's KV while it computes and pauses once the
+        first token is out. A decode worker without room is asked again for
+        handoff_wait_s; if the handoff fails, the request goes on here."""
         try:
-            destination = await asyncio.to_thread(ray.get_actor, worker_actor_name(decode_id),
-                                                  namespace=ACTOR_NAMESPACE)
-        except ValueError as e:
-            result = MigrationResult(f"{self.config.worker_id}-h-none", request_id, self.config.worker_id, decode_id,
-                                     "handoff", "failed", f"no decode worker {decode_id}: {e}")
-        else:
-            order = MigrationOrder(f"{self.config.worker_id}-h{next(self._handoff_ids)}", request_id, decode_id,
-                                   destination, "handoff")
-            result = await self.migrate(order)
+            deadline = time.monotonic() + self.config.handoff_wait_s
+            while True:
+                result = await self._try_handoff(request_id, decode_id)
+                retry = (result.error or "").startswith("no_room") and time.monotonic() < deadline
+                if not retry or request_id not in self._channel_of:
+                    break
+                await asyncio.sleep(_HANDOFF_RETRY_S)
+        finally:
+            self._handing_off.discard(request_id)
+            first_token_at = self._first_token_at.pop(request_id, None)
+        if result.committed and first_token_at is not None:
+            self._metrics.observe_phase("transfer", self.engine.clock() - first_token_at)
         self._metrics.handoffs.inc(1, {**self._metrics.tags, "outcome": result.outcome})
+        self._handoff_results.append(result)
         if result.outcome != "committed":  # never silent: the request decodes on here, and the log says why
             log.warning("handoff of %s to %s %s (%s); it goes on here", request_id, decode_id, result.outcome,
                         result.error)
         return result
+
+    def recent_handoffs(self) -> list[MigrationResult]:
+        """The latest handoffs this prefill worker made, oldest first (the last attempt of each)."""
+        return list(self._handoff_results)
+
+    async def _try_handoff(self, request_id: str, decode_id: str) -> MigrationResult:
+        mid = f"{self.config.worker_id}-h{next(self._handoff_ids)}"
+        try:
+            destination = await self._decode_worker(decode_id)
+        except ValueError as e:
+            return MigrationResult(mid, request_id, self.config.worker_id, decode_id, "handoff", "failed",
+                                   f"no_worker: no decode worker {decode_id}: {e}")
+        result = await self.migrate(MigrationOrder(mid, request_id, decode_id, destination, "handoff"))
+        if result.outcome == "failed":
+            self._decode_workers.pop(decode_id, None)  # perhaps dead: look it up afresh next time
+        return result
+
+    async def _decode_worker(self, decode_id: str) -> Any:
+        import ray
+
+        handle = self._decode_workers.get(decode_id)
+        if handle is None:
+            handle = await asyncio.to_thread(ray.get_actor, worker_actor_name(decode_id), namespace=ACTOR_NAMESPACE)
+            self._decode_workers[decode_id] = handle
+        return handle
+
+    def _observe_phases(self, out: StepOutput) -> None:
+        """The per-phase latency breakdown (after DistServe), from the engine's times;
+        on the stepping thread. A request prefilled here: prefill_queue, prefill, and
+        (if it stays) decode; one that arrived with its KV: decode_queue and decode."""
+        t, m = out.timing, self._metrics
+        first = t.first
+        if t.migrated_in:
+            if first:
+                m.observe_phase("decode_queue", t.queued_s)
+            if out.finished:
+                m.observe_phase("decode", t.now - t.first_scheduled_at)
+            return
+        if first:
+            m.observe_phase("prefill_queue", t.queued_s)
+            m.observe_phase("prefill", t.first_output_at - t.first_scheduled_at)
+            if out.request_id in self._handing_off:
+                self._first_token_at[out.request_id] = t.first_output_at
+        if out.finished and t.now > t.first_output_at:
+            m.observe_phase("decode", t.now - t.first_output_at)
 
 
 def _node_ip() -> str:

@@ -47,9 +47,10 @@ class AdvanceMigration:
 
     migration_id: str
     pause_at_blocks: int
+    hold_in_prefill: bool = False  # a handoff: no pause before the first token
 
     def apply(self, engine: "LLMEngine") -> Any:
-        return engine.advance_migration(self.migration_id, self.pause_at_blocks)
+        return engine.advance_migration(self.migration_id, self.pause_at_blocks, self.hold_in_prefill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,4 +125,11 @@ class Call:
     reply: Future = field(default_factory=Future)
 
 
-Command = Union[AddRequest, AbortRequest, Call]
+@dataclass(frozen=True, slots=True)
+class AfterNextStep:
+    """Answered (None) once the engine has stepped again, or has nothing to step."""
+
+    reply: Future = field(default_factory=Future)
+
+
+Command = Union[AddRequest, AbortRequest, Call, AfterNextStep]

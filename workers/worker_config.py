@@ -21,8 +21,14 @@ class WorkerConfig:
     # pre-copy stages run before it pauses anyway (decoding may outpace the copy).
     migration_pause_blocks: int = 1
     migration_max_stages: int = 8
+    # A call to the other worker slower than this (it is stuck, or cut off) ends the
+    # migration or handoff; the request goes on here, and both sides free its blocks.
+    migration_call_timeout_s: float = 30.0
     # A request moved here waits this long for its router to attach before it is aborted.
     migration_attach_timeout_s: float = 30.0
+    # Prefill role: a handoff the decode worker refuses for want of room is tried again
+    # for this long (the request decodes here meanwhile, its KV held here), then given up.
+    handoff_wait_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):
@@ -33,5 +39,9 @@ class WorkerConfig:
             raise ValueError(f"migration_pause_blocks must be an integer >= 1, got {self.migration_pause_blocks!r}")
         if not isinstance(self.migration_max_stages, int) or self.migration_max_stages < 1:
             raise ValueError(f"migration_max_stages must be an integer >= 1, got {self.migration_max_stages!r}")
+        if not self.migration_call_timeout_s > 0:
+            raise ValueError(f"migration_call_timeout_s must be > 0, got {self.migration_call_timeout_s!r}")
+        if not self.handoff_wait_s >= 0:
+            raise ValueError(f"handoff_wait_s must be >= 0, got {self.handoff_wait_s!r}")
         if not self.migration_attach_timeout_s > 0:
             raise ValueError(f"migration_attach_timeout_s must be > 0, got {self.migration_attach_timeout_s!r}")

@@ -20,7 +20,7 @@ from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
-from workers.engine.outputs import EngineStats, StepOutput
+from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
@@ -142,7 +142,8 @@ class LLMEngine:
                              f"({self.max_model_len}), set by {self.max_model_len_bound}")
         return Sequence(request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
                         params=params, max_tokens=min(params.max_tokens, room), priority=priority,
-                        arrival_time=self.clock() if arrival_time is None else arrival_time)
+                        arrival_time=self.clock() if arrival_time is None else arrival_time,
+                        added_at=self.clock())
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
@@ -190,6 +191,10 @@ class LLMEngine:
         if not plan.chunks:
             return outputs
         chunks = [(self.requests[rid].seq, n) for rid, n in plan.chunks.items()]
+        now = self.clock()
+        for seq, _ in chunks:
+            if seq.first_scheduled_at is None:
+                seq.first_scheduled_at = now
         model_start = time.perf_counter()
         try:
             sampling, logits = self.runner.execute(chunks)
@@ -230,7 +235,15 @@ class LLMEngine:
             self.scheduler.remove(seq)
             del self.requests[seq.request_id]
         logprobs = (token,) if seq.params.logprobs is not None else None
-        return self._output(seq, (token.token_id,), logprobs, text, reason, stop_reason, index)
+        out = self._output(seq, (token.token_id,), logprobs, text, reason, stop_reason, index)
+        now = self.clock()
+        first = seq.first_output_at is None
+        if first:
+            seq.first_output_at = now
+        if first or reason is not None:
+            out = dataclasses.replace(out, timing=SeqTiming(seq.added_at, seq.first_scheduled_at or now,
+                                                            seq.first_output_at, now, seq.migrated_in, first))
+        return out
 
     def _finish_reason(self, seq: Sequence, token: int,
                        stop_string: Optional[str]) -> tuple[Optional[str], int | str | None]:
@@ -273,6 +286,8 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         steps = self._step_times
         blocks = self.blocks
+        prefilling = [q for q in (*self.scheduler.running, *self.scheduler.waiting)
+                      if q.num_computed_tokens == 0 or q.num_uncomputed_tokens > 1]
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -290,6 +305,7 @@ class LLMEngine:
             generation_tokens=self._generation_tokens,
             computed_tokens=self._computed_tokens,
             num_migrated_in=self._migrated_in,
+            queued_prefill_tokens=sum(q.num_uncomputed_tokens for q in prefilling),
             num_migrated_out=self._migrated_out,
         )
 
@@ -306,9 +322,10 @@ class LLMEngine:
         self.source.start(migration_id, req.seq)
         return req.seq.num_tokens
 
-    def advance_migration(self, migration_id: str, pause_at_blocks: int) -> MigrationStep:
+    def advance_migration(self, migration_id: str, pause_at_blocks: int, hold_in_prefill: bool = False
+                          ) -> MigrationStep:
         """The next pre-copy stage, or the pause with the last one (handoff.Source.advance)."""
-        return self.source.advance(migration_id, pause_at_blocks)
+        return self.source.advance(migration_id, pause_at_blocks, hold_in_prefill)
 
     def resume_after_migration(self, migration_id: str) -> None:
         self.source.resume(migration_id)
@@ -340,6 +357,7 @@ class LLMEngine:
         if seq.num_output_tokens >= seq.max_tokens:
             raise HandoffError("bad_state", f"request {state.request_id} already has {seq.num_output_tokens} "
                                             f"of {seq.max_tokens} tokens")
+        seq.migrated_in = True
         self.destination.commit(migration_id, state, seq)
         detok = IncrementalDetokenizer.restore(self.tokenizer, state.params, state.detokenizer)
         self.requests[seq.request_id] = _Request(seq, detok)

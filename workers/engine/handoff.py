@@ -39,6 +39,10 @@ class HandoffError(RuntimeError):
         super().__init__(message)
         self.reason = reason
 
+    def __reduce__(self) -> tuple:
+        # Raised in a destination actor, it travels back to the source pickled.
+        return (type(self), (self.reason, str(self)))
+
 
 @dataclass(frozen=True, slots=True)
 class KVStage:
@@ -76,10 +80,12 @@ class MigratedRequest:
 @dataclass(frozen=True, slots=True)
 class MigrationStep:
     """One round of the source: a pre-copy stage, or, with `state`, the pause and the
-    last stage."""
+    last stage. `in_prefill`: a stage of a request still computing its prompt, held
+    there (no pause) until its first token is out."""
 
     stage: KVStage
     state: Optional[MigratedRequest] = None
+    in_prefill: bool = False
 
     @property
     def paused(self) -> bool:
@@ -126,16 +132,23 @@ class Source:
         if out is not None and out.seq is seq and out.ended is None:
             out.ended = why
 
-    def advance(self, migration_id: str, pause_at_blocks: int) -> MigrationStep:
+    def advance(self, migration_id: str, pause_at_blocks: int, hold_in_prefill: bool = False) -> MigrationStep:
         """Release the previous stage's blocks (copied by now). Then, while more than
         pause_at_blocks blocks of computed KV are unsent, the next stage: the full
         blocks computed since the last one, the request still decoding. Otherwise
         pause: the request leaves the batch, and the last stage holds the rest (the
         last block may be partial) with the request's state. Nothing writes those
-        blocks until resume()."""
+        blocks until resume().
+
+        With hold_in_prefill (a prefill→decode handoff), a request that has produced no
+        token here yet is never paused: each stage takes the full blocks its prompt chunks have
+        computed so far (perhaps none), so the KV streams out while the prefill runs."""
         out = self._live(migration_id)
         self._unpin(out)
         seq = out.seq
+        if hold_in_prefill and seq.first_output_at is None:
+            return MigrationStep(self._stage(out, seq.num_computed_tokens // self.blocks.block_size),
+                                 in_prefill=True)
         backlog = self.blocks.blocks_needed(seq.num_computed_tokens) - out.num_sent
         if backlog > pause_at_blocks:
             return MigrationStep(self._stage(out, seq.num_computed_tokens // self.blocks.block_size))
@@ -275,6 +288,8 @@ class Destination:
                 raise HandoffError("bad_stage", f"blocks [{first_block}, {first_block + num_blocks}) exceed the "
                                                 f"{len(inc.block_ids)} reserved for migration {migration_id}")
             inc.writers += 1
+            # The deadline is on silence: a long prefill streaming its KV keeps it open.
+            inc.expires_at = self.clock() + self.timeout_s
             return tuple(inc.block_ids[first_block:first_block + num_blocks])
 
     def end_write(self, migration_id: str) -> None:

@@ -9,6 +9,23 @@ from workers.engine.sampler import SampledToken
 
 
 @dataclass(frozen=True, slots=True)
+class SeqTiming:
+    """A request's times in one engine (the engine's clock), on its first output there
+    and on its last: enough for the per-phase latency breakdown."""
+
+    added_at: float  # admitted, or committed by a migration
+    first_scheduled_at: float
+    first_output_at: float
+    now: float
+    migrated_in: bool  # its prompt was computed elsewhere
+    first: bool  # this is its first output in this engine
+
+    @property
+    def queued_s(self) -> float:
+        return self.first_scheduled_at - self.added_at
+
+
+@dataclass(frozen=True, slots=True)
 class StepOutput:
     """New tokens of one request from one step. `start_index` is the absolute output
     position of new_token_ids[0], so a consumer can drop what it already has."""
@@ -23,6 +40,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: Optional[str] = None  # why the request failed (finish_reason "error")
+    timing: Optional[SeqTiming] = None  # on the request's first output in this engine, and on its last
 
     @property
     def finished(self) -> bool:
@@ -48,6 +66,7 @@ class EngineStats:
     # that arrived with its KV adds only its decode steps.
     computed_tokens: int = 0
     num_migrated_in: int = 0  # requests committed here by a live migration
+    queued_prefill_tokens: int = 0  # prompt tokens (and recomputes) admitted and not yet computed
     num_migrated_out: int = 0
 
     @property

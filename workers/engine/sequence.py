@@ -37,6 +37,12 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hits when it was last admitted
     num_preemptions: int = 0
     finish_reason: Optional[str] = None
+    # When things happened in this engine (its clock), for the per-phase latency
+    # breakdown: added (admitted or committed by a migration), first run, first token.
+    added_at: float = 0.0
+    first_scheduled_at: Optional[float] = None
+    first_output_at: Optional[float] = None
+    migrated_in: bool = False  # arrived by a live migration (or a prefill→decode handoff)
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,4 @@
-"""Waiting on a condition, not a fixed sleep: the e2e tests' one way to wait."""
+"""Waiting on a condition, not a fixed sleep: the tests' one way to wait."""
 
 from __future__ import annotations
 
