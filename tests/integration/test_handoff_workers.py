@@ -277,3 +277,22 @@ def test_a_prefill_worker_dying_mid_transfer_leaves_nothing_on_the_decode_worker
         assert_all_free(ray_local, decode)
     finally:
         stop(ray_local, decode)
+
+
+def test_tp2_prefill_hands_off_to_tp2_decode_rank_to_rank(ray_local, model_dir):
+    """Each rank streams its shard of the KV to the same rank on the other side."""
+    tp = dict(tensor_parallel_size=2, tp_cpus_per_rank=0.5, tp_timeout_s=20.0)
+    prefill = start(ray_local, "p-tp2", model_dir, "prefill", max_num_batched_tokens=CHUNK, **tp)
+    decode = start(ray_local, "d-tp2", model_dir, "decode", **tp)
+    try:
+        handles = {"p-tp2": prefill, "d-tp2": decode}
+        p = prompt(21, 150)
+        params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        events, f = serve(handles, "p-tp2", WorkerRequest("tp2", p, params, handoff_to="d-tp2"))
+        assert tokens(events) == undisturbed(model_dir, p, params)  # TP=1, undisturbed
+        assert [(a.worker_id, a.moved_in) for a in f.attempts] == [("p-tp2", False), ("d-tp2", True)]
+        result = last_handoff(ray_local, prefill)
+        assert result.committed and result.prefill_copy_s > 0, result
+        assert_all_free(ray_local, prefill, decode)
+    finally:
+        stop(ray_local, prefill, decode)
