@@ -57,6 +57,8 @@ class WorkerMetrics:
             "yard_worker_kv_transfer_hidden_seconds", "copy time of handoffs spent while the prompt was still "
             "computing (hidden behind the prefill)", keys + ("reason",))
         self._last: EngineStats | None = None
+        # Running (count, seconds) per phase and of KV copies, for `Worker.phase_totals`.
+        self.totals: dict[str, tuple[int, float]] = {}
 
     def update(self, stats: EngineStats) -> None:
         """Gauges and counters from the engine's stats; step times are observed per step."""
@@ -78,6 +80,11 @@ class WorkerMetrics:
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self.phase.observe(max(seconds, 0.0), {**self.tags, "phase": phase})
+        self._total(phase, max(seconds, 0.0))
+
+    def _total(self, key: str, seconds: float) -> None:
+        count, total = self.totals.get(key, (0, 0.0))
+        self.totals[key] = (count + 1, total + seconds)
 
     def observe_transfer(self, result: MigrationResult) -> None:
         if not result.bytes:
@@ -87,3 +94,5 @@ class WorkerMetrics:
         self.transfer_bytes.inc(result.bytes, tags)
         if result.prefill_copy_s > 0:
             self.transfer_hidden.inc(result.prefill_copy_s, tags)
+        self._total(f"kv_copy_{result.reason}", result.copy_s)
+        self._total(f"kv_copy_hidden_{result.reason}", result.prefill_copy_s)

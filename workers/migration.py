@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from workers.engine.handoff import HandoffError, MigrationStep
-from workers.worker_commands import AdvanceMigration, CompleteMigration, EngineCall, ResumeMigration, StartMigration
+from workers.worker_commands import AdvanceMigration, CompleteMigration, ResumeMigration, StartMigration
 
 if TYPE_CHECKING:
     from workers.engine.engine import LLMEngine
@@ -109,6 +109,7 @@ class MigrationResult:
     prefill_copy_s: float = 0.0  # the part of copy_s spent while the prompt was still computing
     paused_s: float = 0.0  # from the pause to the destination's commit
     next_index: Optional[int] = None  # where the destination continues (committed only)
+    committed_at: Optional[float] = None  # time.monotonic() when the destination had committed
 
     @property
     def committed(self) -> bool:
@@ -119,23 +120,22 @@ class SourceMigration:
     """One migration as the source runs it, on the source actor's event loop."""
 
     def __init__(self, order: MigrationOrder, source_id: str, layout: KVLayout, engine: "LLMEngine",
-                 transport: "KVTransport", call: Callable[[EngineCall], Awaitable[Any]],
-                 moved: Callable[[MigrationOrder, int], None], settings: SourceSettings,
-                 next_step: Callable[[], Awaitable[None]]) -> None:
+                 transport: "KVTransport", call: Callable[..., Awaitable[Any]],
+                 moved: Callable[[MigrationOrder, int], None], settings: SourceSettings) -> None:
         self.order = order
         self.source_id = source_id
         self.layout = layout
         self.engine = engine
         self.transport = transport
-        self.call = call
+        self.call = call  # (EngineCall, after_step=None): run it on the source's stepping thread
         self.moved = moved  # (order, next index): emit Moved
         self.pause_blocks = settings.pause_blocks
         self.max_stages = settings.max_stages
         self.call_timeout_s = settings.call_timeout_s
         self.hold = order.reason == "handoff"  # stream the prompt's KV; pause after the first token
-        self.next_step = next_step  # returns after the source engine's next step
         self.stages = self.blocks = self.bytes = 0
         self.copy_s = self.prefill_copy_s = self.paused_s = 0.0
+        self.committed_at: Optional[float] = None
 
     async def run(self) -> MigrationResult:
         o = self.order
@@ -155,6 +155,7 @@ class SourceMigration:
             # must then not also resume at the source.
             await o.destination.commit_migration.remote(o.migration_id, state, paused_at)
             committed = True
+            self.committed_at = time.monotonic()
             self.paused_s = time.time() - paused_at
             self.moved(o, state.next_index)
             await self._complete()
@@ -167,31 +168,36 @@ class SourceMigration:
 
     async def _first_computed(self) -> MigrationStep:
         """Wait, step by step, for the request's first full block (or its first token)."""
-        while True:
-            step = await self.call(AdvanceMigration(self.order.migration_id, self.pause_blocks, True))
-            if step.stage.block_ids or not step.in_prefill:
-                return step
-            await self.next_step()
+        step = None
+        while step is None or not (step.stage.block_ids or not step.in_prefill):
+            step = await self._advance(1 << 30, step)
+        return step
+
+    async def _advance(self, pause_at_blocks: int, previous: Optional[MigrationStep]) -> MigrationStep:
+        """The next round. While the prompt computes, it is taken right after the
+        engine's next step (at once if a step ran since `previous`): a new chunk's
+        blocks, or the first token, are seen without a round trip's delay."""
+        after = previous.engine_step if previous is not None and previous.in_prefill else None
+        return await self.call(AdvanceMigration(self.order.migration_id, pause_at_blocks, self.hold), after)
 
     async def _copy(self, step: Optional[MigrationStep]) -> tuple[Any, float]:
         """Stages (from `step`, if one is already taken) until the pause; returns the
         request's state and when it paused."""
-        o = self.order
         decode_stages = 0  # max_stages bounds the chase of a decoding request, not a prefill
+        previous = None
         while True:
             if step is None:
-                last_chance = decode_stages + 1 >= self.max_stages
-                step = await self.call(AdvanceMigration(o.migration_id, 1 << 30 if last_chance
-                                                        else self.pause_blocks, self.hold))
+                # A handoff pauses as soon as the first token is out: what is left is
+                # at most the last chunk's blocks.
+                pause_now = self.hold or decode_stages + 1 >= self.max_stages
+                step = await self._advance(1 << 30 if pause_now else self.pause_blocks, previous)
             paused_at = time.time() if step.paused else None
             if step.stage.block_ids or step.paused:
                 await self._send(step.stage, step.in_prefill)
-            elif step.in_prefill:
-                await self.next_step()  # no new full block yet: wait for the next chunk
             decode_stages += not step.in_prefill
             if paused_at is not None:
                 return step.state, paused_at
-            step = None
+            previous, step = step, None
 
     async def _remote(self, method: str, *args: Any) -> Any:
         """Call the destination; a call that outlasts call_timeout_s (a stuck or
@@ -237,7 +243,7 @@ class SourceMigration:
         o = self.order
         return MigrationResult(o.migration_id, o.request_id, self.source_id, o.destination_id, o.reason, outcome,
                                error, self.stages, self.blocks, self.bytes, self.copy_s, self.prefill_copy_s,
-                               self.paused_s, next_index)
+                               self.paused_s, next_index, self.committed_at)
 
 
 def _outcome(e: BaseException) -> tuple[str, str]:

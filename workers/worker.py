@@ -35,8 +35,8 @@ from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
                                kv_layout)
-from workers.worker_commands import (AbortRequest, AddRequest, AfterNextStep, CancelMigration, Call, Command,
-                                     CommitMigration, EngineCall, GrowReservation, ReserveMigration)
+from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
+                                     EngineCall, GrowReservation, ReserveMigration)
 from workers.worker_config import WorkerConfig
 
 __all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
@@ -101,7 +101,7 @@ class Worker:
         self._handoff_tasks: set[asyncio.Future] = set()
         self._decode_workers: dict[str, Any] = {}  # decode worker id → actor handle
         self._handoff_results: collections.deque[MigrationResult] = collections.deque(maxlen=_HANDOFFS_KEPT)
-        self._step_waiters: list[Any] = []  # AfterNextStep replies, answered after the next step
+        self._after_step: list[Call] = []  # calls held until the engine steps again
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
@@ -251,7 +251,7 @@ class Worker:
             c = self.config
             settings = SourceSettings(c.migration_pause_blocks, c.migration_max_stages, c.migration_call_timeout_s)
             result = await SourceMigration(order, c.worker_id, self._layout, self.engine, self._transport,
-                                           self._call, self._moved, settings, self._next_step).run()
+                                           self._call, self._moved, settings).run()
             self._metrics.observe_transfer(result)
             return result
         finally:
@@ -339,21 +339,15 @@ class Worker:
                 self._send(AbortRequest(rid))
 
     # -- the stepping thread ------------------------------------------------------------------
-    async def _call(self, command: EngineCall) -> Any:
-        """Run one engine call on the stepping thread, between two steps."""
+    async def _call(self, command: EngineCall, after_step: Optional[int] = None) -> Any:
+        """Run one engine call on the stepping thread, between two steps (with
+        after_step: not before the engine's step count exceeds it)."""
         self._ensure_thread()
         if self._thread_error is not None:
             raise RuntimeError(self._thread_error)
-        call = Call(command)
+        call = Call(command, after_step=after_step)
         self._send(call)
         return await asyncio.wrap_future(call.reply)
-
-    async def _next_step(self) -> None:
-        """Return once the engine has stepped again (or has nothing to step)."""
-        self._ensure_thread()
-        waiter = AfterNextStep()
-        self._send(waiter)
-        await asyncio.wrap_future(waiter.reply)
 
     def _send(self, command: Command) -> None:
         self._commands.put(command)
@@ -402,7 +396,7 @@ class Worker:
                 start = time.perf_counter()
                 self._emit([e for output in self._step() for e in self._events_of(output)])
                 self._metrics.step_time.observe(time.perf_counter() - start, self._metrics.tags)
-                self._release_step_waiters()
+                self._answer_after_step(idle=False)
                 # The report copies up to max_cached_hashes hashes: refresh it every few
                 # steps, and always when the worker falls idle, not on every token.
                 if start - self._reported_at >= _REPORT_INTERVAL_S or not engine.has_unfinished_requests():
@@ -418,15 +412,18 @@ class Worker:
                 if engine.expire_reservations() or applied or now - self._reported_at >= _IDLE_REPORT_INTERVAL_S:
                     self._report(now)
             # Nothing to run (idle, or only requests paused for a migration).
-            self._release_step_waiters()
+            self._answer_after_step(idle=True)
             self._wake.wait(_IDLE_WAIT_S)
             self._wake.clear()
 
-    def _release_step_waiters(self) -> None:
-        waiters, self._step_waiters = self._step_waiters, []
-        for reply in waiters:
-            if reply.set_running_or_notify_cancel():
-                reply.set_result(None)
+    def _answer_after_step(self, idle: bool) -> None:
+        if not self._after_step:
+            return
+        steps = self.engine.num_steps
+        due = [c for c in self._after_step if idle or steps > c.after_step]
+        self._after_step = [c for c in self._after_step if not (idle or steps > c.after_step)]
+        for call in due:
+            self._answer(call)
 
     def _step(self) -> list[StepOutput]:
         """One engine step. An error the engine did not expect (a kernel's out of
@@ -460,8 +457,8 @@ class Worker:
                 self._add(command.request)
             elif isinstance(command, AbortRequest):
                 self.engine.abort(command.request_id)
-            elif isinstance(command, AfterNextStep):
-                self._step_waiters.append(command.reply)
+            elif command.after_step is not None and self.engine.num_steps <= command.after_step:
+                self._after_step.append(command)
             else:
                 self._answer(command)
 
@@ -542,14 +539,21 @@ class Worker:
         finally:
             self._handing_off.discard(request_id)
             first_token_at = self._first_token_at.pop(request_id, None)
-        if result.committed and first_token_at is not None:
-            self._metrics.observe_phase("transfer", self.engine.clock() - first_token_at)
+        if result.committed_at is not None and first_token_at is not None:
+            # Both on time.monotonic (the worker's engine keeps the default clock).
+            self._metrics.observe_phase("transfer", result.committed_at - first_token_at)
         self._metrics.handoffs.inc(1, {**self._metrics.tags, "outcome": result.outcome})
         self._handoff_results.append(result)
         if result.outcome != "committed":  # never silent: the request decodes on here, and the log says why
             log.warning("handoff of %s to %s %s (%s); it goes on here", request_id, decode_id, result.outcome,
                         result.error)
         return result
+
+    def phase_totals(self) -> dict[str, tuple[int, float]]:
+        """(count, seconds) since the worker started, per latency phase (metrics.PHASES)
+        and per KV copy kind (kv_copy_<reason>, and kv_copy_hidden_<reason>: the part
+        spent while the prompt still computed): what benchmarks difference."""
+        return dict(self._metrics.totals)
 
     def recent_handoffs(self) -> list[MigrationResult]:
         """The latest handoffs this prefill worker made, oldest first (the last attempt of each)."""

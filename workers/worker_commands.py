@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from workers.events import WorkerRequest
 
@@ -119,17 +119,13 @@ EngineCall = Union[StartMigration, AdvanceMigration, ResumeMigration, CompleteMi
 
 @dataclass(frozen=True, slots=True)
 class Call:
-    """An EngineCall and where its answer (or exception) goes."""
+    """An EngineCall and where its answer (or exception) goes. With after_step, it is
+    applied only once the engine's step count exceeds that (right after the step that
+    does it, before the next one starts), or when the engine has nothing to step."""
 
     command: EngineCall
     reply: Future = field(default_factory=Future)
+    after_step: Optional[int] = None
 
 
-@dataclass(frozen=True, slots=True)
-class AfterNextStep:
-    """Answered (None) once the engine has stepped again, or has nothing to step."""
-
-    reply: Future = field(default_factory=Future)
-
-
-Command = Union[AddRequest, AbortRequest, Call, AfterNextStep]
+Command = Union[AddRequest, AbortRequest, Call]

@@ -325,7 +325,13 @@ class LLMEngine:
     def advance_migration(self, migration_id: str, pause_at_blocks: int, hold_in_prefill: bool = False
                           ) -> MigrationStep:
         """The next pre-copy stage, or the pause with the last one (handoff.Source.advance)."""
-        return self.source.advance(migration_id, pause_at_blocks, hold_in_prefill)
+        return dataclasses.replace(self.source.advance(migration_id, pause_at_blocks, hold_in_prefill),
+                                   engine_step=self._num_steps)
+
+    @property
+    def num_steps(self) -> int:
+        """Steps that ran the model, since the engine started."""
+        return self._num_steps
 
     def resume_after_migration(self, migration_id: str) -> None:
         self.source.resume(migration_id)

@@ -86,6 +86,7 @@ class MigrationStep:
     stage: KVStage
     state: Optional[MigratedRequest] = None
     in_prefill: bool = False
+    engine_step: int = 0  # the engine's step count when this round was taken
 
     @property
     def paused(self) -> bool:
