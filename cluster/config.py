@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from cluster.migration_policy import MigrationConfig
+from cluster.pool_scaling import PoolScaling
 from workers.engine.config import EngineConfig
 
 
@@ -25,14 +26,16 @@ KV_SETTINGS = ("model", "dtype", "block_size", "tensor_parallel_size")
 class PoolConfig:
     """One role's workers; unset fields take the cluster's."""
 
-    num_workers: int = 1
+    num_workers: int = 1  # at start; the pool then scales within scaling.min_workers and max_workers
     worker_cpus: Optional[float] = None
     gpus_per_rank: Optional[float] = None
     engine: dict[str, Any] = field(default_factory=dict)  # EngineConfig settings over the cluster's
+    scaling: PoolScaling = field(default_factory=PoolScaling)  # cluster/pool_scaling.py
 
     def __post_init__(self) -> None:
         if not isinstance(self.num_workers, int) or self.num_workers < 1:
             raise ValueError(f"num_workers must be an integer >= 1, got {self.num_workers!r}")
+        self.scaling.bounds(self.num_workers)
         if self.worker_cpus is not None and not self.worker_cpus > 0:
             raise ValueError(f"worker_cpus must be > 0, got {self.worker_cpus!r}")
         if self.gpus_per_rank is not None and not self.gpus_per_rank >= 0:
@@ -56,6 +59,8 @@ class ClusterConfig:
     # once): larger values cost the relay less per token (WorkerConfig).
     stream_interval_s: float = 0.05
     migration: MigrationConfig = field(default_factory=MigrationConfig)  # live migration (docs/migration.md)
+    scaling_interval_s: float = 1.0  # how often pools that scale are looked at
+    retire_timeout_s: float = 600.0  # a worker removed from its pool has this long to drain
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("-", "").isalnum():
@@ -63,7 +68,8 @@ class ClusterConfig:
         self._check_pools()
         if not isinstance(self.failures_before_replace, int) or self.failures_before_replace < 1:
             raise ValueError(f"failures_before_replace must be an integer >= 1, got {self.failures_before_replace!r}")
-        for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s"):
+        for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s",
+                     "scaling_interval_s", "retire_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.gpus_per_rank >= 0:
@@ -128,7 +134,12 @@ class ClusterConfig:
         for role, pool in pools.items():
             _check_keys(f"pools.{role}", pool or {}, {f.name for f in fields(PoolConfig)})
         return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration),
-                   pools={role: PoolConfig(**(pool or {})) for role, pool in pools.items()}, **raw)
+                   pools={role: _pool(pool or {}) for role, pool in pools.items()}, **raw)
+
+
+def _pool(raw: dict[str, Any]) -> PoolConfig:
+    raw = dict(raw)
+    return PoolConfig(scaling=PoolScaling.from_dict(raw.pop("scaling", {}) or {}), **raw)
 
 
 def config_changes(old: Any, new: Any, prefix: str = "") -> list[str]:

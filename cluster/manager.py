@@ -7,7 +7,9 @@ is also the health check: a worker that does not answer within the timeout, or
 whose actor died, is unhealthy), replaces dead workers under a new id, and serves
 snapshots of the registry that router replicas pull. Every migration interval it
 asks the migration policy (cluster/migration_policy.py) which requests to move and
-tells their source workers; it drains workers on request.
+tells their source workers; it drains workers on request. Prefill and decode pools
+that may scale are resized apart (cluster/pool_scaling.py): a worker is added by
+raising the pool's size, and removed by draining it first.
 
 The workers and their placement groups are detached: they outlive the manager. When
 the manager dies, Ray restarts it (the actor has unlimited restarts), and the new
@@ -37,6 +39,7 @@ from cluster.adoption import Orphans, find_orphans, placement_name, remove_orpha
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, RequestView, WorkerView
+from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker
 from router.config import MANAGER_NAMESPACE
 from workers.events import worker_actor_name
 from workers.load_report import LoadReport
@@ -88,8 +91,13 @@ class ClusterManager:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.workers: dict[str, WorkerEntry] = {}
+        self._sizes = dict(config.role_counts())  # workers each pool should have now
+        self._scalers = {role: PoolScaler(role, pool.scaling, pool.num_workers, time.monotonic)
+                         for role, pool in config.pools.items()}
+        self._retiring: set[str] = set()  # workers drained to shrink their pool
+        self._scaling_task: Optional[asyncio.Task] = None
         self._replaced = 0
-        self._metrics = ClusterMetrics(config.name, sum(count for _, count in config.role_counts()))
+        self._metrics = ClusterMetrics(config.name)
         orphans = find_orphans(config.name)
         self._ids = itertools.count(orphans.next_index)  # ids are never reused, across managers
         with warnings.catch_warnings():  # Ray warns about an actor_id it reads inside
@@ -123,8 +131,9 @@ class ClusterManager:
         While an adopted worker has not said its role, wait: it may fill a pool."""
         if any(e.role is None for e in self.workers.values()):
             return
-        for role, count in self.config.role_counts():
-            for _ in range(count - sum(e.role == role for e in self.workers.values())):
+        for role, count in self._sizes.items():
+            have = sum(e.role == role and e.worker_id not in self._retiring for e in self.workers.values())
+            for _ in range(count - have):
                 self._start_worker(role)
 
     def _start_worker(self, role: str) -> WorkerEntry:
@@ -161,6 +170,8 @@ class ClusterManager:
             loop = asyncio.get_running_loop()
             self._loop_task = loop.create_task(self._poll_forever())
             self._migration_task = loop.create_task(self._migrate_forever())
+            if any(s.scales for s in self._scalers.values()):
+                self._scaling_task = loop.create_task(self._scale_forever())
 
     async def _poll_forever(self) -> None:
         while True:
@@ -199,7 +210,7 @@ class ClusterManager:
                 log.warning("replacing worker %s", entry.worker_id)
                 self._replace(entry)
         self._top_up()  # once adopted workers have said their roles
-        self._metrics.states(self._state_counts(), len(self._in_flight))
+        self._metrics.states(self._state_counts(), len(self._in_flight), self._sizes)
 
     def _state_counts(self) -> dict[str, int]:
         states = ["booting" if e.booting is not None else "unhealthy" if not e.healthy
@@ -239,6 +250,72 @@ class ClusterManager:
         self._replaced += 1
         self._metrics.replaced()
         self._top_up()
+
+    # -- pools that scale ---------------------------------------------------------------
+    async def _scale_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.scaling_interval_s)
+            try:
+                self.scale_pools()
+            except Exception as e:  # noqa: BLE001 - a bad decision must not stop the loop
+                log.warning("scaling the pools failed: %s", e)
+
+    def scale_pools(self) -> list[Decision]:
+        """Ask each pool's scaler for a change, and make it."""
+        decisions = []
+        for role, scaler in self._scalers.items():
+            if not scaler.scales:
+                continue
+            decision = scaler.decide([self._pool_worker(e) for e in self.workers.values()
+                                      if e.role == role and not e.draining and e.worker_id not in self._retiring])
+            if decision is not None:
+                log.warning("pool %s: %s (%s)", role, decision, decision.why)
+                self._apply(decision)
+                decisions.append(decision)
+        return decisions
+
+    @staticmethod
+    def _pool_worker(entry: WorkerEntry) -> PoolWorker:
+        load = entry.load
+        if entry.booting is not None or load is None:
+            return PoolWorker(entry.worker_id, booting=True)
+        return PoolWorker(entry.worker_id, False, load.queued_prefill_tokens, load.freeness,
+                          load.num_running + load.num_waiting)
+
+    def _apply(self, decision: Decision) -> None:
+        if isinstance(decision, AddWorkers):
+            self._sizes[decision.role] += decision.count
+            self._top_up()
+            return
+        entry = self.workers.get(decision.worker_id)
+        if entry is None:
+            return
+        self._sizes[decision.role] -= 1
+        self._retiring.add(entry.worker_id)
+        task = asyncio.get_running_loop().create_task(self._retire(entry))
+        self._migration_tasks.add(task)
+        task.add_done_callback(self._migration_tasks.discard)
+
+    async def _retire(self, entry: WorkerEntry) -> None:
+        """Drain a worker (its requests move out, or finish), then remove it. One that
+        does not drain in time goes back to serving, and its pool keeps its size."""
+        try:
+            result = await self.drain(entry.worker_id, self.config.retire_timeout_s)
+            if result["drained"] and self.workers.get(entry.worker_id) is entry:
+                del self.workers[entry.worker_id]
+                _remove(entry)
+                return
+            log.warning("worker %s did not drain (%s requests left): it serves on", entry.worker_id,
+                        result["remaining"])
+            entry.draining = False
+            await entry.handle.set_draining.remote(False)
+            self._sizes[entry.role] += 1
+        except Exception as e:  # noqa: BLE001 - it died meanwhile: the pool is topped up
+            log.warning("retiring worker %s: %s", entry.worker_id, e)
+            self._sizes[entry.role] += 1
+        finally:
+            self._retiring.discard(entry.worker_id)
+            self._top_up()
 
     async def report_failure(self, worker_id: str) -> None:
         """A router saw a worker's stream break: check it now rather than next poll."""
@@ -349,6 +426,8 @@ class ClusterManager:
     async def status(self) -> dict[str, Any]:
         self._ensure_loops()
         return {"cluster": self.config.name, "replaced": self._replaced, "restarted": self.restarted,
+                "pools": {role: {"size": size, "min": s.min_workers, "max": s.max_workers}
+                          if (s := self._scalers.get(role)) else {"size": size} for role, size in self._sizes.items()},
                 "migrations": self._migration_status(),
                 "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy, "draining": e.draining,
                              "running": e.load.num_running if e.load else None,
@@ -370,7 +449,7 @@ class ClusterManager:
                            for r in self._recent_migrations]}
 
     async def shutdown(self) -> None:
-        for task in (self._loop_task, self._migration_task, *self._migration_tasks):
+        for task in (self._loop_task, self._migration_task, self._scaling_task, *self._migration_tasks):
             if task is not None:
                 task.cancel()
         for entry in self.workers.values():

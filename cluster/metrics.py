@@ -18,10 +18,12 @@ TRANSFER_RATE_BOUNDARIES = [1e6, 1e7, 5e7, 1e8, 2.5e8, 5e8, 1e9, 2.5e9, 5e9, 1e1
 
 
 class ClusterMetrics:
-    def __init__(self, cluster: str, desired: int) -> None:
+    def __init__(self, cluster: str) -> None:
         self.tags = {"cluster": cluster}
         self.workers = metrics.Gauge("yard_cluster_workers", "workers by state", ("cluster", "state"))
         self.desired = metrics.Gauge("yard_cluster_workers_desired", "workers the config asks for", ("cluster",))
+        self.pool_size = metrics.Gauge("yard_cluster_pool_size", "workers each pool should have now",
+                                       ("cluster", "role"))
         self.replacements = metrics.Counter("yard_cluster_worker_replacements",
                                             "workers replaced after failing their health checks", ("cluster",))
         self.migrations = metrics.Counter("yard_cluster_migrations", "live migrations ended, by reason and outcome",
@@ -37,12 +39,13 @@ class ClusterMetrics:
         self.transfer_rate = metrics.Histogram("yard_cluster_migration_transfer_bytes_per_second",
                                                "KV bytes per second of copying, per migration",
                                                TRANSFER_RATE_BOUNDARIES, ("cluster",))
-        self._desired = desired
 
-    def states(self, counts: dict[str, int], migrations_in_flight: int) -> None:
+    def states(self, counts: dict[str, int], migrations_in_flight: int, pool_sizes: dict[str, int]) -> None:
         """Set on every poll: a gauge set once, as the actor starts, can be lost
         before Ray's exporter is up."""
-        self.desired.set(self._desired, self.tags)
+        self.desired.set(sum(pool_sizes.values()), self.tags)
+        for role, size in pool_sizes.items():
+            self.pool_size.set(size, {**self.tags, "role": role})
         self.migrations_in_flight.set(migrations_in_flight, self.tags)
         for state in WORKER_STATES:
             self.workers.set(counts.get(state, 0), {**self.tags, "state": state})

@@ -70,6 +70,7 @@ class RouterCore:
         # worker's last load report: the snapshot lags, these do not.
         self.sent: collections.Counter[str] = collections.Counter()
         self.ended: collections.Counter[str] = collections.Counter()
+        self.sent_tokens: collections.Counter[str] = collections.Counter()  # their prompt tokens
         self._refresher: Optional[asyncio.Task] = None
         self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
         self.placed: dict[str, str] = {}  # request id -> the worker it runs on now
@@ -82,7 +83,7 @@ class RouterCore:
         for wid, load in loads.items():
             old = self.loads.get(wid)
             if old is None or load.reported_at > old.reported_at:
-                self.sent[wid] = self.ended[wid] = 0  # a fresh report counts them
+                self.sent[wid] = self.ended[wid] = self.sent_tokens[wid] = 0  # a fresh report counts them
         self.handles = {s.worker_id: s.handle for s in snapshot}
         self.loads = loads
         limits = [s.load.max_model_len for s in snapshot if s.load is not None and s.load.max_model_len]
@@ -205,9 +206,10 @@ class RouterCore:
             decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
                                                           request.session_id), where.candidates)
             worker_id, predicted = decision.worker_id, decision.predicted_hit_blocks
-            policy = "decider" if where.direct else decision.policy
+            policy = where.policy or decision.policy
         self.metrics.dispatched(policy, worker_id, predicted)
         self.sent[worker_id] += 1
+        self.sent_tokens[worker_id] += len(request.prompt_token_ids)
         self.placed[request.request_id] = worker_id
         if where.handoff_to is not None:
             self.handoffs[request.request_id] = where.handoff_to
@@ -240,7 +242,8 @@ class RouterCore:
         requests count as waiting there and share its free KV slots, so a burst
         spreads out; ended ones no longer count, so a stale report of a full queue
         does not shed load that the worker could already take."""
-        return [_adjusted(load, self.sent[wid] - self.ended[wid]) for wid, load in self.loads.items()]
+        return [_adjusted(load, self.sent[wid] - self.ended[wid], self.sent_tokens[wid])
+                for wid, load in self.loads.items()]
 
     async def _report_failure(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)
@@ -250,9 +253,13 @@ class RouterCore:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
 
 
-def _adjusted(load: WorkerLoad, change: int) -> WorkerLoad:
+def _adjusted(load: WorkerLoad, change: int, sent_tokens: int = 0) -> WorkerLoad:
     """`load` with `change` more requests (fewer, if negative): added ones wait,
-    removed ones leave the waiting queue first, then the running batch."""
+    removed ones leave the waiting queue first, then the running batch. The prompt
+    tokens sent since the report count as queued for prefill (some may be computed
+    by now; the next report says)."""
+    if sent_tokens:
+        load = dataclasses.replace(load, queued_prefill_tokens=load.queued_prefill_tokens + sent_tokens)
     if change == 0:
         return load
     if change > 0:
@@ -271,4 +278,5 @@ def _as_load(snapshot: Any) -> WorkerLoad:
     return WorkerLoad(worker_id=r.worker_id, role=r.role, healthy=snapshot.healthy and r.healthy and not r.draining,
                       num_running=r.num_running, num_waiting=r.num_waiting, free_blocks=r.free_blocks,
                       total_blocks=r.total_blocks, freeness=r.freeness, mean_step_time_s=r.mean_step_time_s,
-                      cached_block_hashes=r.cached_block_hashes, reported_at=r.reported_at)
+                      cached_block_hashes=r.cached_block_hashes, reported_at=r.reported_at,
+                      queued_prefill_tokens=r.queued_prefill_tokens)

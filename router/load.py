@@ -32,6 +32,7 @@ class WorkerLoad:
     # because dispatch counts consecutive hits from a prompt's first block.
     cached_block_hashes: frozenset[int] = field(default_factory=frozenset)
     reported_at: float
+    queued_prefill_tokens: int = 0  # prompt tokens admitted and not yet computed
 
     def __post_init__(self) -> None:
         if not self.worker_id:

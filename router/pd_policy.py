@@ -1,8 +1,11 @@
 """Where a request goes in a cluster with prefill and decode pools.
 
-With healthy workers in both pools, a new request goes to a prefill worker (the
-dispatch policy chooses which) and names the decode worker it moves to after its
-first token: the one with the most free KV per running request. The decider
+With healthy workers in both pools, a new request goes to the prefill worker that
+would reach its first token soonest: the fewest prompt tokens to compute before and
+for it, that is the worker's queued prefill tokens plus the part of this prompt not in
+its prefix cache (least queued prefill tokens, prefix-aware). It names the decode
+worker it moves to after its first token: the one with the most free KV per running
+request. The decider
 (`decider_max_uncached_tokens`, as llm-d's) skips the prefill hop for a prompt that a
 decode worker can finish cheaply: one whose part not in that worker's prefix cache is
 at most that many tokens goes straight there. Without both pools, any worker takes
@@ -22,7 +25,12 @@ from router.prefix_policy import leading_hits, prompt_block_hashes
 class Route:
     candidates: list[WorkerLoad]  # where the dispatch policy may send the request
     handoff_to: Optional[str] = None  # the decode worker it moves to after its first token
-    direct: bool = False  # the decider sent it straight to a decode worker
+    policy: Optional[str] = None  # set when this routing chose the worker itself (the metric's label)
+
+    @property
+    def direct(self) -> bool:
+        """The decider sent it straight to a decode worker."""
+        return self.policy == "decider"
 
 
 def route(loads: Sequence[WorkerLoad], prompt_token_ids: Sequence[int], block_size: int,
@@ -31,10 +39,16 @@ def route(loads: Sequence[WorkerLoad], prompt_token_ids: Sequence[int], block_si
     decode = [w for w in loads if w.role == "decode" and w.healthy]
     if not (prefill and decode):
         return Route(list(loads))
+    hashes = prompt_block_hashes(tuple(prompt_token_ids), block_size)
     if decider_max_uncached_tokens > 0:
-        hashes = prompt_block_hashes(tuple(prompt_token_ids), block_size)
         hits = {w.worker_id: leading_hits(hashes, w.cached_block_hashes) for w in decode}
         best = max(decode, key=lambda w: (hits[w.worker_id], w.freeness, -w.queue_length))
         if len(prompt_token_ids) - hits[best.worker_id] * block_size <= decider_max_uncached_tokens:
-            return Route([best], direct=True)
-    return Route(prefill, max(decode, key=lambda w: (w.freeness, -w.queue_length)).worker_id)
+            return Route([best], policy="decider")
+
+    def tokens_before_first(w: WorkerLoad) -> tuple[int, int, str]:
+        uncached = len(prompt_token_ids) - leading_hits(hashes, w.cached_block_hashes) * block_size
+        return (w.queued_prefill_tokens + uncached, w.queue_length, w.worker_id)
+
+    first = min(prefill, key=tokens_before_first)
+    return Route([first], max(decode, key=lambda w: (w.freeness, -w.queue_length)).worker_id, "prefill_tokens")

@@ -65,6 +65,7 @@ class SourceSettings:
     pause_blocks: int  # pre-copy stops once at most this many blocks are unsent
     max_stages: int  # pre-copy stages of a decoding request before it pauses anyway
     call_timeout_s: float  # a destination call slower than this fails the migration
+    stream_prefill: bool = True  # a handoff streams the prompt's KV as it computes (else copies it after)
 
 
 class TransferTimeout(RuntimeError):
@@ -132,7 +133,8 @@ class SourceMigration:
         self.pause_blocks = settings.pause_blocks
         self.max_stages = settings.max_stages
         self.call_timeout_s = settings.call_timeout_s
-        self.hold = order.reason == "handoff"  # stream the prompt's KV; pause after the first token
+        self.hold = order.reason == "handoff"  # no pause before the first token
+        self.during_prefill = ("stream" if settings.stream_prefill else "wait") if self.hold else "pause"
         self.stages = self.blocks = self.bytes = 0
         self.copy_s = self.prefill_copy_s = self.paused_s = 0.0
         self.committed_at: Optional[float] = None
@@ -178,7 +180,8 @@ class SourceMigration:
         engine's next step (at once if a step ran since `previous`): a new chunk's
         blocks, or the first token, are seen without a round trip's delay."""
         after = previous.engine_step if previous is not None and previous.in_prefill else None
-        return await self.call(AdvanceMigration(self.order.migration_id, pause_at_blocks, self.hold), after)
+        return await self.call(AdvanceMigration(self.order.migration_id, pause_at_blocks, self.during_prefill),
+                               after)
 
     async def _copy(self, step: Optional[MigrationStep]) -> tuple[Any, float]:
         """Stages (from `step`, if one is already taken) until the pause; returns the

@@ -179,7 +179,9 @@ class Worker:
         if request.arrival_time is None:  # FCFS order is by arrival at the router, kept across moves
             request = _with_arrival(request, time.time())
         self._send(AddRequest(request))
-        if request.handoff_to is not None and self.config.role == "prefill":
+        # A request that ends with its first token has nothing to decode elsewhere.
+        last_token_here = len(request.resume_token_ids) + 1 >= request.params.max_tokens
+        if request.handoff_to is not None and self.config.role == "prefill" and not last_token_here:
             self._start_handoff(rid, request.handoff_to)
 
     def _open_channel(self, channel_id: str) -> Channel:
@@ -249,7 +251,8 @@ class Worker:
         self._outgoing[order.request_id] += 1
         try:
             c = self.config
-            settings = SourceSettings(c.migration_pause_blocks, c.migration_max_stages, c.migration_call_timeout_s)
+            settings = SourceSettings(c.migration_pause_blocks, c.migration_max_stages, c.migration_call_timeout_s,
+                                      c.handoff_streaming)
             result = await SourceMigration(order, c.worker_id, self._layout, self.engine, self._transport,
                                            self._call, self._moved, settings).run()
             self._metrics.observe_transfer(result)
@@ -544,7 +547,8 @@ class Worker:
             self._metrics.observe_phase("transfer", result.committed_at - first_token_at)
         self._metrics.handoffs.inc(1, {**self._metrics.tags, "outcome": result.outcome})
         self._handoff_results.append(result)
-        if result.outcome != "committed":  # never silent: the request decodes on here, and the log says why
+        if result.outcome != "committed" and request_id in self._channel_of:
+            # Never silent: the request decodes on here, and the log says why.
             log.warning("handoff of %s to %s %s (%s); it goes on here", request_id, decode_id, result.outcome,
                         result.error)
         return result

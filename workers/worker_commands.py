@@ -47,10 +47,10 @@ class AdvanceMigration:
 
     migration_id: str
     pause_at_blocks: int
-    hold_in_prefill: bool = False  # a handoff: no pause before the first token
+    during_prefill: str = "pause"  # a handoff's: "stream" or "wait" (no pause before the first token)
 
     def apply(self, engine: "LLMEngine") -> Any:
-        return engine.advance_migration(self.migration_id, self.pause_at_blocks, self.hold_in_prefill)
+        return engine.advance_migration(self.migration_id, self.pause_at_blocks, self.during_prefill)
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,6 +29,9 @@ class WorkerConfig:
     # Prefill role: a handoff the decode worker refuses for want of room is tried again
     # for this long (the request decodes here meanwhile, its KV held here), then given up.
     handoff_wait_s: float = 5.0
+    # Prefill role: stream the prompt's KV to the decode worker while it computes (else
+    # copy it all after the first token, as DistServe does; bench/disagg.py compares).
+    handoff_streaming: bool = True
 
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):

@@ -88,14 +88,35 @@ def test_the_prompt_kv_streams_while_it_computes_and_the_output_is_exact(ray_loc
     assert [(a.worker_id, a.moved_in) for a in f.attempts] == [("p1", False), ("d1", True)]
     result = last_handoff(ray_local, pd["p1"])
     assert (result.request_id, result.outcome, result.reason) == (rid, "committed", "handoff"), result
-    # 400 tokens are 25 blocks; stages streamed them while the prompt computed (a stage
-    # takes every full block computed since the last one), the last after the first token.
-    assert result.blocks == 25 and result.stages >= 3 and 0 < result.prefill_copy_s < result.copy_s, result
+    # Stages streamed the prompt's 25 blocks while it computed (a stage takes every full
+    # block computed since the last one), the last after the first token: by then the
+    # request may have decoded one more token here, into a 26th block.
+    computed = len(p) + result.next_index - 1
+    assert result.blocks == -(-computed // 16) and result.stages >= 3, result
+    assert 0 < result.prefill_copy_s < result.copy_s, result
     after = in_actor(ray_local, pd["d1"], engine_stats)
     # The decode worker ran only decode steps: one token per output token it produced.
     assert after.computed_tokens - before.computed_tokens == params.max_tokens - result.next_index
     assert after.num_migrated_in == before.num_migrated_in + 1
     assert_all_free(ray_local, pd["p1"], pd["d1"])
+
+
+def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, model_dir):
+    prefill = start(ray_local, "p-after", model_dir, "prefill", worker={"handoff_streaming": False},
+                    max_num_batched_tokens=CHUNK)
+    decode = start(ray_local, "d-after", model_dir, "decode")
+    try:
+        p = prompt(22, 400)
+        events, f = serve({"p-after": prefill, "d-after": decode}, "p-after",
+                          WorkerRequest("copied-after", p, GREEDY, handoff_to="d-after"))
+        assert tokens(events) == undisturbed(model_dir, p, GREEDY)
+        assert [a.worker_id for a in f.attempts] == ["p-after", "d-after"]
+        result = last_handoff(ray_local, prefill)
+        # One copy, at the pause after the first token: all 25 blocks, none during the prefill.
+        assert result.committed and (result.stages, result.blocks, result.prefill_copy_s) == (1, 25, 0.0), result
+        assert_all_free(ray_local, prefill, decode)
+    finally:
+        stop(ray_local, prefill, decode)
 
 
 def cached_prompt_kv(p: tuple[int, ...]) -> Any:
@@ -155,7 +176,7 @@ def test_a_decode_worker_killed_during_the_transfer(ray_local, pd, model_dir):
     the request goes on at the prefill worker, which still holds its KV."""
     doomed = start(ray_local, "d-doomed", model_dir, "decode")
     handles = {**pd, "d-doomed": doomed}
-    p = prompt(14, 1500)  # 47 chunks: the transfer runs for many steps
+    p = prompt(14, 1900)  # 60 chunks: the transfer runs for many steps
     killed = threading.Event()
 
     def kill_when_receiving() -> None:

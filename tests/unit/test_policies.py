@@ -397,3 +397,21 @@ def test_the_decider_skips_the_prefill_hop_for_short_or_cached_prompts():
     assert short.direct and [w.worker_id for w in short.candidates] == ["d0"]  # the freest then
     long = route(loads, tuple(range(100, 140)), 4, decider_max_uncached_tokens=8)
     assert not long.direct and long.handoff_to == "d0"
+
+
+def test_a_prefill_worker_is_chosen_by_the_tokens_it_computes_before_the_first_token():
+    from router.core import _adjusted
+    from router.pd_policy import route
+
+    prompt = tuple(range(10, 50))  # 40 tokens: 9 blocks of 4 can come from a cache
+    hashes = prompt_block_hashes(prompt, 4)
+    decode = load("d0", role="decode")
+    busy_cached = load("p0", role="prefill", queued_prefill_tokens=20, cached_block_hashes=frozenset(hashes))
+    idle_cold = load("p1", role="prefill")
+    # p0: 20 queued + 4 uncached = 24; p1: 0 + 40 = 40.
+    where = route([busy_cached, idle_cold, decode], prompt, 4)
+    assert [w.worker_id for w in where.candidates] == ["p0"] and where.policy == "prefill_tokens"
+    assert where.handoff_to == "d0" and not where.direct
+    # 50 tokens this router sent p0 since its report: 74 against 40.
+    where = route([_adjusted(busy_cached, 1, 50), idle_cold, decode], prompt, 4)
+    assert [w.worker_id for w in where.candidates] == ["p1"]

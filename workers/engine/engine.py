@@ -322,10 +322,10 @@ class LLMEngine:
         self.source.start(migration_id, req.seq)
         return req.seq.num_tokens
 
-    def advance_migration(self, migration_id: str, pause_at_blocks: int, hold_in_prefill: bool = False
+    def advance_migration(self, migration_id: str, pause_at_blocks: int, during_prefill: str = "pause"
                           ) -> MigrationStep:
         """The next pre-copy stage, or the pause with the last one (handoff.Source.advance)."""
-        return dataclasses.replace(self.source.advance(migration_id, pause_at_blocks, hold_in_prefill),
+        return dataclasses.replace(self.source.advance(migration_id, pause_at_blocks, during_prefill),
                                    engine_step=self._num_steps)
 
     @property

@@ -32,6 +32,12 @@ if TYPE_CHECKING:
     from workers.engine.scheduler import Scheduler
 
 
+# What a migration does while its request still computes its prompt: "pause" it
+# (a live migration), or hold it and "stream" the KV as it is made, or "wait" for the
+# first token (prefill→decode handoffs).
+DURING_PREFILL = ("pause", "stream", "wait")
+
+
 class HandoffError(RuntimeError):
     """A migration cannot go on; `reason` is a short code for metrics and logs."""
 
@@ -133,7 +139,7 @@ class Source:
         if out is not None and out.seq is seq and out.ended is None:
             out.ended = why
 
-    def advance(self, migration_id: str, pause_at_blocks: int, hold_in_prefill: bool = False) -> MigrationStep:
+    def advance(self, migration_id: str, pause_at_blocks: int, during_prefill: str = "pause") -> MigrationStep:
         """Release the previous stage's blocks (copied by now). Then, while more than
         pause_at_blocks blocks of computed KV are unsent, the next stage: the full
         blocks computed since the last one, the request still decoding. Otherwise
@@ -141,15 +147,19 @@ class Source:
         last block may be partial) with the request's state. Nothing writes those
         blocks until resume().
 
-        With hold_in_prefill (a prefill→decode handoff), a request that has produced no
-        token here yet is never paused: each stage takes the full blocks its prompt chunks have
-        computed so far (perhaps none), so the KV streams out while the prefill runs."""
+        A prefill→decode handoff never pauses a request that has produced no token
+        here yet. With during_prefill "stream", each stage then takes the full blocks
+        its prompt chunks have computed so far (perhaps none), so the KV streams out
+        while the prefill runs; with "wait", stages stay empty until the first token
+        (the copy comes after the prefill, as DistServe's and vLLM's connectors do)."""
+        if during_prefill not in DURING_PREFILL:
+            raise ValueError(f"during_prefill must be one of {DURING_PREFILL}, got {during_prefill!r}")
         out = self._live(migration_id)
         self._unpin(out)
         seq = out.seq
-        if hold_in_prefill and seq.first_output_at is None:
-            return MigrationStep(self._stage(out, seq.num_computed_tokens // self.blocks.block_size),
-                                 in_prefill=True)
+        if during_prefill != "pause" and seq.first_output_at is None:
+            upto = seq.num_computed_tokens // self.blocks.block_size if during_prefill == "stream" else out.num_sent
+            return MigrationStep(self._stage(out, upto), in_prefill=True)
         backlog = self.blocks.blocks_needed(seq.num_computed_tokens) - out.num_sent
         if backlog > pause_at_blocks:
             return MigrationStep(self._stage(out, seq.num_computed_tokens // self.blocks.block_size))
