@@ -11,7 +11,8 @@ nothing happened. The KV goes worker to worker through a KVTransport.
 
 A prefill→decode handoff (reason "handoff") starts when the request is admitted: its
 stages stream the prompt's KV, chunk after chunk, while the prefill computes, and it
-pauses only once the first token is out, so that little is left to copy then.
+pauses only once the first token is out, so that little is left to copy then. With
+streaming off (WorkerConfig.handoff_streaming), it copies everything at that pause.
 """
 
 from __future__ import annotations
@@ -169,10 +170,12 @@ class SourceMigration:
             return self._result(*_outcome(e))
 
     async def _first_computed(self) -> MigrationStep:
-        """Wait, step by step, for the request's first full block (or its first token)."""
+        """Wait, step by step, for the request's first full block (or its first token).
+        Never a pause: the request decodes on until the destination has accepted (a
+        retry after a full destination finds it decoding here)."""
         step = None
         while step is None or not (step.stage.block_ids or not step.in_prefill):
-            step = await self._advance(1 << 30, step)
+            step = await self._advance(-1, step)
         return step
 
     async def _advance(self, pause_at_blocks: int, previous: Optional[MigrationStep]) -> MigrationStep:
