@@ -101,16 +101,16 @@ def test_the_prompt_kv_streams_while_it_computes_and_the_output_is_exact(ray_loc
     assert_all_free(ray_local, pd["p1"], pd["d1"])
 
 
-def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, model_dir):
+def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, pd, model_dir):
     prefill = start(ray_local, "p-after", model_dir, "prefill", worker={"handoff_streaming": False},
                     max_num_batched_tokens=CHUNK)
-    decode = start(ray_local, "d-after", model_dir, "decode")
+    decode = pd["d1"]
     try:
         p = prompt(22, 400)
-        events, f = serve({"p-after": prefill, "d-after": decode}, "p-after",
-                          WorkerRequest("copied-after", p, GREEDY, handoff_to="d-after"))
+        events, f = serve({"p-after": prefill, "d1": decode}, "p-after",
+                          WorkerRequest("copied-after", p, GREEDY, handoff_to="d1"))
         assert tokens(events) == undisturbed(model_dir, p, GREEDY)
-        assert [a.worker_id for a in f.attempts] == ["p-after", "d-after"]
+        assert [a.worker_id for a in f.attempts] == ["p-after", "d1"]
         result = last_handoff(ray_local, prefill)
         # Nothing copied during the prefill; after the first token, the 25 full blocks
         # while the request decodes on, then the pause for the rest.
@@ -118,7 +118,7 @@ def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, model_d
         assert result.blocks == -(-(len(p) + result.next_index - 1) // 16), result
         assert_all_free(ray_local, prefill, decode)
     finally:
-        stop(ray_local, prefill, decode)
+        stop(ray_local, prefill)
 
 
 def cached_prompt_kv(p: tuple[int, ...]) -> Any:
@@ -194,7 +194,7 @@ def test_a_decode_worker_killed_during_the_transfer(ray_local, pd, model_dir):
     assert tokens(events) == undisturbed(model_dir, p, GREEDY)
     assert [a.worker_id for a in f.attempts] == ["p1"]
     result = last_handoff(ray_local, pd["p1"])
-    assert result.outcome == "failed" and result.prefill_copy_s > 0, result
+    assert result.outcome == "failed" and result.stages >= 1, result  # a stage was on its way
     assert_all_free(ray_local, pd["p1"])
 
 
@@ -220,7 +220,7 @@ class StuckDecodeWorker(Worker):
     """A decode worker that takes KV far slower than the source waits for."""
 
     async def receive_kv(self, migration_id: str, first_block: int, payload: Any) -> None:
-        await asyncio.sleep(3.0)
+        await asyncio.sleep(2.0)
         await super().receive_kv(migration_id, first_block, payload)
 
 
@@ -255,11 +255,11 @@ def test_a_full_decode_worker(ray_local, model_dir, room_comes):
     try:
         handles = {pid: prefill, did: full}
         occupant = full.generate.remote(WorkerRequest("occupant", prompt(17, 40),
-                                                      SamplingParams(temperature=0, max_tokens=80 if room_comes
+                                                      SamplingParams(temperature=0, max_tokens=40 if room_comes
                                                                      else 1500, ignore_eos=True)))
         wait_until(lambda: ray_local.get(full.load.remote()).num_running == 1, 30, "the occupant to run")
         p = prompt(18, 100)
-        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
         events, f = serve(handles, pid, WorkerRequest("no-room", p, params, handoff_to=did))
         assert tokens(events) == undisturbed(model_dir, p, params)
         result = last_handoff(ray_local, prefill)

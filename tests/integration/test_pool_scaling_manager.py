@@ -16,7 +16,7 @@ from cluster.pool_scaling import AddWorkers, RemoveWorker
 from workers import SamplingParams
 from workers.events import WorkerRequest
 
-LONG = SamplingParams(temperature=0, max_tokens=1200, ignore_eos=True)
+LONG = SamplingParams(temperature=0, max_tokens=600, ignore_eos=True)
 
 
 def pd_config(name: str, model: str, decode: dict[str, Any]) -> ClusterConfig:
