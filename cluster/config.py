@@ -60,6 +60,12 @@ class ClusterConfig:
     stream_interval_s: float = 0.05
     migration: MigrationConfig = field(default_factory=MigrationConfig)  # live migration (docs/migration.md)
     scaling_interval_s: float = 1.0  # how often pools that scale are looked at
+    # Prefill workers (docs/disaggregation.md): stream the prompt's KV while it computes;
+    # ask a full decode worker again for this long; a call to the other worker of a
+    # migration or handoff slower than migration_call_timeout_s ends it.
+    handoff_streaming: bool = True
+    handoff_wait_s: float = 5.0
+    migration_call_timeout_s: float = 30.0
     retire_timeout_s: float = 600.0  # a worker removed from its pool has this long to drain
 
     def __post_init__(self) -> None:
@@ -69,11 +75,15 @@ class ClusterConfig:
         if not isinstance(self.failures_before_replace, int) or self.failures_before_replace < 1:
             raise ValueError(f"failures_before_replace must be an integer >= 1, got {self.failures_before_replace!r}")
         for name in ("worker_cpus", "load_poll_interval_s", "health_timeout_s", "startup_timeout_s",
-                     "scaling_interval_s", "retire_timeout_s"):
+                     "scaling_interval_s", "retire_timeout_s", "migration_call_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.gpus_per_rank >= 0:
             raise ValueError(f"gpus_per_rank must be >= 0, got {self.gpus_per_rank!r}")
+        if not self.handoff_wait_s >= 0:
+            raise ValueError(f"handoff_wait_s must be >= 0, got {self.handoff_wait_s!r}")
+        if not isinstance(self.handoff_streaming, bool):
+            raise ValueError(f"handoff_streaming must be true or false, got {self.handoff_streaming!r}")
         if not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s!r}")
 

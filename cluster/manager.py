@@ -140,7 +140,9 @@ class ClusterManager:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(role), role=role,
                           stream_interval_s=self.config.stream_interval_s,
-                          migration_pause_blocks=self.config.migration.stage_threshold_blocks)
+                          migration_pause_blocks=self.config.migration.stage_threshold_blocks,
+                          migration_call_timeout_s=self.config.migration_call_timeout_s,
+                          handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming)
         bundles = self.config.worker_bundles(role)
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=placement_name(worker_id), lifetime="detached")

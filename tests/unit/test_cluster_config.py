@@ -31,7 +31,22 @@ def test_pools_take_the_cluster_settings_and_their_own():
     (pd(decode={"engine": {"blok_size": 4}}), r"unknown engine settings \['blok_size'\]"),
     (pd(decode={"workers": 4}), r"unknown pools.decode settings \['workers'\]"),
     ({"num_workers": 0}, r"num_workers must be an integer >= 1, got 0"),
+    (pd(decode={"num_workers": 2, "scaling": {"max_workers": 1}}),
+     r"num_workers \(2\) must lie within scaling.min_workers \(2\) and max_workers \(1\)"),
+    (pd(decode={"scaling": {"max": 4}}), r"unknown scaling settings \['max'\]"),
+    ({"handoff_wait_s": -1}, r"handoff_wait_s must be >= 0, got -1"),
+    ({"migration_call_timeout_s": 0}, r"migration_call_timeout_s must be > 0, got 0"),
 ])
 def test_bad_pools_are_named(raw, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig.from_dict(raw)
+
+
+def test_a_pool_scales_within_its_bounds_and_handoff_settings_reach_the_config():
+    config = ClusterConfig.from_dict({**pd(decode={"num_workers": 2, "scaling": {"min_workers": 1, "max_workers": 6,
+                                                                               "add_below_freeness": 10}}),
+                                      "handoff_streaming": False, "handoff_wait_s": 1.5})
+    scaling = config.pools["decode"].scaling
+    assert scaling.bounds(2) == (1, 6) and scaling.add_below_freeness == 10
+    assert config.pools["prefill"].scaling.bounds(1) == (1, 1)  # unset: a fixed size
+    assert (config.handoff_streaming, config.handoff_wait_s, config.migration_call_timeout_s) == (False, 1.5, 30.0)
