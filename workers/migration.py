@@ -9,10 +9,13 @@ source emits Moved(to_worker, next_index) and frees its blocks. Before the commi
 either side may give up, and the request then carries on at the source as if
 nothing happened. The KV goes worker to worker through a KVTransport.
 
-A prefill→decode handoff (reason "handoff") starts when the request is admitted: its
-stages stream the prompt's KV, chunk after chunk, while the prefill computes, and it
-pauses only once the first token is out, so that little is left to copy then. With
-streaming off (WorkerConfig.handoff_streaming), it copies everything at that pause.
+A prefill→decode handoff (reason "handoff") starts when the request is admitted and
+pauses only once the first token is out. Before each forward of the prompt it takes
+the blocks that forward fills, and sends them layer range by layer range as the
+forward writes them, while the later layers compute (and the next forward, if the
+send lags): when the first token is out, the KV is at the destination, and the pause
+copies only the request's state. With streaming off (WorkerConfig.handoff_streaming),
+it copies everything at that pause.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Optional
 
 from workers.engine.handoff import HandoffError, MigrationStep
-from workers.worker_commands import AdvanceMigration, CompleteMigration, ResumeMigration, StartMigration
+from workers.worker_commands import (AdvanceMigration, CompleteMigration, ResumeMigration, StartMigration,
+                                     StreamMigration)
 
 if TYPE_CHECKING:
     from workers.engine.engine import LLMEngine
@@ -107,8 +111,9 @@ class MigrationResult:
     stages: int = 0  # copies made, the last (paused) one included
     blocks: int = 0
     bytes: int = 0
-    copy_s: float = 0.0  # time spent sending and receiving KV
+    copy_s: float = 0.0  # time spent sending and receiving KV (sends that overlap add up)
     prefill_copy_s: float = 0.0  # the part of copy_s spent while the prompt was still computing
+    payloads: int = 0  # KV sends: one per stage, or one per layer range of a streamed stage
     paused_s: float = 0.0  # from the pause to the destination's commit
     next_index: Optional[int] = None  # where the destination continues (committed only)
     committed_at: Optional[float] = None  # time.monotonic() when the destination had committed
@@ -136,7 +141,7 @@ class SourceMigration:
         self.call_timeout_s = settings.call_timeout_s
         self.hold = order.reason == "handoff"  # no pause before the first token
         self.during_prefill = ("stream" if settings.stream_prefill else "wait") if self.hold else "pause"
-        self.stages = self.blocks = self.bytes = 0
+        self.stages = self.blocks = self.bytes = self.payloads = 0
         self.copy_s = self.prefill_copy_s = self.paused_s = 0.0
         self.committed_at: Optional[float] = None
 
@@ -148,12 +153,14 @@ class SourceMigration:
             return self._result("aborted", f"{e.reason}: {e}")
         committed = False
         try:
-            # A handoff reserves room at the destination once the prefill is under way
-            # (its first full block computed), not while the request waits in the queue.
-            first = await self._first_computed() if self.hold else None
-            await self._remote("accept_migration", MigrationOffer(o.migration_id, o.request_id, self.source_id,
-                                                                  self.layout, num_tokens))
-            state, paused_at = await self._copy(first)
+            if self.during_prefill == "stream":
+                state, paused_at = await self._stream(num_tokens)
+            else:
+                # A handoff reserves room at the destination once the prefill is under
+                # way, not while the request waits in the queue.
+                first = await self._first_computed() if self.hold else None
+                await self._accept(num_tokens)
+                state, paused_at = await self._copy(first)
             # No timeout here: a commit that is slow may still land, and the request
             # must then not also resume at the source.
             await o.destination.commit_migration.remote(o.migration_id, state, paused_at)
@@ -168,6 +175,57 @@ class SourceMigration:
                 raise
             await self._abort()
             return self._result(*_outcome(e))
+
+    async def _accept(self, num_tokens: int) -> None:
+        o = self.order
+        await self._remote("accept_migration", MigrationOffer(o.migration_id, o.request_id, self.source_id,
+                                                              self.layout, num_tokens))
+
+    async def _stream(self, num_tokens: int) -> tuple[Any, float]:
+        """A streaming handoff: a round before each forward of the prompt, its blocks
+        sent layer by layer while the forward runs (the destination reserves room at
+        the first); after the forward that makes the first token, the pause. Returns
+        the request's state and when it paused."""
+        sends: list[asyncio.Future] = []
+        accepted = False
+        try:
+            while True:
+                step = await self.call(StreamMigration(self.order.migration_id), before_forward=True)
+                if step.stage.block_ids:
+                    if not accepted:
+                        await self._accept(num_tokens)
+                        accepted = True
+                    sends.append(asyncio.ensure_future(self._send_layers(step.stage, step.forward_id)))
+                if step.final_prefill or not step.in_prefill:
+                    break
+            if not accepted:
+                await self._accept(num_tokens)
+            # Right after that forward; later if this call comes late (the request then
+            # decoded meanwhile, and the pause copies what it computed).
+            pause = await self.call(AdvanceMigration(self.order.migration_id, 1 << 30, self.during_prefill),
+                                    step.engine_step)
+            paused_at = time.time()
+            await asyncio.gather(*sends)
+            await self._send(pause.stage, in_prefill=False)
+            return pause.state, paused_at
+        finally:
+            for send in sends:
+                send.cancel()  # on failure; done by now otherwise
+
+    async def _send_layers(self, stage: Any, forward_id: Optional[int]) -> None:
+        """Send a stage whose blocks forward `forward_id` is filling: each time layers
+        are done, the layers done since the last send go (more at once when the
+        transfer lags the forward). Without a forward, all layers at once."""
+        if forward_id is None:
+            await self._send(stage, in_prefill=True)
+            return
+        self.stages += 1
+        self.blocks += len(stage.block_ids)
+        sent, total = 0, self.layout.num_layers
+        while sent < total:
+            done = await asyncio.to_thread(self.engine.wait_layers, forward_id, sent + 1, self.call_timeout_s)
+            await self._send_payload(stage, (sent, done), forward_id, in_prefill=True)
+            sent = done
 
     async def _first_computed(self) -> MigrationStep:
         """Wait, step by step, for the request's first full block (or its first token).
@@ -215,14 +273,18 @@ class SourceMigration:
                 from None
 
     async def _send(self, stage: Any, in_prefill: bool) -> None:
-        o = self.order
-        start = time.perf_counter()
         self.stages += 1
         if stage.block_ids:
-            payload = await asyncio.to_thread(self.transport.send, self.engine, stage.block_ids)
-            await self._remote("receive_kv", o.migration_id, stage.first_block, payload)
-            self.blocks += payload.num_blocks
-            self.bytes += payload.nbytes
+            self.blocks += len(stage.block_ids)
+            await self._send_payload(stage, None, None, in_prefill)
+
+    async def _send_payload(self, stage: Any, layers: Optional[tuple[int, int]], forward_id: Optional[int],
+                            in_prefill: bool) -> None:
+        start = time.perf_counter()
+        payload = await asyncio.to_thread(self.transport.send, self.engine, stage.block_ids, layers, forward_id)
+        await self._remote("receive_kv", self.order.migration_id, stage.first_block, payload)
+        self.bytes += payload.nbytes
+        self.payloads += 1
         took = time.perf_counter() - start
         self.copy_s += took
         if in_prefill:
@@ -249,7 +311,7 @@ class SourceMigration:
         o = self.order
         return MigrationResult(o.migration_id, o.request_id, self.source_id, o.destination_id, o.reason, outcome,
                                error, self.stages, self.blocks, self.bytes, self.copy_s, self.prefill_copy_s,
-                               self.paused_s, next_index, self.committed_at)
+                               self.payloads, self.paused_s, next_index, self.committed_at)
 
 
 def _outcome(e: BaseException) -> tuple[str, str]:

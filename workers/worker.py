@@ -102,6 +102,7 @@ class Worker:
         self._decode_workers: dict[str, Any] = {}  # decode worker id → actor handle
         self._handoff_results: collections.deque[MigrationResult] = collections.deque(maxlen=_HANDOFFS_KEPT)
         self._after_step: list[Call] = []  # calls held until the engine steps again
+        self._before_forward: list[Call] = []  # calls held until the next step's batch is planned
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
@@ -342,13 +343,14 @@ class Worker:
                 self._send(AbortRequest(rid))
 
     # -- the stepping thread ------------------------------------------------------------------
-    async def _call(self, command: EngineCall, after_step: Optional[int] = None) -> Any:
+    async def _call(self, command: EngineCall, after_step: Optional[int] = None, before_forward: bool = False) -> Any:
         """Run one engine call on the stepping thread, between two steps (with
-        after_step: not before the engine's step count exceeds it)."""
+        after_step: not before the engine's step count exceeds it; with
+        before_forward: inside the next step, before its forward)."""
         self._ensure_thread()
         if self._thread_error is not None:
             raise RuntimeError(self._thread_error)
-        call = Call(command, after_step=after_step)
+        call = Call(command, after_step=after_step, before_forward=before_forward)
         self._send(call)
         return await asyncio.wrap_future(call.reply)
 
@@ -386,8 +388,10 @@ class Worker:
         self._deliver(failed)
         rids = set(self._channel_of) | set(self._parked)
         self._deliver([Failed(rid, "worker_unhealthy", error) for rid in rids])
-        while not self._commands.empty():  # calls queued for the thread get the error
-            command = self._commands.get_nowait()
+        held, self._after_step, self._before_forward = self._after_step + self._before_forward, [], []
+        while not self._commands.empty():  # calls queued or held for the thread get the error
+            held.append(self._commands.get_nowait())
+        for command in held:
             if isinstance(command, Call) and command.reply.set_running_or_notify_cancel():
                 command.reply.set_exception(RuntimeError(error))
 
@@ -420,11 +424,18 @@ class Worker:
             self._wake.clear()
 
     def _answer_after_step(self, idle: bool) -> None:
+        if idle:
+            self._answer_before_forward()
         if not self._after_step:
             return
         steps = self.engine.num_steps
         due = [c for c in self._after_step if idle or steps > c.after_step]
         self._after_step = [c for c in self._after_step if not (idle or steps > c.after_step)]
+        for call in due:
+            self._answer(call)
+
+    def _answer_before_forward(self) -> None:
+        due, self._before_forward = self._before_forward, []
         for call in due:
             self._answer(call)
 
@@ -434,7 +445,7 @@ class Worker:
         with a retriable code, so routers resume them elsewhere, and the worker
         reports itself unhealthy until it is replaced."""
         try:
-            return self.engine.step()
+            return self.engine.step(self._answer_before_forward if self._before_forward else None)
         except Exception as e:  # noqa: BLE001 - see above
             return self.engine.fail(f"engine step failed: {type(e).__name__}: {e}")
 
@@ -462,6 +473,8 @@ class Worker:
                 self.engine.abort(command.request_id)
             elif command.after_step is not None and self.engine.num_steps <= command.after_step:
                 self._after_step.append(command)
+            elif command.before_forward:
+                self._before_forward.append(command)
             else:
                 self._answer(command)
 

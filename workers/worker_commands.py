@@ -54,6 +54,17 @@ class AdvanceMigration:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamMigration:
+    """Source, a streaming handoff: the blocks its prompt fills by the end of the
+    next forward, taken before that forward runs (with Call.before_forward)."""
+
+    migration_id: str
+
+    def apply(self, engine: "LLMEngine") -> Any:
+        return engine.stream_migration(self.migration_id)
+
+
+@dataclass(frozen=True, slots=True)
 class ResumeMigration:
     """Source: the migration ended without commit; the request carries on here."""
 
@@ -113,7 +124,7 @@ class CancelMigration:
         return engine.cancel_migration(self.migration_id)
 
 
-EngineCall = Union[StartMigration, AdvanceMigration, ResumeMigration, CompleteMigration, ReserveMigration,
+EngineCall = Union[StartMigration, AdvanceMigration, StreamMigration, ResumeMigration, CompleteMigration, ReserveMigration,
                    GrowReservation, CommitMigration, CancelMigration]
 
 
@@ -121,11 +132,14 @@ EngineCall = Union[StartMigration, AdvanceMigration, ResumeMigration, CompleteMi
 class Call:
     """An EngineCall and where its answer (or exception) goes. With after_step, it is
     applied only once the engine's step count exceeds that (right after the step that
-    does it, before the next one starts), or when the engine has nothing to step."""
+    does it, before the next one starts); with before_forward, inside the next step,
+    once its batch is planned and before the model runs it. Either way, at once when
+    the engine has nothing to step."""
 
     command: EngineCall
     reply: Future = field(default_factory=Future)
     after_step: Optional[int] = None
+    before_forward: bool = False
 
 
 Command = Union[AddRequest, AbortRequest, Call]

@@ -79,6 +79,7 @@ class LLMEngine:
         self.source = Source(self.blocks, self.scheduler, self.requests)
         self.destination = Destination(self.blocks, self.scheduler, config.kv_reservation_timeout_s, clock)
         self._migrated_in = self._migrated_out = 0
+        self._planned: dict[str, int] = {}  # the batch being planned (request id → tokens), in before_forward
         self.stepped = False  # whether the last step ran the model
         self._pending: list[StepOutput] = []  # abort notices, returned by the next step
         self._step_times: collections.deque[tuple[float, float]] = collections.deque(maxlen=_RECENT_STEPS)
@@ -180,7 +181,10 @@ class LLMEngine:
         return bool(self.requests) or bool(self._pending)
 
     # -- stepping ------------------------------------------------------------------------
-    def step(self) -> list[StepOutput]:
+    def step(self, before_forward: Optional[Callable[[], None]] = None) -> list[StepOutput]:
+        """One step. before_forward() runs once the batch is planned, before the model
+        runs it (a handoff then takes the blocks this forward completes, to stream them
+        layer by layer while it runs: stream_migration)."""
         start = time.perf_counter()
         self.destination.expire()
         outputs, self._pending = self._pending, []
@@ -195,6 +199,12 @@ class LLMEngine:
         for seq, _ in chunks:
             if seq.first_scheduled_at is None:
                 seq.first_scheduled_at = now
+        if before_forward is not None:
+            self._planned = plan.chunks
+            try:
+                before_forward()
+            finally:
+                self._planned = {}
         model_start = time.perf_counter()
         try:
             sampling, logits = self.runner.execute(chunks)
@@ -328,6 +338,20 @@ class LLMEngine:
         return dataclasses.replace(self.source.advance(migration_id, pause_at_blocks, during_prefill),
                                    engine_step=self._num_steps)
 
+    def stream_migration(self, migration_id: str) -> MigrationStep:
+        """A streaming handoff's round, taken before a forward (in step's before_forward)
+        or between steps: the blocks the request's prompt fills up to the end of that
+        forward (handoff.Source.stream). Its forward_id names the forward to wait on,
+        layer by layer, before reading them (wait_layers)."""
+        forward_id = self.runner.next_forward_id if self._planned else None
+        step = self.source.stream(migration_id, self._planned, forward_id)
+        return dataclasses.replace(step, engine_step=self._num_steps)
+
+    def wait_layers(self, forward_id: int, layers: int, timeout_s: float) -> int:
+        """Block (any thread) until forward `forward_id` has written the KV of its first
+        `layers` layers; returns how many it has written by then."""
+        return self.runner.progress.wait(forward_id, layers, timeout_s)
+
     @property
     def num_steps(self) -> int:
         """Steps that ran the model, since the engine started."""
@@ -376,10 +400,11 @@ class LLMEngine:
     def expire_reservations(self) -> list[str]:
         return self.destination.expire()
 
-    def read_kv(self, block_ids: Seq[int]) -> torch.Tensor:
-        """This process's shard of the blocks: [layers, 2, n, block_size, kv_heads, head_dim]."""
+    def read_kv(self, block_ids: Seq[int], layers: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """This process's shard of the blocks, all layers or layers [start, stop):
+        [layers, 2, n, block_size, kv_heads, head_dim]."""
         self._check_block_ids(block_ids)
-        return self.runner.read_blocks(list(block_ids))
+        return self.runner.read_blocks(list(block_ids), layers)
 
     def begin_kv_write(self, migration_id: str, first_block: int, num_blocks: int) -> tuple[int, ...]:
         return self.destination.begin_write(migration_id, first_block, num_blocks)
@@ -387,9 +412,10 @@ class LLMEngine:
     def end_kv_write(self, migration_id: str) -> None:
         self.destination.end_write(migration_id)
 
-    def write_kv(self, block_ids: Seq[int], data: torch.Tensor) -> None:
-        """Write this process's shard into block ids obtained from begin_kv_write."""
-        self.runner.write_blocks(list(block_ids), data)
+    def write_kv(self, block_ids: Seq[int], data: torch.Tensor, layers: Optional[tuple[int, int]] = None) -> None:
+        """Write this process's shard (of all layers, or of layers [start, stop)) into
+        block ids obtained from begin_kv_write."""
+        self.runner.write_blocks(list(block_ids), data, layers)
 
     @property
     def tp_ranks(self) -> list:

@@ -1,5 +1,5 @@
-"""KV handoff between two engines: the engine side of live migration (and, later,
-of prefill→decode handoff).
+"""KV handoff between two engines: the engine side of live migration and of
+prefill→decode handoff.
 
 The source copies a running request's KV in stages while it keeps decoding: each
 stage takes the full blocks computed since the last one. Then it pauses the request
@@ -15,6 +15,12 @@ steps: the copy stays off the step path. Two rules make that safe:
     finishes, is aborted or is preempted meanwhile cannot hand it to another request;
   * a reservation being written counts its writers, and is only released when none
     is left, so an expiry never lets a late write land in another request's blocks.
+
+A prefill→decode handoff streams: before each forward of the prompt, `Source.stream`
+takes the blocks that forward fills, and the transport reads them layer by layer as
+the forward writes them (layer_progress.py), so the KV leaves while later layers
+compute. Nothing writes those blocks afterwards: a prompt's full blocks are final, and
+its part-full last block only changes once the request decodes, after the pause.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class HandoffError(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class KVStage:
     """Blocks of the request's block table [first_block, first_block + len(block_ids)),
-    as source block ids, pinned until the next stage (or the end) releases them."""
+    as source block ids, pinned until the migration ends."""
 
     first_block: int
     block_ids: tuple[int, ...]
@@ -93,6 +99,10 @@ class MigrationStep:
     state: Optional[MigratedRequest] = None
     in_prefill: bool = False
     engine_step: int = 0  # the engine's step count when this round was taken
+    # A streaming round taken before a forward: the stage's blocks are complete only
+    # once that forward has written them, layer by layer (None: they already are).
+    forward_id: Optional[int] = None
+    final_prefill: bool = False  # that forward computes the prompt's end: the first token follows
 
     @property
     def paused(self) -> bool:
@@ -104,7 +114,10 @@ class _Outgoing:
     migration_id: str
     seq: Sequence
     num_sent: int = 0  # leading blocks of seq.block_ids handed to the transport
-    pinned: list[int] = field(default_factory=list)
+    # The last of those was sent part-full, holding this many tokens' KV (the
+    # prompt's end, streamed): sent again if the request computes more before the pause.
+    partial_tokens: Optional[int] = None
+    pinned: list[int] = field(default_factory=list)  # released when the migration ends
     ended: Optional[str] = None  # why the request left during the migration
 
 
@@ -140,8 +153,7 @@ class Source:
             out.ended = why
 
     def advance(self, migration_id: str, pause_at_blocks: int, during_prefill: str = "pause") -> MigrationStep:
-        """Release the previous stage's blocks (copied by now). Then, while more than
-        pause_at_blocks blocks of computed KV are unsent, the next stage: the full
+        """While more than pause_at_blocks blocks of computed KV are unsent, the next stage: the full
         blocks computed since the last one, the request still decoding. Otherwise
         pause: the request leaves the batch, and the last stage holds the rest (the
         last block may be partial) with the request's state. Nothing writes those
@@ -155,8 +167,10 @@ class Source:
         if during_prefill not in DURING_PREFILL:
             raise ValueError(f"during_prefill must be one of {DURING_PREFILL}, got {during_prefill!r}")
         out = self._live(migration_id)
-        self._unpin(out)
         seq = out.seq
+        if out.partial_tokens is not None and out.partial_tokens != seq.num_computed_tokens:
+            out.num_sent -= 1  # the part-full block has more KV now: it goes again
+            out.partial_tokens = None
         if during_prefill != "pause" and seq.first_output_at is None:
             upto = seq.num_computed_tokens // self.blocks.block_size if during_prefill == "stream" else out.num_sent
             return MigrationStep(self._stage(out, upto), in_prefill=True)
@@ -166,6 +180,27 @@ class Source:
         self.scheduler.pause(seq)
         stage = self._stage(out, self.blocks.blocks_needed(seq.num_computed_tokens))
         return MigrationStep(stage, self._state(seq))
+
+    def stream(self, migration_id: str, planned: Mapping[str, int], forward_id: Optional[int]) -> MigrationStep:
+        """A streaming handoff's round before a forward (`planned`: request id → tokens
+        it computes; empty between steps). While the prompt computes: a stage of the
+        blocks it has filled by the end of this forward, the last one part-full if this
+        forward ends the prompt (nothing writes it until the pause that follows the
+        first token). The caller reads them layer by layer as the forward writes them.
+        Once the first token is out: an empty round, not in prefill. Never pauses: the
+        batch is already planned."""
+        out = self._live(migration_id)
+        seq = out.seq
+        if seq.first_output_at is not None:
+            return MigrationStep(KVStage(out.num_sent, (), 0))
+        scheduled = planned.get(seq.request_id, 0)
+        end = seq.num_computed_tokens + scheduled
+        final = scheduled > 0 and end == seq.num_tokens
+        stage = self._stage(out, self.blocks.blocks_needed(end) if final else end // self.blocks.block_size)
+        if final and end % self.blocks.block_size and stage.block_ids:
+            out.partial_tokens = end
+        return MigrationStep(stage, in_prefill=True, forward_id=forward_id if scheduled else None,
+                             final_prefill=final)
 
     def resume(self, migration_id: str) -> None:
         """The migration ended without commit: the request carries on here (if it is

@@ -12,6 +12,7 @@ from typing import Optional
 
 import torch
 
+from workers.engine.layer_progress import LayerProgress
 from workers.engine.sequence import Sequence
 from workers.layers.attention import AttentionBatch, PrefillSlice
 from workers.layers.cpu_kernels import load_decode_kernel
@@ -56,21 +57,40 @@ class ModelRunner:
         # This rank's KV heads only (all of them without tensor parallelism).
         self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.plan.kv_heads,
                                      cfg.head_dim, dtype=cfg.dtype, device=self.device)
+        self.progress = LayerProgress(cfg.num_layers)  # KV readers follow the forward layer by layer
+        self.next_forward_id = 1
 
     def execute(self, chunks: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
         """Compute `n` new tokens of each sequence; decodes (n == 1) must come first.
-        Returns the sequences that reached their last known token and their logits."""
+        Returns the sequences that reached their last known token and their logits.
+        The forward is number next_forward_id, for KV readers (layer_progress.py)."""
         inputs = self.prepare(chunks)
+        forward_id = self.next_forward_id
+        self.next_forward_id += 1
         if self.tp.size > 1:
-            self.tp.broadcast_object(RunStep(inputs.wire()))
-        return inputs.sampling, self.run(inputs)
+            self.tp.broadcast_object(RunStep(inputs.wire(), forward_id))
+        return inputs.sampling, self.run(inputs, forward_id)
 
-    def run(self, inputs: StepInputs) -> torch.Tensor:
+    def run(self, inputs: StepInputs, forward_id: int) -> torch.Tensor:
         """The forward on this rank; logits [sampled rows, vocab] (every rank gets them)."""
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention)
+        self.progress.begin(forward_id)
+        ok = False
+        try:
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
+                                on_layer=self._layer_done)
+            ok = True
+        finally:
+            self.progress.end(forward_id, ok)
         if not inputs.sample_rows:
             return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _layer_done(self, layer: int) -> None:
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        self.progress.layer_done(layer, event)
 
     def attach(self, wire: StepInputs) -> StepInputs:
         """Step inputs received from the leader, with this process's decode kernel."""
@@ -144,11 +164,14 @@ class ModelRunner:
         return torch.tensor(values, dtype=torch.long, device=self.device)
 
     # -- KV handoff ------------------------------------------------------------------
-    def read_blocks(self, block_ids: list[int]) -> torch.Tensor:
-        """Contents of the given blocks for all layers: [layers, 2, n, block_size, kv_heads, head_dim].
-        Safe while another thread steps, for blocks no step writes (full or paused).
-        A device cache is staged through pinned host memory (a DMA copy)."""
-        blocks = self.kv_caches[:, :, self._tensor(block_ids)]
+    def read_blocks(self, block_ids: list[int], layers: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Contents of the given blocks, all layers or layers [start, stop):
+        [layers, 2, n, block_size, kv_heads, head_dim]. Safe while another thread
+        steps, for blocks no step writes (full or paused) or layers the running forward
+        has done (self.progress). A device cache is staged through pinned host memory
+        (a DMA copy)."""
+        cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
+        blocks = cache[:, :, self._tensor(block_ids)]
         if blocks.device.type == "cpu":
             return blocks
         host = torch.empty(blocks.shape, dtype=blocks.dtype, pin_memory=True)
@@ -156,8 +179,10 @@ class ModelRunner:
         torch.cuda.current_stream(blocks.device).synchronize()
         return host
 
-    def write_blocks(self, block_ids: list[int], data: torch.Tensor) -> None:
-        expected = (self.kv_caches.shape[0], 2, len(block_ids), *self.kv_caches.shape[3:])
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor,
+                     layers: Optional[tuple[int, int]] = None) -> None:
+        cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
+        expected = (cache.shape[0], 2, len(block_ids), *cache.shape[3:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        self.kv_caches[:, :, self._tensor(block_ids)] = data.to(self.kv_caches.device, self.kv_caches.dtype)
+        cache[:, :, self._tensor(block_ids)] = data.to(cache.device, cache.dtype)

@@ -119,11 +119,14 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,
-                batch: AttentionBatch) -> torch.Tensor:
-        """Hidden states [tokens, hidden] after the final norm. kv_caches: [layers, 2, ...]."""
+                batch: AttentionBatch, on_layer: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+        """Hidden states [tokens, hidden] after the final norm. kv_caches: [layers, 2, ...].
+        on_layer(i) runs once layer i has written its KV (a handoff reads it meanwhile)."""
         x = self.embed(input_ids)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for i, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             x = layer(x, positions, self.rotary, kv_cache, batch)
+            if on_layer is not None:
+                on_layer(i)
         return self.norm(x)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ class RunStep:
     """Run the forward with these inputs, joining the all-reduces."""
 
     inputs: "StepInputs"
+    forward_id: int  # the leader's, so that a KV reader names the same forward on every rank
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,7 +43,7 @@ class RankWorker:
         while True:
             command: RankCommand = group.broadcast_object(idle=True)
             if isinstance(command, RunStep):
-                runner.run(runner.attach(command.inputs))
+                runner.run(runner.attach(command.inputs), command.forward_id)
             elif isinstance(command, Stop):
                 return "stopped"
             else:
@@ -52,9 +52,16 @@ class RankWorker:
     # Migration: called on the actor's second thread while serve() follows the steps.
     # The blocks named are pinned (read) or reserved (written) by the leader's engine,
     # so no step touches them meanwhile.
-    def read_shard(self, block_ids: list[int]) -> torch.Tensor:
-        """This rank's shard of the blocks, for the destination's same rank."""
-        return self.runner.read_blocks(block_ids)
+    def read_shard(self, block_ids: list[int], layers: Optional[tuple[int, int]] = None,
+                   forward_id: Optional[int] = None) -> torch.Tensor:
+        """This rank's shard of the blocks (of layers [start, stop) if given), for the
+        destination's same rank. With forward_id, those layers of the running forward
+        are waited for first (a handoff streaming a prefill)."""
+        if forward_id is not None:
+            self.runner.progress.wait(forward_id, layers[1] if layers else self.runner.cfg.num_layers,
+                                      self.timeout_s)
+        return self.runner.read_blocks(block_ids, layers)
 
-    def write_shard(self, block_ids: list[int], data: torch.Tensor) -> None:
-        self.runner.write_blocks(block_ids, data)
+    def write_shard(self, block_ids: list[int], data: torch.Tensor,
+                    layers: Optional[tuple[int, int]] = None) -> None:
+        self.runner.write_blocks(block_ids, data, layers)
