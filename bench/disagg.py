@@ -5,7 +5,10 @@ machine's noise falls on all), each worker pinned to a core of its own with one 
 thread, as two GPUs would not share compute:
 
   pd         1 prefill + 1 decode worker. Every request is prefilled on the first and
-             handed off, its KV streamed while the prompt computes, to the second.
+             handed off, its KV streamed layer by layer while the prompt computes, to
+             the second.
+  pd_chunk   the same, streamed a whole forward (chunk) at a time: what streaming
+             each layer buys.
   pd_after   the same, the KV copied after the prefill (DistServe's and vLLM's
              connectors' way): what streaming buys.
   colocated  2 mixed workers with chunked prefill; each request goes to the one with
@@ -67,9 +70,9 @@ from goodput import SLO, Latency, attainment, goodput, median  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
 
 PHASES = ("prefill_queue", "prefill", "transfer", "decode_queue", "decode")
-ARMS = {"pd": (("p0", "prefill"), ("d0", "decode")), "pd_after": (("q0", "prefill"), ("e0", "decode")),
-        "colocated": (("m0", "mixed"), ("m1", "mixed"))}
-WORKER_SETTINGS = {"q0": {"handoff_streaming": False}}
+ARMS = {"pd": (("p0", "prefill"), ("d0", "decode")), "pd_chunk": (("r0", "prefill"), ("f0", "decode")),
+        "pd_after": (("q0", "prefill"), ("e0", "decode")), "colocated": (("m0", "mixed"), ("m1", "mixed"))}
+WORKER_SETTINGS = {"q0": {"handoff_streaming": False}, "r0": {"handoff_stream_unit": "chunk"}}
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

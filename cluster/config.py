@@ -15,6 +15,7 @@ from typing import Any, Optional
 from cluster.migration_policy import MigrationConfig
 from cluster.pool_scaling import PoolScaling
 from workers.engine.config import EngineConfig
+from workers.worker_config import STREAM_UNITS
 
 
 SPLIT_ROLES = ("prefill", "decode")
@@ -64,6 +65,7 @@ class ClusterConfig:
     # ask a full decode worker again for this long; a call to the other worker of a
     # migration or handoff slower than migration_call_timeout_s ends it.
     handoff_streaming: bool = True
+    handoff_stream_unit: str = "layer"  # a streamed send waits for each "layer" of a forward, or its "chunk"
     handoff_wait_s: float = 5.0
     migration_call_timeout_s: float = 30.0
     retire_timeout_s: float = 600.0  # a worker removed from its pool has this long to drain
@@ -84,6 +86,8 @@ class ClusterConfig:
             raise ValueError(f"handoff_wait_s must be >= 0, got {self.handoff_wait_s!r}")
         if not isinstance(self.handoff_streaming, bool):
             raise ValueError(f"handoff_streaming must be true or false, got {self.handoff_streaming!r}")
+        if self.handoff_stream_unit not in STREAM_UNITS:
+            raise ValueError(f"handoff_stream_unit must be one of {STREAM_UNITS}, got {self.handoff_stream_unit!r}")
         if not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s!r}")
 

@@ -142,7 +142,8 @@ class ClusterManager:
                           stream_interval_s=self.config.stream_interval_s,
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks,
                           migration_call_timeout_s=self.config.migration_call_timeout_s,
-                          handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming)
+                          handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming,
+                          handoff_stream_unit=self.config.handoff_stream_unit)
         bundles = self.config.worker_bundles(role)
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=placement_name(worker_id), lifetime="detached")

@@ -71,6 +71,7 @@ class SourceSettings:
     max_stages: int  # pre-copy stages of a decoding request before it pauses anyway
     call_timeout_s: float  # a destination call slower than this fails the migration
     stream_prefill: bool = True  # a handoff streams the prompt's KV as it computes (else copies it after)
+    stream_unit: str = "layer"  # what a streamed send waits for: each "layer" of a forward, or the "chunk"
 
 
 class TransferTimeout(RuntimeError):
@@ -139,6 +140,7 @@ class SourceMigration:
         self.pause_blocks = settings.pause_blocks
         self.max_stages = settings.max_stages
         self.call_timeout_s = settings.call_timeout_s
+        self.stream_unit = settings.stream_unit
         self.hold = order.reason == "handoff"  # no pause before the first token
         self.during_prefill = ("stream" if settings.stream_prefill else "wait") if self.hold else "pause"
         self.stages = self.blocks = self.bytes = self.payloads = 0
@@ -215,7 +217,8 @@ class SourceMigration:
     async def _send_layers(self, stage: Any, forward_id: Optional[int]) -> None:
         """Send a stage whose blocks forward `forward_id` is filling: each time layers
         are done, the layers done since the last send go (more at once when the
-        transfer lags the forward). Without a forward, all layers at once."""
+        transfer lags the forward); with stream_unit "chunk", all once the forward is
+        done. Without a forward, all layers at once."""
         if forward_id is None:
             await self._send(stage, in_prefill=True)
             return
@@ -223,7 +226,8 @@ class SourceMigration:
         self.blocks += len(stage.block_ids)
         sent, total = 0, self.layout.num_layers
         while sent < total:
-            done = await asyncio.to_thread(self.engine.wait_layers, forward_id, sent + 1, self.call_timeout_s)
+            wanted = sent + 1 if self.stream_unit == "layer" else total
+            done = await asyncio.to_thread(self.engine.wait_layers, forward_id, wanted, self.call_timeout_s)
             await self._send_payload(stage, (sent, done), forward_id, in_prefill=True)
             sent = done
 

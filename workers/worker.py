@@ -253,7 +253,7 @@ class Worker:
         try:
             c = self.config
             settings = SourceSettings(c.migration_pause_blocks, c.migration_max_stages, c.migration_call_timeout_s,
-                                      c.handoff_streaming)
+                                      c.handoff_streaming, c.handoff_stream_unit)
             result = await SourceMigration(order, c.worker_id, self._layout, self.engine, self._transport,
                                            self._call, self._moved, settings).run()
             self._metrics.observe_transfer(result)

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from workers.engine.config import EngineConfig
 
+STREAM_UNITS = ("layer", "chunk")
+
 
 @dataclass(frozen=True)
 class WorkerConfig:
@@ -32,6 +34,10 @@ class WorkerConfig:
     # Prefill role: stream the prompt's KV to the decode worker while it computes (else
     # copy it all after the first token, as DistServe does; bench/disagg.py compares).
     handoff_streaming: bool = True
+    # What a streamed send waits for: each "layer" of a prefill forward (the KV leaves
+    # while later layers compute), or the whole "chunk" (one send per forward: fewer,
+    # larger messages, for deep models over a slow link).
+    handoff_stream_unit: str = "layer"
 
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):
@@ -46,5 +52,7 @@ class WorkerConfig:
             raise ValueError(f"migration_call_timeout_s must be > 0, got {self.migration_call_timeout_s!r}")
         if not self.handoff_wait_s >= 0:
             raise ValueError(f"handoff_wait_s must be >= 0, got {self.handoff_wait_s!r}")
+        if self.handoff_stream_unit not in STREAM_UNITS:
+            raise ValueError(f"handoff_stream_unit must be one of {STREAM_UNITS}, got {self.handoff_stream_unit!r}")
         if not self.migration_attach_timeout_s > 0:
             raise ValueError(f"migration_attach_timeout_s must be > 0, got {self.migration_attach_timeout_s!r}")

@@ -123,6 +123,28 @@ def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, pd, mod
         stop(ray_local, prefill)
 
 
+def test_streamed_by_chunk_each_forward_goes_in_one_send(ray_local, pd, model_dir):
+    prefill = start(ray_local, "p-chunk", model_dir, "prefill", worker={"handoff_stream_unit": "chunk"},
+                    max_num_batched_tokens=CHUNK)
+    decode = pd["d1"]
+    try:
+        p = prompt(23, 300)
+        events, f = serve({"p-chunk": prefill, "d1": decode}, "p-chunk",
+                          WorkerRequest("by-chunk", p, GREEDY, handoff_to="d1"))
+        assert tokens(events) == undisturbed(model_dir, p, GREEDY)
+        assert [a.worker_id for a in f.attempts] == ["p-chunk", "d1"]
+        result = last_handoff(ray_local, prefill)
+        # One send per stage, all layers at once. The last forward's stage holds the
+        # part-full 19th block; the pause sends nothing, unless the request decoded
+        # before it: that block again.
+        assert result.committed and result.stages >= 3, result
+        assert result.payloads == result.stages - (result.next_index == 1), result
+        assert result.blocks == -(-len(p) // 16) + (result.next_index > 1), result
+        assert_all_free(ray_local, prefill, decode)
+    finally:
+        stop(ray_local, prefill)
+
+
 def cached_prompt_kv(p: tuple[int, ...]) -> Any:
     """Run in a worker: the block ids its prefix cache holds for p's full blocks, and
     their KV, [layers, 2, blocks, block_size, kv heads, head dim]."""

@@ -35,6 +35,7 @@ def test_pools_take_the_cluster_settings_and_their_own():
      r"num_workers \(2\) must lie within scaling.min_workers \(2\) and max_workers \(1\)"),
     (pd(decode={"scaling": {"max": 4}}), r"unknown scaling settings \['max'\]"),
     ({"handoff_wait_s": -1}, r"handoff_wait_s must be >= 0, got -1"),
+    ({"handoff_stream_unit": "block"}, r"handoff_stream_unit must be one of \('layer', 'chunk'\), got 'block'"),
     ({"migration_call_timeout_s": 0}, r"migration_call_timeout_s must be > 0, got 0"),
 ])
 def test_bad_pools_are_named(raw, message):
@@ -45,8 +46,10 @@ def test_bad_pools_are_named(raw, message):
 def test_a_pool_scales_within_its_bounds_and_handoff_settings_reach_the_config():
     config = ClusterConfig.from_dict({**pd(decode={"num_workers": 2, "scaling": {"min_workers": 1, "max_workers": 6,
                                                                                "add_below_freeness": 10}}),
-                                      "handoff_streaming": False, "handoff_wait_s": 1.5})
+                                      "handoff_streaming": False, "handoff_wait_s": 1.5,
+                                      "handoff_stream_unit": "chunk"})
     scaling = config.pools["decode"].scaling
     assert scaling.bounds(2) == (1, 6) and scaling.add_below_freeness == 10
     assert config.pools["prefill"].scaling.bounds(1) == (1, 1)  # unset: a fixed size
     assert (config.handoff_streaming, config.handoff_wait_s, config.migration_call_timeout_s) == (False, 1.5, 30.0)
+    assert config.handoff_stream_unit == "chunk"
