@@ -113,7 +113,7 @@ class MigrationResult:
     blocks: int = 0
     bytes: int = 0
     copy_s: float = 0.0  # time spent sending and receiving KV (sends that overlap add up)
-    prefill_copy_s: float = 0.0  # the part of copy_s spent while the prompt was still computing
+    prefill_copy_s: float = 0.0  # the part of copy_s spent before the pause (while the prompt computed)
     payloads: int = 0  # KV sends: one per stage, or one per layer range of a streamed stage
     paused_s: float = 0.0  # from the pause to the destination's commit
     next_index: Optional[int] = None  # where the destination continues (committed only)
@@ -145,6 +145,7 @@ class SourceMigration:
         self.during_prefill = ("stream" if settings.stream_prefill else "wait") if self.hold else "pause"
         self.stages = self.blocks = self.bytes = self.payloads = 0
         self.copy_s = self.prefill_copy_s = self.paused_s = 0.0
+        self._paused_perf = float("inf")  # perf_counter() at the pause: sends before it were hidden
         self.committed_at: Optional[float] = None
 
     async def run(self) -> MigrationResult:
@@ -206,7 +207,7 @@ class SourceMigration:
             # decoded meanwhile, and the pause copies what it computed).
             pause = await self.call(AdvanceMigration(self.order.migration_id, 1 << 30, self.during_prefill),
                                     step.engine_step)
-            paused_at = time.time()
+            paused_at, self._paused_perf = time.time(), time.perf_counter()
             await asyncio.gather(*sends)
             await self._send(pause.stage, in_prefill=False)
             return pause.state, paused_at
@@ -289,10 +290,10 @@ class SourceMigration:
         await self._remote("receive_kv", self.order.migration_id, stage.first_block, payload)
         self.bytes += payload.nbytes
         self.payloads += 1
-        took = time.perf_counter() - start
-        self.copy_s += took
-        if in_prefill:
-            self.prefill_copy_s += took
+        end = time.perf_counter()
+        self.copy_s += end - start
+        if in_prefill:  # a streamed send may end after the pause: that part was not hidden
+            self.prefill_copy_s += max(0.0, min(end, self._paused_perf) - start)
 
     async def _complete(self) -> None:
         o = self.order

@@ -49,6 +49,7 @@ _IDLE_REPORT_INTERVAL_S = 1.0  # ... and while idle
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 _MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
 _HANDOFF_RETRY_S = 0.05  # a decode worker without room is asked again after this long
+_HANDOFF_RESTARTS = 3  # a handoff whose request was preempted (to be recomputed here) starts again this often
 _HANDOFFS_KEPT = 256  # the latest handoff results, for `recent_handoffs`
 
 
@@ -543,13 +544,20 @@ class Worker:
         """Move a request, admitted here, to its decode worker, KV and all, as a live
         migration that streams the prompt's KV while it computes and pauses once the
         first token is out. A decode worker without room is asked again for
-        handoff_wait_s; if the handoff fails, the request goes on here."""
+        handoff_wait_s; a request preempted here (its prompt to be computed again) is
+        handed off again as it recomputes. If the handoff fails, the request goes on here."""
         try:
             deadline = time.monotonic() + self.config.handoff_wait_s
+            restarts = 0
             while True:
                 result = await self._try_handoff(request_id, decode_id)
-                retry = (result.error or "").startswith("no_room") and time.monotonic() < deadline
-                if not retry or request_id not in self._channel_of:
+                error = result.error or ""
+                if request_id not in self._channel_of:
+                    break
+                if error.startswith("preempted") and restarts < _HANDOFF_RESTARTS:
+                    restarts += 1
+                    continue
+                if not (error.startswith("no_room") and time.monotonic() < deadline):
                     break
                 await asyncio.sleep(_HANDOFF_RETRY_S)
         finally:

@@ -240,6 +240,36 @@ def test_a_decode_worker_killed_after_the_transfer(ray_local, pd, model_dir):
     assert_all_free(ray_local, pd["p1"])
 
 
+def test_a_prefill_preempted_mid_prompt_is_handed_off_once_recomputed(ray_local, pd, model_dir):
+    """The prefill worker runs out of KV while the prompt computes: the request is
+    preempted (its stream of KV to the decode worker ends there, and that reservation
+    goes), recomputed once room comes, and handed off then."""
+    pid = "p-preempt"
+    # 40 blocks: the occupant's 15 and then some, and the prompt's 25 do not fit together.
+    prefill = start(ray_local, pid, model_dir, "prefill", max_num_batched_tokens=CHUNK, num_kv_blocks=40)
+    decode = pd["d1"]
+    try:
+        occupant_p, occupant_params = prompt(26, 15 * 16), SamplingParams(temperature=0, max_tokens=100,
+                                                                          ignore_eos=True)
+        occupant = prefill.generate.remote(WorkerRequest("occupant", occupant_p, occupant_params))
+        first = ray_local.get(next(occupant))  # it decodes (a block more every 16 tokens) from here
+        p = prompt(27, 25 * 16)
+        before = in_actor(ray_local, decode, engine_stats)
+        events, f = serve({pid: prefill, "d1": decode}, pid, WorkerRequest("preempted", p, GREEDY, handoff_to="d1"))
+        assert tokens(events) == undisturbed(model_dir, p, GREEDY)
+        assert [a.worker_id for a in f.attempts] == [pid, "d1"]
+        assert in_actor(ray_local, prefill, engine_stats).num_preemptions == 1
+        result = last_handoff(ray_local, prefill)
+        assert result.committed and result.request_id == "preempted", result
+        after = in_actor(ray_local, decode, engine_stats)
+        assert after.computed_tokens - before.computed_tokens == GREEDY.max_tokens - result.next_index
+        occupant_events = first + [e for ref in occupant for e in ray_local.get(ref)]
+        assert tokens(occupant_events) == undisturbed(model_dir, occupant_p, occupant_params)
+        assert_all_free(ray_local, prefill, decode)
+    finally:
+        stop(ray_local, prefill)
+
+
 class StuckDecodeWorker(Worker):
     """A decode worker that takes KV far slower than the source waits for."""
 
