@@ -11,6 +11,7 @@ from typing import Any
 
 import openai
 import pytest
+from pd_cluster import pd_application
 from conditions import wait_until
 
 
@@ -21,22 +22,8 @@ SHARED = "A long shared system preamble that several requests begin with, " * 6
 
 @pytest.fixture(scope="module")
 def pd_app(ray_local, serve_app):
-    from ray import serve
-
-    from router.app import build_app
-
-    # The prefill worker runs long prompts in chunks of 32 tokens.
-    app = build_app({"cluster": {"name": "pd", "num_workers": 0, "worker_cpus": 0.5, "load_poll_interval_s": 0.1,
-                                 "engine": {"model": serve_app["model_dir"], "max_model_len": serve_app["max_model_len"]},
-                                 "pools": {"prefill": {"num_workers": 1, "engine": {"max_num_batched_tokens": 32}},
-                                           "decode": {"num_workers": 1}}},
-                     "router": {"served_model_name": "tiny-llama", "snapshot_interval_s": 0.05}})
-    serve.run(app, name="pd", route_prefix="/pd")
-    manager = ray_local.get_actor("yard-manager-pd", namespace="yard")
-    yield {"base_url": serve_app["base_url"] + "/pd/v1", "manager": manager}
-    serve.delete("pd")
-    ray_local.get(manager.shutdown.remote())
-    ray_local.kill(manager)
+    with pd_application(ray_local, serve_app, "pd", worker_cpus=0.5) as app:
+        yield app
 
 
 def prompts() -> list[str]:

@@ -26,6 +26,7 @@ import openai
 import pytest
 import yaml
 from debian_tools import tool
+from pd_cluster import pd_application
 
 from cluster.serving import free_port
 from workers.engine.block_manager import chain_hash
@@ -244,30 +245,14 @@ def test_promtool_checks_the_rules(rules_file):
 def disaggregated_load(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometheus") -> None:
     """Requests through a cluster of one prefill and one decode worker, prompts long
     enough that their KV streams over while they compute: the P/D row has data."""
-    from ray import serve
-
-    from router.app import build_app
-
-    app = build_app({"cluster": {"name": "pd-metrics", "num_workers": 0, "worker_cpus": 0.25,
-                                 "load_poll_interval_s": 0.1,
-                                 "engine": {"model": serve_app["model_dir"], "max_model_len": serve_app["max_model_len"]},
-                                 "pools": {"prefill": {"num_workers": 1, "engine": {"max_num_batched_tokens": 32}},
-                                           "decode": {"num_workers": 1}}},
-                     "router": {"served_model_name": "tiny-llama", "snapshot_interval_s": 0.05}})
-    serve.run(app, name="pd-metrics", route_prefix="/pd-metrics")
-    manager = ray_local.get_actor("yard-manager-pd-metrics", namespace="yard")
-    try:
-        client = openai.OpenAI(base_url=serve_app["base_url"] + "/pd-metrics/v1", api_key="unused", max_retries=0)
+    with pd_application(ray_local, serve_app, "pd-metrics", worker_cpus=0.25) as app:
+        client = openai.OpenAI(base_url=app["base_url"], api_key="unused", max_retries=0)
         for i in range(6):
             client.completions.create(model="tiny-llama", prompt=f"request {i} " + "word " * 120, max_tokens=8,
                                       temperature=0, extra_body={"ignore_eos": True})
         assert prometheus.wait_for('ray_yard_worker_handoffs_total{outcome="committed"}', 90)
         assert prometheus.wait_for('ray_yard_worker_request_phase_seconds_count{phase="transfer"}', 60)
         assert prometheus.wait_for('ray_yard_worker_kv_transfer_hidden_seconds_total{reason="handoff"}', 60)
-    finally:
-        serve.delete("pd-metrics")
-        ray_local.get(manager.shutdown.remote())
-        ray_local.kill(manager)
 
 
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus):

@@ -89,13 +89,13 @@ def test_the_prompt_kv_streams_while_it_computes_and_the_output_is_exact(ray_loc
     result = last_handoff(ray_local, pd["p1"])
     assert (result.request_id, result.outcome, result.reason) == (rid, "committed", "handoff"), result
     # Stages streamed the prompt's 25 blocks while it computed, one per forward, each
-    # layer by layer; the pause copies nothing more unless the request decoded one more
-    # token here meanwhile, into a 26th block.
+    # layer by layer; the pause copies nothing more (no block twice) unless the request
+    # decoded one more token here meanwhile, into a 26th block.
     computed = len(p) + result.next_index - 1
     assert result.blocks == -(-computed // 16) and result.stages >= 3, result
     assert result.payloads >= result.stages - 1, result
+    # Most sends ended before the pause; the last layers' may end after it.
     assert 0 < result.prefill_copy_s <= result.copy_s, result
-    assert result.prefill_copy_s == result.copy_s or result.next_index > 1, result
     after = in_actor(ray_local, pd["d1"], engine_stats)
     # The decode worker ran only decode steps: one token per output token it produced.
     assert after.computed_tokens - before.computed_tokens == params.max_tokens - result.next_index
