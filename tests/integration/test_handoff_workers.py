@@ -103,46 +103,41 @@ def test_the_prompt_kv_streams_while_it_computes_and_the_output_is_exact(ray_loc
     assert_all_free(ray_local, pd["p1"], pd["d1"])
 
 
-def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, pd, model_dir):
-    prefill = start(ray_local, "p-after", model_dir, "prefill", worker={"handoff_streaming": False},
-                    max_num_batched_tokens=CHUNK)
-    decode = pd["d1"]
+def handed_off_by(ray, pd, model_dir: str, prefill_id: str, settings: dict[str, Any], p: tuple[int, ...]) -> Any:
+    """One request through a prefill worker of its own with these settings, to d1:
+    exact output, moved once; returns the handoff's result (the workers left clean)."""
+    prefill = start(ray, prefill_id, model_dir, "prefill", worker=settings, max_num_batched_tokens=CHUNK)
     try:
-        p = prompt(22, 400)
-        events, f = serve({"p-after": prefill, "d1": decode}, "p-after",
-                          WorkerRequest("copied-after", p, GREEDY, handoff_to="d1"))
+        events, f = serve({prefill_id: prefill, "d1": pd["d1"]}, prefill_id,
+                          WorkerRequest(f"via-{prefill_id}", p, GREEDY, handoff_to="d1"))
         assert tokens(events) == undisturbed(model_dir, p, GREEDY)
-        assert [a.worker_id for a in f.attempts] == ["p-after", "d1"]
-        result = last_handoff(ray_local, prefill)
-        # Nothing copied during the prefill; after the first token, the 25 full blocks
-        # while the request decodes on, then the pause for the rest.
-        assert result.committed and (result.stages, result.prefill_copy_s) == (2, 0.0), result
-        assert result.blocks == -(-(len(p) + result.next_index - 1) // 16), result
-        assert_all_free(ray_local, prefill, decode)
+        assert [a.worker_id for a in f.attempts] == [prefill_id, "d1"]
+        result = last_handoff(ray, prefill)
+        assert result.committed, result
+        assert_all_free(ray, prefill, pd["d1"])
+        return result
     finally:
-        stop(ray_local, prefill)
+        stop(ray, prefill)
+
+
+def test_without_streaming_the_kv_is_copied_after_the_prefill(ray_local, pd, model_dir):
+    p = prompt(22, 400)
+    result = handed_off_by(ray_local, pd, model_dir, "p-after", {"handoff_streaming": False}, p)
+    # Nothing copied during the prefill; after the first token, the 25 full blocks
+    # while the request decodes on, then the pause for the rest.
+    assert (result.stages, result.prefill_copy_s) == (2, 0.0), result
+    assert result.blocks == -(-(len(p) + result.next_index - 1) // 16), result
 
 
 def test_streamed_by_chunk_each_forward_goes_in_one_send(ray_local, pd, model_dir):
-    prefill = start(ray_local, "p-chunk", model_dir, "prefill", worker={"handoff_stream_unit": "chunk"},
-                    max_num_batched_tokens=CHUNK)
-    decode = pd["d1"]
-    try:
-        p = prompt(23, 300)
-        events, f = serve({"p-chunk": prefill, "d1": decode}, "p-chunk",
-                          WorkerRequest("by-chunk", p, GREEDY, handoff_to="d1"))
-        assert tokens(events) == undisturbed(model_dir, p, GREEDY)
-        assert [a.worker_id for a in f.attempts] == ["p-chunk", "d1"]
-        result = last_handoff(ray_local, prefill)
-        # One send per stage, all layers at once. The last forward's stage holds the
-        # part-full 19th block; the pause sends nothing, unless the request decoded
-        # before it: that block again.
-        assert result.committed and result.stages >= 3, result
-        assert result.payloads == result.stages - (result.next_index == 1), result
-        assert result.blocks == -(-len(p) // 16) + (result.next_index > 1), result
-        assert_all_free(ray_local, prefill, decode)
-    finally:
-        stop(ray_local, prefill)
+    p = prompt(23, 300)
+    result = handed_off_by(ray_local, pd, model_dir, "p-chunk", {"handoff_stream_unit": "chunk"}, p)
+    # One send per stage, all layers at once. The last forward's stage holds the
+    # part-full 19th block; the pause sends nothing, unless the request decoded
+    # before it: that block again.
+    assert result.stages >= 3, result
+    assert result.payloads == result.stages - (result.next_index == 1), result
+    assert result.blocks == -(-len(p) // 16) + (result.next_index > 1), result
 
 
 def cached_prompt_kv(p: tuple[int, ...]) -> Any:

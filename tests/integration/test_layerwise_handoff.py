@@ -108,17 +108,23 @@ def stream_prompt(source: LLMEngine, dest: LLMEngine, mid: str, rid: str, run: R
             return stages
 
 
-@pytest.mark.parametrize("length", [3 * CHUNK, 3 * CHUNK + 5], ids=["whole-blocks", "part-full-last-block"])
-def test_each_forward_streams_its_blocks_layer_by_layer_and_the_output_is_exact(config, length):
+def streamed(config: EngineConfig, length: int, rid: str, mid: str) -> tuple[Run, LLMEngine, LLMEngine, Run, list]:
+    """A prompt of `length` tokens streamed from a source to a busy destination up to
+    its first token; returns the undisturbed run, both engines, the run so far and the
+    stages."""
     tokens = prompt(length, length)
     want = undisturbed(config, tokens, PARAMS)
     source, dest = LLMEngine(config), busy_destination(config)
-    rid, mid = "streamed", "h1"
     source.add_request(rid, tokens, PARAMS)
     run = Run()
-    num_tokens = source.start_migration(mid, rid)
-    dest.reserve_migration(mid, rid, num_tokens)
-    stages = stream_prompt(source, dest, mid, rid, run)
+    dest.reserve_migration(mid, rid, source.start_migration(mid, rid))
+    return want, source, dest, run, stream_prompt(source, dest, mid, rid, run)
+
+
+@pytest.mark.parametrize("length", [3 * CHUNK, 3 * CHUNK + 5], ids=["whole-blocks", "part-full-last-block"])
+def test_each_forward_streams_its_blocks_layer_by_layer_and_the_output_is_exact(config, length):
+    rid, mid = "streamed", "h1"
+    want, source, dest, run, stages = streamed(config, length, rid, mid)
     assert len(stages) == -(-length // CHUNK)
     # Every block of the prompt went out, the part-full last one with the last forward.
     sent = [b for s in stages for b in s.stage.block_ids]
@@ -138,15 +144,8 @@ def test_each_forward_streams_its_blocks_layer_by_layer_and_the_output_is_exact(
 
 
 def test_a_part_full_block_goes_again_if_the_request_decoded_before_the_pause(config):
-    length = 2 * CHUNK + 5
-    tokens = prompt(length, length)
-    want = undisturbed(config, tokens, PARAMS)
-    source, dest = LLMEngine(config), busy_destination(config)
     rid, mid = "decoded-first", "h2"
-    source.add_request(rid, tokens, PARAMS)
-    run = Run()
-    dest.reserve_migration(mid, rid, source.start_migration(mid, rid))
-    stages = stream_prompt(source, dest, mid, rid, run)
+    want, source, dest, run, stages = streamed(config, 2 * CHUNK + 5, rid, mid)
     run.take(source.step(), rid)  # the pause comes late: one decode step writes the last block
     assert len(run.tokens) == 2
     pause = source.advance_migration(mid, 1 << 30, "stream")
