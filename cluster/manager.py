@@ -103,6 +103,7 @@ class ClusterManager:
         with warnings.catch_warnings():  # Ray warns about an actor_id it reads inside
             warnings.simplefilter("ignore")
             self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._adopting = self.restarted  # until the adopted workers have said their roles
         if self.restarted:
             self._adopt(orphans)
         else:
@@ -131,10 +132,20 @@ class ClusterManager:
         While an adopted worker has not said its role, wait: it may fill a pool."""
         if any(e.role is None for e in self.workers.values()):
             return
+        if self._adopting:
+            self._adopt_sizes()
         for role, count in self._sizes.items():
             have = sum(e.role == role and e.worker_id not in self._retiring for e in self.workers.values())
             for _ in range(count - have):
                 self._start_worker(role)
+
+    def _adopt_sizes(self) -> None:
+        """A pool its predecessor had scaled past the configured size keeps the
+        workers it adopted: that is its size now (the scaler goes on from there)."""
+        self._adopting = False
+        for role in self._sizes:
+            adopted = sum(e.role == role for e in self.workers.values())
+            self._sizes[role] = max(self._sizes[role], adopted)
 
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"

@@ -31,10 +31,16 @@ def decode_workers(ray, manager) -> dict[str, Any]:
     return {s.worker_id: s for s in ray.get(manager.snapshot.remote()) if s.role == "decode"}
 
 
-def test_a_hot_decode_pool_gets_a_worker_up_to_its_max(ray_local, make_model):
+def test_a_hot_decode_pool_gets_a_worker_up_to_its_max_and_keeps_it_when_the_manager_restarts(ray_local,
+                                                                                                make_model):
+    from router.config import MANAGER_NAMESPACE
+
     hot = {"num_workers": 1, "scaling": {"max_workers": 2, "add_below_freeness": 1e9, "remove_above_freeness": 2e9,
                                          "sustain_s": 0, "cooldown_s": 0}}
-    manager = ray_local.remote(ClusterManager).remote(pd_config("t-grow", str(make_model("tiny-llama")), hot))
+    options = {"name": "yard-manager-t-grow", "namespace": MANAGER_NAMESPACE, "lifetime": "detached",
+               "max_restarts": -1, "max_task_retries": -1}  # as router/app.py's ensure_cluster
+    manager = ray_local.remote(ClusterManager).options(**options).remote(
+        pd_config("t-grow", str(make_model("tiny-llama")), hot))
     try:
         assert ray_local.get(manager.start.remote(), timeout=120) == 2
         decision = ray_local.get(manager.scale_pools.remote())
@@ -43,6 +49,16 @@ def test_a_hot_decode_pool_gets_a_worker_up_to_its_max(ray_local, make_model):
                    "a second healthy decode worker")
         assert ray_local.get(manager.scale_pools.remote()) == []  # at max_workers
         assert ray_local.get(manager.status.remote())["pools"]["decode"] == {"size": 2, "min": 1, "max": 2}
+        grown = sorted(decode_workers(ray_local, manager))
+
+        ray_local.kill(manager, no_restart=False)  # Ray restarts it; it adopts the workers, the pool's size too
+        def adopted_at_size_2() -> bool:
+            status = ray_local.get(manager.status.remote())
+            return status["restarted"] and status["pools"]["decode"] == {"size": 2, "min": 1, "max": 2}
+
+        wait_until(adopted_at_size_2, 120, "the restarted manager to keep the decode pool at 2")
+        assert sorted(decode_workers(ray_local, manager)) == grown
+        assert ray_local.get(manager.status.remote())["pools"]["prefill"] == {"size": 1, "min": 1, "max": 1}
     finally:
         ray_local.get(manager.shutdown.remote())
         ray_local.kill(manager)
