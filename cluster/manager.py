@@ -38,8 +38,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.adoption import Orphans, find_orphans, placement_name, remove_orphans
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
-from cluster.migration_policy import MigrationOrder, MigrationPolicy, RequestView, WorkerView
-from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker
+from cluster.migration_policy import MigrationOrder, MigrationPolicy, WorkerView, worker_view
+from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker, pool_worker
 from router.config import MANAGER_NAMESPACE
 from workers.events import worker_actor_name
 from workers.load_report import LoadReport
@@ -290,11 +290,7 @@ class ClusterManager:
 
     @staticmethod
     def _pool_worker(entry: WorkerEntry) -> PoolWorker:
-        load = entry.load
-        if entry.booting is not None or load is None:
-            return PoolWorker(entry.worker_id, booting=True)
-        return PoolWorker(entry.worker_id, False, load.queued_prefill_tokens, load.freeness,
-                          load.num_running + load.num_waiting)
+        return pool_worker(entry.worker_id, None if entry.booting is not None else entry.load)
 
     def _apply(self, decision: Decision) -> None:
         if isinstance(decision, AddWorkers):
@@ -358,18 +354,10 @@ class ClusterManager:
         return orders
 
     def _view(self, entry: WorkerEntry) -> WorkerView:
-        load = entry.load
-        moving = {f.order.request_id for f in self._in_flight.values()}
-        draining = entry.draining or load.draining
-        # A draining worker moves its waiting requests too (without KV); elsewhere only
-        # running requests move, for the KV they hold.
-        requests = tuple(RequestView(r.request_id, r.priority, r.num_blocks, r.arrival_time,
-                                     r.migrating or r.request_id in moving)
-                         for r in load.requests if r.running or draining)
-        return WorkerView(entry.worker_id, entry.healthy, draining, load.free_blocks, load.total_blocks, requests,
-                          load.head_of_line_blocks, load.head_of_line_priority,
-                          migrations_in=sum(f.order.destination == entry.worker_id for f in self._in_flight.values()),
-                          migrations_out=sum(f.order.source == entry.worker_id for f in self._in_flight.values()))
+        flights = self._in_flight.values()
+        return worker_view(entry.load, entry.healthy, entry.draining, {f.order.request_id for f in flights},
+                           sum(f.order.destination == entry.worker_id for f in flights),
+                           sum(f.order.source == entry.worker_id for f in flights))
 
     def _launch(self, order: MigrationOrder) -> None:
         mid = f"{self.config.name}-m{next(self._migration_ids)}"

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, AbstractSet, Any, Callable, Sequence
 
 from cluster.migration_rules import Plan, plan_orders, virtual_freeness as _freeness
 
+if TYPE_CHECKING:
+    from workers.load_report import LoadReport
+
 __all__ = ["REASONS", "RULES", "MigrationConfig", "MigrationOrder", "MigrationPolicy", "RequestView",
-           "WorkerView", "virtual_freeness"]
+           "WorkerView", "virtual_freeness", "worker_view"]
 
 # Which request leaves a worker, for drain and balance; see migration_rules.rule_key.
 RULES = ("shortest_first", "longest_first", "last_come_first")
@@ -71,6 +74,19 @@ class WorkerView:
         if self.free_blocks > self.total_blocks:
             raise ValueError(f"free_blocks ({self.free_blocks}) must be <= total_blocks ({self.total_blocks}) "
                              f"(worker {self.worker_id!r})")
+
+
+def worker_view(load: "LoadReport", healthy: bool, draining: bool, moving: AbstractSet[str],
+                migrations_in: int, migrations_out: int) -> WorkerView:
+    """A worker's load report as the policy sees it. `moving`: requests with a
+    migration in flight anywhere. A draining worker moves its waiting requests too
+    (without KV); elsewhere only running requests move, for the KV they hold."""
+    draining = draining or load.draining
+    requests = tuple(RequestView(r.request_id, r.priority, r.num_blocks, r.arrival_time,
+                                 r.migrating or r.request_id in moving)
+                     for r in load.requests if r.running or draining)
+    return WorkerView(load.worker_id, healthy, draining, load.free_blocks, load.total_blocks, requests,
+                      load.head_of_line_blocks, load.head_of_line_priority, migrations_in, migrations_out)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,10 @@ replacing workers that die, as for fixed pools.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, Union
+
+if TYPE_CHECKING:
+    from workers.load_report import LoadReport
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,14 @@ class PoolWorker:
     queued_prefill_tokens: int = 0
     freeness: float = 0.0
     num_requests: int = 0  # running and waiting: what draining it would have to move
+
+
+def pool_worker(worker_id: str, load: Optional["LoadReport"]) -> PoolWorker:
+    """A worker as its pool's scaler sees it; no load yet: still starting."""
+    if load is None:
+        return PoolWorker(worker_id, booting=True)
+    return PoolWorker(worker_id, False, load.queued_prefill_tokens, load.freeness,
+                      load.num_running + load.num_waiting)
 
 
 @dataclass(frozen=True, slots=True)

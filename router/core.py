@@ -9,7 +9,6 @@ the policy, so a burst does not all land on the worker that looked idlest.
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -22,13 +21,13 @@ import ray
 from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.lifecycle import RequestStream
-from router.load import WorkerLoad
+from router.load import WorkerLoad, worker_load
+from router.load_book import LoadBook, place
 from router.metrics import RouterMetrics
 from router.auth import ApiKeys, Caller, check_priority
 from router.limits import RequestLimits
 from router.openai_errors import FORBIDDEN, SERVICE_UNAVAILABLE, TOO_MANY_REQUESTS, UNAUTHORIZED, APIError
 from router.openai_protocol import GenerateRequest, check_prompt_token_ids
-from router.pd_policy import route
 from router.policies import make_policy
 from router.worker_link import WorkerLink
 from workers.events import Event, Failed, Finished, Tokens, WorkerRequest, worker_actor_name
@@ -65,27 +64,22 @@ class RouterCore:
         self.manager = ray.get_actor(config.manager_actor_name, namespace=MANAGER_NAMESPACE)
         self.handles: dict[str, Any] = {}
         self.links: dict[str, WorkerLink] = {}  # worker id → this replica's event stream from it
-        self.loads: dict[str, WorkerLoad] = {}
-        # Per worker, this replica's requests sent there and ended there since the
-        # worker's last load report: the snapshot lags, these do not.
-        self.sent: collections.Counter[str] = collections.Counter()
-        self.ended: collections.Counter[str] = collections.Counter()
-        self.sent_tokens: collections.Counter[str] = collections.Counter()  # their prompt tokens
+        self.book = LoadBook()  # the snapshot, corrected by this replica's own dispatches
         self._refresher: Optional[asyncio.Task] = None
         self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
         self.placed: dict[str, str] = {}  # request id -> the worker it runs on now
         self.handoffs: dict[str, str] = {}  # request id -> its decode worker, until sent to a prefill worker
 
     # -- the worker snapshot ---------------------------------------------------------------
+    @property
+    def loads(self) -> dict[str, WorkerLoad]:
+        """The last snapshot, as the workers reported it."""
+        return self.book.loads
+
     async def refresh(self) -> None:
         snapshot = await self.manager.snapshot.remote()
-        loads = {s.worker_id: _as_load(s) for s in snapshot if s.load is not None}
-        for wid, load in loads.items():
-            old = self.loads.get(wid)
-            if old is None or load.reported_at > old.reported_at:
-                self.sent[wid] = self.ended[wid] = self.sent_tokens[wid] = 0  # a fresh report counts them
+        self.book.refresh({s.worker_id: worker_load(s.load, s.healthy) for s in snapshot if s.load is not None})
         self.handles = {s.worker_id: s.handle for s in snapshot}
-        self.loads = loads
         limits = [s.load.max_model_len for s in snapshot if s.load is not None and s.load.max_model_len]
         if limits:
             self.max_model_len = min(limits)
@@ -137,7 +131,7 @@ class RouterCore:
 
     def check_capacity(self) -> None:
         """Shed load (429) when every healthy worker's queue is at the limit."""
-        healthy = [w for w in self._current_loads() if w.healthy]
+        healthy = [w for w in self.book.current() if w.healthy]
         if healthy and all(w.queue_length >= self.config.max_queue_per_worker for w in healthy):
             raise Overloaded(self.config.retry_after_s)
 
@@ -184,7 +178,7 @@ class RouterCore:
             self.placed.pop(rid, None)
             self.handoffs.pop(rid, None)
             for attempt in stream.attempts:
-                self.ended[attempt.worker_id] += 1
+                self.book.finished(attempt.worker_id)
             self.metrics.started(-1)
             self.metrics.finished(status or "failed")
 
@@ -197,22 +191,15 @@ class RouterCore:
 
     def _pick(self, request: WorkerRequest, excluded: frozenset[str], prefer: Optional[str] = None
               ) -> tuple[str, Any]:
-        loads = [w for w in self._current_loads() if w.worker_id not in excluded]
-        where = route(loads, request.prompt_token_ids, self.config.block_size,
-                      self.config.decider_max_uncached_tokens)
-        if any(w.worker_id == prefer and w.healthy for w in where.candidates):
-            worker_id, policy, predicted = prefer, "same_prompt", 0
-        else:
-            decision = self.policy.choose(DispatchRequest(request.request_id, request.prompt_token_ids,
-                                                          request.session_id), where.candidates)
-            worker_id, predicted = decision.worker_id, decision.predicted_hit_blocks
-            policy = where.policy or decision.policy
-        self.metrics.dispatched(policy, worker_id, predicted)
-        self.sent[worker_id] += 1
-        self.sent_tokens[worker_id] += len(request.prompt_token_ids)
+        loads = [w for w in self.book.current() if w.worker_id not in excluded]
+        placement = place(DispatchRequest(request.request_id, request.prompt_token_ids, request.session_id), loads,
+                          self.policy, self.config.block_size, self.config.decider_max_uncached_tokens, prefer)
+        worker_id = placement.worker_id
+        self.metrics.dispatched(placement.policy, worker_id, placement.predicted_hit_blocks)
+        self.book.dispatched(worker_id, len(request.prompt_token_ids))
         self.placed[request.request_id] = worker_id
-        if where.handoff_to is not None:
-            self.handoffs[request.request_id] = where.handoff_to
+        if placement.handoff_to is not None:
+            self.handoffs[request.request_id] = placement.handoff_to
         return worker_id, self._link(worker_id)
 
     def _open_stream(self, link: WorkerLink, request: WorkerRequest, attach: bool) -> AsyncIterator[list[Event]]:
@@ -225,7 +212,7 @@ class RouterCore:
 
     def _follow_move(self, request_id: str, worker_id: str) -> WorkerLink:
         """The link to where a request moved (with its KV): it now counts there."""
-        self.sent[worker_id] += 1
+        self.book.dispatched(worker_id)
         self.placed[request_id] = worker_id
         if worker_id not in self.handles:  # newer than this replica's snapshot
             self.handles[worker_id] = ray.get_actor(worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE)
@@ -237,46 +224,9 @@ class RouterCore:
             link = self.links[worker_id] = WorkerLink(worker_id, self.handles[worker_id])
         return link
 
-    def _current_loads(self) -> list[WorkerLoad]:
-        """The snapshot corrected by what this replica sent and saw end since: sent
-        requests count as waiting there and share its free KV slots, so a burst
-        spreads out; ended ones no longer count, so a stale report of a full queue
-        does not shed load that the worker could already take."""
-        return [_adjusted(load, self.sent[wid] - self.ended[wid], self.sent_tokens[wid])
-                for wid, load in self.loads.items()]
-
     async def _report_failure(self, worker_id: str) -> None:
-        self.loads.pop(worker_id, None)
+        self.book.forget(worker_id)
         try:
             await self.manager.report_failure.remote(worker_id)
         except ray.exceptions.RayError as e:
             log.warning("telling the manager about %s failed: %s", worker_id, e)
-
-
-def _adjusted(load: WorkerLoad, change: int, sent_tokens: int = 0) -> WorkerLoad:
-    """`load` with `change` more requests (fewer, if negative): added ones wait,
-    removed ones leave the waiting queue first, then the running batch. The prompt
-    tokens sent since the report count as queued for prefill (some may be computed
-    by now; the next report says)."""
-    if sent_tokens:
-        load = dataclasses.replace(load, queued_prefill_tokens=load.queued_prefill_tokens + sent_tokens)
-    if change == 0:
-        return load
-    if change > 0:
-        sharing = max(load.num_running, 1)
-        return dataclasses.replace(load, num_waiting=load.num_waiting + change,
-                                   freeness=load.freeness * sharing / (load.num_running + change))
-    gone = -change
-    from_waiting = min(gone, load.num_waiting)
-    return dataclasses.replace(load, num_waiting=load.num_waiting - from_waiting,
-                               num_running=max(0, load.num_running - (gone - from_waiting)))
-
-
-def _as_load(snapshot: Any) -> WorkerLoad:
-    r = snapshot.load
-    # A draining worker takes nothing new: to dispatch it is as good as down.
-    return WorkerLoad(worker_id=r.worker_id, role=r.role, healthy=snapshot.healthy and r.healthy and not r.draining,
-                      num_running=r.num_running, num_waiting=r.num_waiting, free_blocks=r.free_blocks,
-                      total_blocks=r.total_blocks, freeness=r.freeness, mean_step_time_s=r.mean_step_time_s,
-                      cached_block_hashes=r.cached_block_hashes, reported_at=r.reported_at,
-                      queued_prefill_tokens=r.queued_prefill_tokens)

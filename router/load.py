@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from workers.load_report import freeness  # noqa: F401  (the worker computes it; re-exported)
+from workers.load_report import LoadReport, freeness  # noqa: F401  (the worker computes freeness; re-exported)
 
 ROLES = ("mixed", "prefill", "decode", "attention", "expert")
 
@@ -58,3 +58,14 @@ class WorkerLoad:
         """Requests on the worker, running or waiting: the load that the p2c policy and
         the prefix-aware imbalance guard compare."""
         return self.num_running + self.num_waiting
+
+
+def worker_load(report: LoadReport, healthy: bool = True) -> WorkerLoad:
+    """A worker's load report as dispatch reads it; `healthy`: the manager's view too.
+    A draining worker takes nothing new: to dispatch it is as good as down."""
+    return WorkerLoad(worker_id=report.worker_id, role=report.role,
+                      healthy=healthy and report.healthy and not report.draining,
+                      num_running=report.num_running, num_waiting=report.num_waiting,
+                      free_blocks=report.free_blocks, total_blocks=report.total_blocks, freeness=report.freeness,
+                      mean_step_time_s=report.mean_step_time_s, cached_block_hashes=report.cached_block_hashes,
+                      reported_at=report.reported_at, queued_prefill_tokens=report.queued_prefill_tokens)

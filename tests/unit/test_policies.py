@@ -352,7 +352,7 @@ def test_router_and_worker_processes_hash_a_prompt_alike() -> None:
 
 
 def test_router_adjusts_a_stale_report_by_what_it_sent_and_saw_end():
-    from router.core import _adjusted
+    from router.load_book import adjusted as _adjusted
 
     stale = load("w", num_running=4, num_waiting=2, freeness=100.0)
     more = _adjusted(stale, +3)
@@ -400,7 +400,7 @@ def test_the_decider_skips_the_prefill_hop_for_short_or_cached_prompts():
 
 
 def test_a_prefill_worker_is_chosen_by_the_tokens_it_computes_before_the_first_token():
-    from router.core import _adjusted
+    from router.load_book import adjusted as _adjusted
     from router.pd_policy import route
 
     prompt = tuple(range(10, 50))  # 40 tokens: 9 blocks of 4 can come from a cache

@@ -1,0 +1,95 @@
+"""A router's view of the workers' loads: the last snapshot, corrected by what this
+router sent and saw end since, and the choice of a worker made from it.
+
+Pure Python (no torch, no ray): the router replica (router/core.py) and the
+simulator (cluster/sim/) keep the same book and choose through the same function,
+so that the simulator dispatches as the cluster does.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+from router.dispatch import DispatchPolicy, DispatchRequest
+from router.load import WorkerLoad
+from router.pd_policy import route
+
+
+class LoadBook:
+    """Per worker, the snapshot's load and this router's requests sent there and ended
+    there since the worker's last report: the snapshot lags, these do not."""
+
+    def __init__(self) -> None:
+        self.loads: dict[str, WorkerLoad] = {}
+        self.sent: collections.Counter[str] = collections.Counter()
+        self.ended: collections.Counter[str] = collections.Counter()
+        self.sent_tokens: collections.Counter[str] = collections.Counter()  # their prompt tokens
+
+    def refresh(self, loads: dict[str, WorkerLoad]) -> None:
+        """A new snapshot: a worker's fresh report already counts what was sent to it."""
+        for wid, load in loads.items():
+            old = self.loads.get(wid)
+            if old is None or load.reported_at > old.reported_at:
+                self.sent[wid] = self.ended[wid] = self.sent_tokens[wid] = 0
+        self.loads = loads
+
+    def dispatched(self, worker_id: str, prompt_tokens: int = 0) -> None:
+        self.sent[worker_id] += 1
+        self.sent_tokens[worker_id] += prompt_tokens
+
+    def finished(self, worker_id: str) -> None:
+        self.ended[worker_id] += 1
+
+    def forget(self, worker_id: str) -> None:
+        self.loads.pop(worker_id, None)
+
+    def current(self) -> list[WorkerLoad]:
+        """The snapshot corrected by what this router sent and saw end since: sent
+        requests count as waiting there and share its free KV slots, so a burst
+        spreads out; ended ones no longer count, so a stale report of a full queue
+        does not shed load that the worker could already take."""
+        return [adjusted(load, self.sent[wid] - self.ended[wid], self.sent_tokens[wid])
+                for wid, load in self.loads.items()]
+
+
+def adjusted(load: WorkerLoad, change: int, sent_tokens: int = 0) -> WorkerLoad:
+    """`load` with `change` more requests (fewer, if negative): added ones wait,
+    removed ones leave the waiting queue first, then the running batch. The prompt
+    tokens sent since the report count as queued for prefill (some may be computed
+    by now; the next report says)."""
+    if sent_tokens:
+        load = dataclasses.replace(load, queued_prefill_tokens=load.queued_prefill_tokens + sent_tokens)
+    if change == 0:
+        return load
+    if change > 0:
+        sharing = max(load.num_running, 1)
+        return dataclasses.replace(load, num_waiting=load.num_waiting + change,
+                                   freeness=load.freeness * sharing / (load.num_running + change))
+    gone = -change
+    from_waiting = min(gone, load.num_waiting)
+    return dataclasses.replace(load, num_waiting=load.num_waiting - from_waiting,
+                               num_running=max(0, load.num_running - (gone - from_waiting)))
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    worker_id: str
+    policy: str  # the metric's label: the policy, or "decider", "prefill_tokens", "same_prompt"
+    predicted_hit_blocks: int = 0
+    handoff_to: Optional[str] = None  # the decode worker a prefill worker hands the request to
+
+
+def place(request: DispatchRequest, loads: Sequence[WorkerLoad], policy: DispatchPolicy, block_size: int,
+          decider_max_uncached_tokens: int = 0, prefer: Optional[str] = None) -> Placement:
+    """Where a request goes: the prefill/decode split first (router/pd_policy.py),
+    then the dispatch policy among the candidates it leaves, unless `prefer` (a
+    request's earlier choice) is one of them and healthy. Raises NoWorkerAvailable."""
+    where = route(loads, request.prompt_token_ids, block_size, decider_max_uncached_tokens)
+    if any(w.worker_id == prefer and w.healthy for w in where.candidates):
+        return Placement(prefer, "same_prompt", 0, where.handoff_to)
+    decision = policy.choose(request, where.candidates)
+    return Placement(decision.worker_id, where.policy or decision.policy, decision.predicted_hit_blocks,
+                     where.handoff_to)
