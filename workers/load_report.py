@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # routers import freeness from here without pulling in torch
     from workers.engine.engine import LLMEngine
@@ -73,8 +73,11 @@ def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block
 
 
 def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
-                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "") -> LoadReport:
-    """Built by the thread that steps `engine`, between two steps."""
+                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
+                now: Optional[float] = None) -> LoadReport:
+    """Built by the thread that steps `engine` (LLMEngine, or the simulator's SimEngine,
+    which keeps the same attributes), between two steps. `now`: the report's
+    time (default: the wall clock; the simulator passes its own)."""
     stats = engine.stats()
     blocks = engine.blocks
     waiting = list(engine.scheduler.waiting)
@@ -90,7 +93,7 @@ def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int,
         freeness=freeness(stats.num_free_blocks, stats.num_running, head_demand, blocks.block_size),
         mean_step_time_s=stats.mean_step_time_s,
         cached_block_hashes=frozenset(blocks.cached_block_hashes(max_hashes)),
-        reported_at=time.time(), block_size=blocks.block_size, draining=draining,
+        reported_at=time.time() if now is None else now, block_size=blocks.block_size, draining=draining,
         head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
         num_preemptions=stats.num_preemptions, max_model_len=engine.max_model_len,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from workers.models.config import DTYPES
+
+if TYPE_CHECKING:
+    from workers.engine.block_manager import BlockManager
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,18 @@ class EngineConfig:
 def _positive_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def max_model_len(config: EngineConfig, max_position_embeddings: int, blocks: "BlockManager") -> tuple[int, str]:
+    """The longest sequence (prompt and output) this instance can ever run, and what
+    sets it. A longer one could never be scheduled: without chunked prefill a
+    sequence is prefilled (or recomputed after a preemption) in one step, so it must
+    fit the step's token budget; and it must fit the KV cache above the watermark."""
+    bounds = {"the model's max_position_embeddings": max_position_embeddings,
+              "usable KV cache blocks x block_size": (blocks.num_blocks - blocks.watermark_blocks) * blocks.block_size}
+    if config.max_model_len is not None:
+        bounds["max_model_len"] = config.max_model_len
+    if not config.enable_chunked_prefill:
+        bounds["max_num_batched_tokens, as enable_chunked_prefill is off"] = config.max_num_batched_tokens
+    bound = min(bounds, key=bounds.__getitem__)
+    return bounds[bound], bound

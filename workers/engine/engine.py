@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Optional, Sequence as Seq
 import torch
 
 from workers.engine.block_manager import BlockManager
-from workers.engine.config import EngineConfig
+from workers.engine.config import EngineConfig, max_model_len
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
@@ -67,8 +67,8 @@ class LLMEngine:
         self.health_error: Optional[str] = None
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    watermark_blocks=num_blocks // 100)
-        self.max_model_len, self.max_model_len_bound = _max_model_len(config, mc.max_position_embeddings,
-                                                                      self.blocks)
+        self.max_model_len, self.max_model_len_bound = max_model_len(config, mc.max_position_embeddings,
+                                                                     self.blocks)
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
@@ -432,18 +432,3 @@ class LLMEngine:
         bad = next((b for b in block_ids if not 0 <= b < self.blocks.num_blocks), None)
         if bad is not None:
             raise ValueError(f"block id {bad} is outside [0, {self.blocks.num_blocks})")
-
-
-def _max_model_len(config: EngineConfig, max_position_embeddings: int, blocks: BlockManager) -> tuple[int, str]:
-    """The longest sequence (prompt and output) this instance can ever run, and what
-    sets it. A longer one could never be scheduled: without chunked prefill a
-    sequence is prefilled (or recomputed after a preemption) in one step, so it must
-    fit the step's token budget; and it must fit the KV cache above the watermark."""
-    bounds = {"the model's max_position_embeddings": max_position_embeddings,
-              "usable KV cache blocks x block_size": (blocks.num_blocks - blocks.watermark_blocks) * blocks.block_size}
-    if config.max_model_len is not None:
-        bounds["max_model_len"] = config.max_model_len
-    if not config.enable_chunked_prefill:
-        bounds["max_num_batched_tokens, as enable_chunked_prefill is off"] = config.max_num_batched_tokens
-    bound = min(bounds, key=bounds.__getitem__)
-    return bounds[bound], bound

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import TYPE_CHECKING, Optional, Union
 
-from workers.engine.sampler import SampledToken
+if TYPE_CHECKING:  # the simulator reads these types without torch
+    from workers.engine.sampler import SampledToken
 
 
 @dataclass(frozen=True, slots=True)
