@@ -163,12 +163,78 @@ def _drain(args: argparse.Namespace) -> int:
     return drain(cluster or "yard", args.worker_id, args.timeout)
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _add_simulation(sub: argparse._SubParsersAction) -> None:
+    sim = sub.add_parser("simulate", help="run a trace through a simulated cluster: yard's own policies on "
+                         "simulated time (docs/simulate.md)")
+    sim.add_argument("--trace", type=Path, required=True, help=".csv (arrived_at, num_prefill_tokens, "
+                     "num_decode_tokens) or .jsonl (Mooncake)")
+    sim.add_argument("--config", type=Path, help="serve config YAML (the cluster and router sections)")
+    sim.add_argument("--step-time", type=Path, required=True, help="a step-time model, written by yard profile")
+    sim.add_argument("--time-scale", type=_positive_float, default=1.0, help="arrivals this many times faster")
+    sim.add_argument("--length-divisor", type=_positive_int, default=1, help="divide prompt and output lengths")
+    sim.add_argument("--max-prompt-tokens", type=_positive_int)
+    sim.add_argument("--max-output-tokens", type=_positive_int)
+    sim.add_argument("--limit", type=_positive_int, help="only the trace's first N requests")
+    sim.add_argument("--slo-ttft", type=_positive_float, help="goodput: TTFT at most this many seconds")
+    sim.add_argument("--slo-tpot", type=_positive_float, help="goodput: TPOT at most this many seconds")
+    sim.add_argument("--relay-s", type=float, default=0.0, help="router-worker delay, each way (default 0)")
+    sim.add_argument("--worker-startup-s", type=float, default=30.0, help="a worker added by scaling serves "
+                     "after this long (default 30)")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--out", type=Path, help="write summary.json, requests.csv, migrations.csv, workers.csv here")
+    sim.add_argument("--plot", action="store_true", help="also latency_cdf.png and load_per_worker.png (with --out)")
+    sim.set_defaults(func=_simulate)
+    prof = sub.add_parser("profile", help="measure the engine's step time on this machine and fit the "
+                          "simulator's step-time model")
+    prof.add_argument("--model", required=True, help="preset name or model directory")
+    prof.add_argument("--out", type=Path, required=True, help="the step-time model file to write (JSON)")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--dtype", choices=DTYPES, default=None)
+    prof.add_argument("--block-size", type=_positive_int, default=16)
+    prof.add_argument("--repeats", type=_positive_int, default=3, help="each batch shape this often (median)")
+    prof.add_argument("--transfer-bytes-per-s", type=_positive_float,
+                      help="a cluster's KV transfer rate (default: measured in this process)")
+    prof.add_argument("--transfer-latency-s", type=float, default=0.001, help="fixed cost of one KV copy")
+    prof.set_defaults(func=_profile)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from cluster.sim.cluster import SimOptions
+    from cluster.sim.command import simulate
+    from cluster.sim.trace import TraceScale
+
+    if args.plot and args.out is None:
+        raise ValueError("--plot writes its pictures under --out: give --out DIR")
+    scale = TraceScale(args.time_scale, args.length_divisor, args.max_prompt_tokens, args.max_output_tokens,
+                       args.limit)
+    options = SimOptions(args.seed, args.relay_s, args.worker_startup_s)
+    simulate(args.trace, args.config, args.step_time, scale, options, args.out, args.slo_ttft, args.slo_tpot,
+             args.plot)
+    return 0
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from cluster.sim.command import profile
+
+    profile(args.model, args.out, args.device, args.dtype, args.block_size, args.repeats,
+            args.transfer_bytes_per_s, args.transfer_latency_s)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="yard", description="yard: a serving cluster for large language models")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_model(sub)
     _add_generate(sub)
     _add_serving(sub)
+    _add_simulation(sub)
     return parser
 
 

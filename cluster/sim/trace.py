@@ -115,6 +115,7 @@ def _read_csv(path: Path) -> Iterator[TraceRequest]:
         header = next(reader, None)
         if header is None or tuple(h.strip() for h in header) != CSV_COLUMNS:
             raise ValueError(f"{path} line 1: the header must be {','.join(CSV_COLUMNS)}, got {header!r}")
+        index = 0
         for row in reader:
             line = reader.line_num
             if not row:
@@ -122,8 +123,9 @@ def _read_csv(path: Path) -> Iterator[TraceRequest]:
             if len(row) != len(CSV_COLUMNS):
                 raise ValueError(f"{path} line {line}: {len(CSV_COLUMNS)} fields expected, got {len(row)}: {row!r}")
             where = f"{path} line {line}"
-            yield TraceRequest(line - 2, _seconds(where, "arrived_at", row[0]),
+            yield TraceRequest(index, _seconds(where, "arrived_at", row[0]),
                                _count(where, "num_prefill_tokens", row[1]), _count(where, "num_decode_tokens", row[2]))
+            index += 1
 
 
 def _read_mooncake(path: Path) -> Iterator[TraceRequest]:
