@@ -190,6 +190,12 @@ def _add_simulation(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, help="write summary.json, requests.csv, migrations.csv, workers.csv here")
     sim.add_argument("--plot", action="store_true", help="also latency_cdf.png and load_per_worker.png (with --out)")
+    sim.add_argument("--sweep", action="store_true", help="search for the fewest workers (colocated, or split "
+                     "into prefill and decode pools) that meet --slo-ttft and --slo-tpot")
+    sim.add_argument("--attainment", type=_positive_float, default=0.9,
+                     help="--sweep: the fraction of requests that must meet both SLOs (default 0.9)")
+    sim.add_argument("--max-workers", type=_positive_int, default=16, help="--sweep: the largest size tried")
+    sim.add_argument("--no-split", action="store_true", help="--sweep: colocated layouts only")
     sim.set_defaults(func=_simulate)
     prof = sub.add_parser("profile", help="measure the engine's step time on this machine and fit the "
                           "simulator's step-time model")
@@ -215,6 +221,14 @@ def _simulate(args: argparse.Namespace) -> int:
     scale = TraceScale(args.time_scale, args.length_divisor, args.max_prompt_tokens, args.max_output_tokens,
                        args.limit)
     options = SimOptions(args.seed, args.relay_s, args.worker_startup_s)
+    if args.sweep:
+        from cluster.sim.command import sweep
+
+        if args.slo_ttft is None or args.slo_tpot is None:
+            raise ValueError("--sweep needs both --slo-ttft and --slo-tpot")
+        answer = sweep(args.trace, args.config, args.step_time, scale, options, args.out, args.slo_ttft,
+                       args.slo_tpot, args.attainment, args.max_workers, not args.no_split)
+        return 0 if answer is not None else 1
     simulate(args.trace, args.config, args.step_time, scale, options, args.out, args.slo_ttft, args.slo_tpot,
              args.plot)
     return 0

@@ -155,3 +155,22 @@ def test_the_simulation_gives_the_same_results_twice():
             for _ in range(2)]
     assert [r.row() for r in runs[0].requests] == [r.row() for r in runs[1].requests]
     assert SimOptions().seed == 0
+
+
+def test_a_sweep_stops_at_the_first_size_that_meets_the_slos_and_takes_its_best_layout():
+    from cluster.sim.sweep import Layout, sweep
+
+    # A request every 0.25 s needing 0.5 s of prefill (10 tokens at 0.045 s, 0.05 s a
+    # step): two workers are saturated, three keep up; so do two prefill workers.
+    step = timing(base_s=0.05, prefill_token_s=0.045)
+    trace = [TraceRequest(i, 0.25 * i, 10, 2) for i in range(40)]
+    base = ClusterConfig(engine=EngineConfig(num_kv_blocks=64), num_workers=1)
+    best, rows = sweep(base, RouterConfig(policy="least_load"), step, trace, slo_ttft_s=1.5, slo_tpot_s=1.0,
+                       attainment=1.0, max_workers=8)
+    mixed, pd = Layout, lambda p, d: Layout(prefill=p, decode=d)
+    assert [r.layout for r in rows] == [mixed(1), mixed(2), pd(1, 1), mixed(3), pd(1, 2), pd(2, 1)]
+    assert [r.attainment == 1.0 for r in rows] == [False] * 3 + [True, False, True]
+    assert best is not None and best.layout == mixed(3)  # a tie on goodput with 2P:1D: the fewer prefill workers
+    assert best.goodput == rows[-1].goodput
+    none, tried = sweep(base, RouterConfig(policy="least_load"), step, trace, 1.5, 1.0, 1.0, max_workers=1)
+    assert none is None and [r.layout for r in tried] == [mixed(1)]
