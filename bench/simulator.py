@@ -20,13 +20,17 @@ would share cores and step slower than any profile of one engine says). The rout
 the proxy, the manager and this client share the same cores, unpinned.
 
 The step-time model is measured first, in this run, by yard profile's grid, with this
-process pinned to one core and one torch thread (or read from --step-time). Two
-things it does not see are calibrated once, on the first arm, from requests sent one
-at a time to the real cluster: the worker's own cost per step beyond the engine's
-(its stepping loop, events, load reports: the median gap between the measured and
-the simulated TPOT, added to the model's base_s), then the relay (router to worker,
-and a token back to the client: half the median gap between the measured and the
-simulated TTFT, applied to both directions as SimOptions.relay_s).
+process pinned to one core and one torch thread (or read from --step-time). What it
+does not see is calibrated once, on the first arm, from unloaded requests to the real
+cluster, never from the trace's own run:
+  * the worker's own cost per step and per decoding request beyond the engine's (its
+    stepping loop, a token's event through the worker, the router and the proxy):
+    from the median TPOT of requests sent one at a time and of --calibration-batch
+    requests sent together, against the simulator's TPOT for the same, added to the
+    model's base_s and decode_seq_s;
+  * the relay (router to worker, and a token back to the client): half the median gap
+    between the measured and the simulated TTFT of requests sent alone, applied to
+    both directions as SimOptions.relay_s.
 
 The trace: the first --num-requests requests of the Azure 2023 conversation trace,
 arrivals compressed to --rate requests/s on average, lengths scaled as
@@ -80,6 +84,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--arms", type=lambda s: s.split(","), default=list(ARMS))
     p.add_argument("--step-time", type=Path, default=None, help="a step-time model file (default: measure one)")
     p.add_argument("--calibration-requests", type=int, default=8)
+    p.add_argument("--calibration-batch", type=int, default=6, help="of those, sent together")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -89,6 +94,8 @@ def parse_args() -> argparse.Namespace:
     if not 1 <= args.workers <= len(os.sched_getaffinity(0)):
         p.error(f"--workers must be between 1 and this machine's {len(os.sched_getaffinity(0))} cores: "
                 f"each worker computes on a core of its own")
+    if not 2 <= args.calibration_batch <= args.calibration_requests:
+        p.error("--calibration-batch must be between 2 and --calibration-requests")
     if "pd" in args.arms and args.workers < 2:
         p.error("the pd arm needs --workers >= 2")
     return args
@@ -172,15 +179,18 @@ async def run(url: str, specs: list[lc.RequestSpec]) -> tuple[list[lc.Outcome], 
 
 
 def real_arm(arm: str, config: dict[str, Any], specs: list[lc.RequestSpec], port: int,
-             calibration: list[lc.RequestSpec]) -> tuple[dict[str, Any], list[lc.Outcome]]:
-    """The arm's summary, and its unloaded calibration requests' outcomes (sent one at a time)."""
+             calibration: list[lc.RequestSpec], batch: int
+             ) -> tuple[dict[str, Any], list[lc.Outcome], list[lc.Outcome]]:
+    """The arm's summary, and its calibration requests' outcomes: sent one at a time,
+    and `batch` of them sent together."""
     import ray
     from ray import serve
 
     manager, url = deploy(arm, config, port)
     try:
         asyncio.run(run(url, calibration[:2]))  # warm up
-        unloaded = [asyncio.run(run(url, [spec]))[0][0] for spec in calibration]
+        alone = [asyncio.run(run(url, [spec]))[0][0] for spec in calibration]
+        together = asyncio.run(run(url, calibration[:batch]))[0]
         before = counts(manager)
         outcomes, wall = asyncio.run(run(url, specs))
         after = counts(manager)
@@ -188,7 +198,7 @@ def real_arm(arm: str, config: dict[str, Any], specs: list[lc.RequestSpec], port
         serve.delete(arm)
         ray.get(manager.shutdown.remote())
         ray.kill(manager)
-    return {**lc.summarize(outcomes, wall), **{k: after[k] - before[k] for k in after}}, unloaded
+    return {**lc.summarize(outcomes, wall), **{k: after[k] - before[k] for k in after}}, alone, together
 
 
 # ----------------------------------------------------------------------------- the simulator
@@ -238,22 +248,35 @@ def measure_step_time(args: argparse.Namespace, model_dir: Path) -> Any:
     return result.model
 
 
-def calibrate(unloaded: list[lc.Outcome], timing: Any, config: dict[str, Any]) -> tuple[Any, float]:
-    """(the step-time model with the worker's per-step cost added, the relay each way),
-    from requests sent alone: the median TPOT gap, then half the median TTFT gap."""
+def calibrate(alone: list[lc.Outcome], together: list[lc.Outcome], timing: Any, config: dict[str, Any]
+              ) -> tuple[Any, float]:
+    """(the step-time model with the worker's own costs added, the relay each way): the
+    TPOT gaps of requests sent alone and of a batch sent together give a per-step and
+    a per-request cost; then half the TTFT gap of those sent alone gives the relay."""
     import dataclasses
 
     from cluster.sim.trace import TraceRequest
 
-    alone = [o for o in unloaded if o.ok and o.ttft_s is not None and o.tpot_s is not None]
-    if not alone:
+    alone = [o for o in alone if o.ok and o.ttft_s is not None and o.tpot_s is not None]
+    together = [o for o in together if o.ok and o.tpot_s is not None]
+    if not alone or not together:
         return timing, 0.0
 
-    def simulated_alone(model: Any, o: lc.Outcome) -> Any:
-        return simulated(config, model, [TraceRequest(0, 0.0, o.prompt_len, o.output_len)], 0.0)[1].requests[0]
-    step_gap = statistics.median(o.tpot_s - simulated_alone(timing, o).tpot_s for o in alone)
-    timing = dataclasses.replace(timing, base_s=timing.base_s + max(step_gap, 0.0))
-    ttft_gap = statistics.median(o.ttft_s - simulated_alone(timing, o).ttft_s for o in alone)
+    def sim(model: Any, outcomes: list[lc.Outcome], at_once: bool) -> list[Any]:
+        if at_once:
+            trace = [TraceRequest(i, 0.0, o.prompt_len, o.output_len) for i, o in enumerate(outcomes)]
+            return simulated(config, model, trace, 0.0)[1].requests
+        return [simulated(config, model, [TraceRequest(0, 0.0, o.prompt_len, o.output_len)], 0.0)[1].requests[0]
+                for o in outcomes]
+
+    one = statistics.median(o.tpot_s - r.tpot_s for o, r in zip(alone, sim(timing, alone, False)))
+    burst = sim(timing, together, True)
+    many = statistics.median(o.tpot_s - r.tpot_s for o, r in zip(together, burst))
+    batch = len(together) / len({r.workers[-1] for r in burst})  # the burst spreads over the workers
+    per_request = max(0.0, (many - one) / (batch - 1)) if batch > 1 else 0.0
+    timing = dataclasses.replace(timing, base_s=timing.base_s + max(0.0, one - per_request),
+                                 decode_seq_s=timing.decode_seq_s + per_request)
+    ttft_gap = statistics.median(o.ttft_s - r.ttft_s for o, r in zip(alone, sim(timing, alone, False)))
     return timing, max(0.0, ttft_gap / 2)
 
 
@@ -304,12 +327,14 @@ def main() -> int:
     try:
         for arm in args.arms:
             config = arm_config(arm, args, model_dir)
-            real, unloaded = real_arm(arm, config, specs, port, calibration)
+            real, alone, together = real_arm(arm, config, specs, port, calibration, args.calibration_batch)
             if relay_s is None:
-                base = timing.base_s
-                timing, relay_s = calibrate(unloaded, timing, config)
-                print(f"calibrated from {len(unloaded)} requests sent alone: the worker's own cost per step "
-                      f"{(timing.base_s - base) * 1000:.1f} ms, relay {relay_s * 1000:.1f} ms each way")
+                measured = timing
+                timing, relay_s = calibrate(alone, together, timing, config)
+                print(f"calibrated on {len(alone)} requests sent alone and {len(together)} together: the worker's "
+                      f"own cost {(timing.base_s - measured.base_s) * 1000:.2f} ms per step and "
+                      f"{(timing.decode_seq_s - measured.decode_seq_s) * 1000:.2f} ms per decoding request, "
+                      f"relay {relay_s * 1000:.1f} ms each way")
             sim, _ = simulated(config, timing, trace, relay_s)
             err = errors(real, sim)
             print_arm(arm, real, sim, err)
