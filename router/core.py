@@ -131,8 +131,7 @@ class RouterCore:
 
     def check_capacity(self) -> None:
         """Shed load (429) when every healthy worker's queue is at the limit."""
-        healthy = [w for w in self.book.current() if w.healthy]
-        if healthy and all(w.queue_length >= self.config.max_queue_per_worker for w in healthy):
+        if self.book.saturated(self.config.max_queue_per_worker):
             raise Overloaded(self.config.retry_after_s)
 
     async def stream(self, request: WorkerRequest, prefer: Optional[str] = None) -> AsyncIterator[Event]:

@@ -46,6 +46,11 @@ class LoadBook:
     def forget(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)
 
+    def saturated(self, max_queue_per_worker: int) -> bool:
+        """Every healthy worker's queue is at the limit: new requests are shed (429)."""
+        healthy = [w for w in self.current() if w.healthy]
+        return bool(healthy) and all(w.queue_length >= max_queue_per_worker for w in healthy)
+
     def current(self) -> list[WorkerLoad]:
         """The snapshot corrected by what this router sent and saw end since: sent
         requests count as waiting there and share its free KV slots, so a burst

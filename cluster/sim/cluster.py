@@ -156,9 +156,7 @@ class Simulation:
     def _arrive(self, request: TraceRequest, arrivals: Any) -> None:
         self._arrive_next(arrivals)
         record = self.records[request.request_id]
-        loads = self.book.current()
-        healthy = [w for w in loads if w.healthy]
-        if healthy and all(w.queue_length >= self.router.max_queue_per_worker for w in healthy):
+        if self.book.saturated(self.router.max_queue_per_worker):
             return self._refuse(record, "shed")
         limits = [r.max_model_len for r in self.reports.values() if r.max_model_len]
         max_len = min(limits) if limits else self.timing.max_position_embeddings
@@ -166,7 +164,7 @@ class Simulation:
             return self._refuse(record, "too_long")
         prompt = request.prompt_token_ids()
         try:
-            placement = place(DispatchRequest(request.request_id, tuple(prompt)), loads, self.policy,
+            placement = place(DispatchRequest(request.request_id, tuple(prompt)), self.book.current(), self.policy,
                               self.router.block_size, self.router.decider_max_uncached_tokens)
         except NoWorkerAvailable:
             return self._refuse(record, "no_worker")
