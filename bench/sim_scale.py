@@ -65,11 +65,11 @@ def tiled_trace(path: Path, n: int, rate: float, divisor: int) -> list[Any]:
         rows = [(float(r["arrived_at"]), int(r["num_prefill_tokens"]), int(r["num_decode_tokens"]))
                 for r in csv.DictReader(f)]
     span = rows[-1][0] + (rows[-1][0] - rows[0][0]) / len(rows)  # one pass, plus a mean gap
-    squeeze = len(rows) / span / rate
+    stretch = len(rows) / span / rate  # the trace's rate over the one asked for
     out = []
     for i in range(n):
         t, prompt, output = rows[i % len(rows)]
-        out.append(TraceRequest(i, ((i // len(rows)) * span + t) / squeeze, min(max(1, prompt // divisor), 2000),
+        out.append(TraceRequest(i, ((i // len(rows)) * span + t) * stretch, min(max(1, prompt // divisor), 2000),
                                 max(1, output // divisor)))
     return out
 

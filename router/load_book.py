@@ -27,6 +27,9 @@ class LoadBook:
         self.sent: collections.Counter[str] = collections.Counter()
         self.ended: collections.Counter[str] = collections.Counter()
         self.sent_tokens: collections.Counter[str] = collections.Counter()  # their prompt tokens
+        # The corrected loads, kept up to date worker by worker: a dispatch changes one
+        # worker's, so a router of many workers does not rebuild them all per request.
+        self._current: dict[str, WorkerLoad] = {}
 
     def refresh(self, loads: dict[str, WorkerLoad]) -> None:
         """A new snapshot: a worker's fresh report already counts what was sent to it."""
@@ -35,29 +38,45 @@ class LoadBook:
             if old is None or load.reported_at > old.reported_at:
                 self.sent[wid] = self.ended[wid] = self.sent_tokens[wid] = 0
         self.loads = loads
+        self._current = {wid: self._corrected(wid) for wid in loads}
 
     def dispatched(self, worker_id: str, prompt_tokens: int = 0) -> None:
         self.sent[worker_id] += 1
         self.sent_tokens[worker_id] += prompt_tokens
+        self._update(worker_id)
 
     def finished(self, worker_id: str) -> None:
         self.ended[worker_id] += 1
+        self._update(worker_id)
 
     def forget(self, worker_id: str) -> None:
         self.loads.pop(worker_id, None)
+        self._current.pop(worker_id, None)
 
     def saturated(self, max_queue_per_worker: int) -> bool:
         """Every healthy worker's queue is at the limit: new requests are shed (429)."""
-        healthy = [w for w in self.current() if w.healthy]
-        return bool(healthy) and all(w.queue_length >= max_queue_per_worker for w in healthy)
+        any_healthy = False
+        for w in self._current.values():  # stops at the first worker with room: most often the first
+            if w.healthy:
+                if w.queue_length < max_queue_per_worker:
+                    return False
+                any_healthy = True
+        return any_healthy
 
     def current(self) -> list[WorkerLoad]:
         """The snapshot corrected by what this router sent and saw end since: sent
         requests count as waiting there and share its free KV slots, so a burst
         spreads out; ended ones no longer count, so a stale report of a full queue
         does not shed load that the worker could already take."""
-        return [adjusted(load, self.sent[wid] - self.ended[wid], self.sent_tokens[wid])
-                for wid, load in self.loads.items()]
+        return list(self._current.values())
+
+    def _update(self, worker_id: str) -> None:
+        if worker_id in self.loads:
+            self._current[worker_id] = self._corrected(worker_id)
+
+    def _corrected(self, worker_id: str) -> WorkerLoad:
+        return adjusted(self.loads[worker_id], self.sent[worker_id] - self.ended[worker_id],
+                        self.sent_tokens[worker_id])
 
 
 def adjusted(load: WorkerLoad, change: int, sent_tokens: int = 0) -> WorkerLoad:

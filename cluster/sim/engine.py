@@ -116,7 +116,8 @@ class SimEngine:
     # -- stepping ------------------------------------------------------------------------
     def plan(self) -> Optional[PlannedStep]:
         """The next step's batch and its duration; None when there is nothing to run."""
-        self.destination.expire()
+        if not self.destination.idle:
+            self.destination.expire()
         out = self.scheduler.schedule()
         for seq in out.preempted:
             self.source.request_left(seq, "preempted")

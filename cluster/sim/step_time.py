@@ -91,7 +91,10 @@ class StepTimeModel:
     def step_s(self, shape: BatchShape) -> float:
         """Seconds for one step; never below the intercept (a fit may give a feature a
         slightly negative weight)."""
-        return max(self.base_s, sum(c * f for c, f in zip(self.coefficients, shape.features())))
+        # Written out: the simulator prices every step it runs.
+        return max(self.base_s, self.base_s + self.prefill_token_s * shape.prefill_tokens
+                   + self.prefill_attention_s * shape.prefill_attention + self.decode_seq_s * shape.decode_seqs
+                   + self.decode_context_s * shape.decode_context)
 
     def transfer_s(self, num_blocks: int) -> float:
         """Seconds to copy num_blocks KV blocks to another worker in one call."""

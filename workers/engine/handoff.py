@@ -282,6 +282,11 @@ class Destination:
         self._by_id: dict[str, _Incoming] = {}
         self._closing: list[_Incoming] = []  # closed while a write was in flight
 
+    @property
+    def idle(self) -> bool:
+        """No reservation is open or closing: nothing to expire."""
+        return not self._by_id and not self._closing
+
     def holds(self, migration_id: str) -> bool:
         """Whether the reservation is still open (any thread may ask)."""
         return migration_id in self._by_id

@@ -41,6 +41,7 @@ class Scheduler:
         self.blocks = blocks
         self.waiting: list[Sequence] = []  # sorted by Sequence.sort_key
         self.running: list[Sequence] = []
+        self._running_sorted = True  # no request joined the batch since it was last sorted
         self.num_preemptions = 0
         # Sequences promised to requests on their way here (migration reservations):
         # they count against max_num_seqs like running ones.
@@ -63,6 +64,7 @@ class Scheduler:
         """A request whose KV already sits in this engine's blocks (imported)."""
         seq.status = Status.RUNNING
         self.running.append(seq)
+        self._running_sorted = False
 
     def pause(self, seq: Sequence) -> None:
         """Take seq out of the batch and the queue, keeping its blocks (the last stage
@@ -94,12 +96,17 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
-        self.running.sort(key=lambda s: s.sort_key)
+        # A request's priority and arrival never change, and leaving keeps the order:
+        # the batch needs sorting only after requests joined it.
+        if not self._running_sorted:
+            self.running.sort(key=lambda s: s.sort_key)
+            self._running_sorted = True
         budget = self._schedule_running(out, self.config.max_num_batched_tokens)
         if not out.preempted:
             self._schedule_waiting(out, budget)
         # Decodes first: the model runner batches them together.
-        out.chunks = dict(sorted(out.chunks.items(), key=lambda kv: kv[1] != 1))
+        if any(n != 1 for n in out.chunks.values()):
+            out.chunks = dict(sorted(out.chunks.items(), key=lambda kv: kv[1] != 1))
         return out
 
     def _schedule_running(self, out: SchedulerOutput, budget: int) -> int:
@@ -136,6 +143,7 @@ class Scheduler:
             self.blocks.admit(seq, hits, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
+            self._running_sorted = False
             out.chunks[seq.request_id] = n
             budget -= n
 
