@@ -51,9 +51,12 @@ class SimOptions:
     relay_s: float = 0.0  # router to worker, and a token back: added to arrivals and outputs
     worker_startup_s: float = 30.0  # a worker added by scaling serves after this long
     max_cached_hashes: int = 4096  # as WorkerConfig's: the hashes a load report carries
+    # The simulation stops here even if requests remain (they count as unfinished): a
+    # cluster that can never finish them (a livelock of preemptions, say) ends too.
+    max_simulated_s: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
-        for name in ("relay_s", "worker_startup_s"):
+        for name in ("relay_s", "worker_startup_s", "max_simulated_s"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
@@ -127,14 +130,14 @@ class Simulation:
         self._every(self.cluster.migration.interval_s, self._plan_migrations)
         if any(s.scales for s in self.scalers.values()):
             self._every(self.cluster.scaling_interval_s, self._scale)
-        self.loop.run()
+        self.loop.run(until=self.options.max_simulated_s)
         workers = {**self.retired, **{wid: self._worker_totals(w) for wid, w in self.workers.items()}}
         return SimResult(list(self.records.values()), self.mover.records, self.samples, self.loop.now,
                          self.loop.events_run, time.perf_counter() - started, dict(sorted(workers.items())),
                          self.scaling)
 
     def migrate_at(self, time_s: float, request_id: str, source_id: str, destination_id: str) -> None:
-        """Order a migration at a given time, as an operator would (`yard migrate`)."""
+        """Order a migration at a given time, as an operator would (the manager's migrate)."""
         def order() -> None:
             self.mover.migrate(request_id, self.workers[source_id], self.workers[destination_id], "manual")
         self.loop.at(time_s, order)

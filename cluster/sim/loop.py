@@ -29,10 +29,10 @@ class EventLoop:
     def after(self, delay_s: float, fn: Callable[..., Any], *args: Any) -> None:
         self.at(self.now + delay_s, fn, *args)
 
-    def run(self) -> None:
-        """Until no event is left."""
+    def run(self, until: float = float("inf")) -> None:
+        """Until no event is left, or the next is later than `until`."""
         queue = self._queue
-        while queue:
+        while queue and queue[0][0] <= until:
             when, _, fn, args = heapq.heappop(queue)
             self.now = when
             self.events_run += 1

@@ -177,3 +177,13 @@ def test_a_sweep_finds_the_fewest_workers_that_meet_the_slos():
         assert summary["goodput"]["fraction"] < 1.0, layout
     none, tried = sweep(base, router, step, trace, 1.5, 1.0, 1.0, max_workers=2)
     assert none is None and {r.layout for r in tried} == set(layouts_upto(2))
+
+
+def test_a_simulation_that_cannot_finish_stops_at_its_time_limit_and_says_so():
+    trace = [TraceRequest(0, 0.0, 10, 100), TraceRequest(1, 50.0, 10, 5)]
+    config = ClusterConfig(engine=EngineConfig(num_kv_blocks=64), num_workers=1)
+    result = Simulation(config, RouterConfig(policy="round_robin"), timing(), trace,
+                        SimOptions(max_simulated_s=30.0)).run()
+    assert [r.status for r in result.requests] == ["unfinished", "unfinished"]
+    assert result.requests[0].output_tokens == 30 and result.end_s == 30.0  # a token a second from 1 s
+    assert result.summary()["statuses"]["unfinished"] == 2
