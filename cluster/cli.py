@@ -187,6 +187,8 @@ def _add_simulation(sub: argparse._SubParsersAction) -> None:
     sim.add_argument("--relay-s", type=float, default=0.0, help="router-worker delay, each way (default 0)")
     sim.add_argument("--worker-startup-s", type=float, default=30.0, help="a worker added by scaling serves "
                      "after this long (default 30)")
+    sim.add_argument("--max-simulated-s", type=_positive_float, default=7 * 24 * 3600.0,
+                     help="stop there, counting what is left as unfinished (default a week)")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--out", type=Path, help="write summary.json, requests.csv, migrations.csv, workers.csv here")
     sim.add_argument("--plot", action="store_true", help="also latency_cdf.png and load_per_worker.png (with --out)")
@@ -220,7 +222,7 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ValueError("--plot writes its pictures under --out: give --out DIR")
     scale = TraceScale(args.time_scale, args.length_divisor, args.max_prompt_tokens, args.max_output_tokens,
                        args.limit)
-    options = SimOptions(args.seed, args.relay_s, args.worker_startup_s)
+    options = SimOptions(args.seed, args.relay_s, args.worker_startup_s, max_simulated_s=args.max_simulated_s)
     if args.sweep:
         from cluster.sim.command import sweep
 
