@@ -33,12 +33,17 @@ class LoadBook:
 
     def refresh(self, loads: dict[str, WorkerLoad]) -> None:
         """A new snapshot: a worker's fresh report already counts what was sent to it."""
+        current = {}
         for wid, load in loads.items():
             old = self.loads.get(wid)
             if old is None or load.reported_at > old.reported_at:
                 self.sent[wid] = self.ended[wid] = self.sent_tokens[wid] = 0
+            elif load is old and wid in self._current:
+                current[wid] = self._current[wid]  # the same report, the same counts since
+                continue
+            current[wid] = adjusted(load, self.sent[wid] - self.ended[wid], self.sent_tokens[wid])
         self.loads = loads
-        self._current = {wid: self._corrected(wid) for wid in loads}
+        self._current = current
 
     def dispatched(self, worker_id: str, prompt_tokens: int = 0) -> None:
         self.sent[worker_id] += 1

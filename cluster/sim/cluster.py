@@ -36,7 +36,7 @@ from cluster.sim.trace import TraceRequest
 from cluster.sim.worker import SimWorker
 from router.config import RouterConfig
 from router.dispatch import DispatchRequest, NoWorkerAvailable
-from router.load import worker_load
+from router.load import WorkerLoad, worker_load
 from router.load_book import LoadBook, place
 from router.policies import make_policy
 from workers.load_report import LoadReport, load_report
@@ -54,6 +54,9 @@ class SimOptions:
     # The simulation stops here even if requests remain (they count as unfinished): a
     # cluster that can never finish them (a livelock of preemptions, say) ends too.
     max_simulated_s: float = 7 * 24 * 3600.0
+    # Decode-only stretches as one event (cluster/sim/decode_run.py): the same results,
+    # except where an event falls exactly on a step's end, many times faster.
+    decode_runs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("relay_s", "worker_startup_s", "max_simulated_s"):
@@ -92,6 +95,8 @@ class Simulation:
                                   **router.policy_arguments())
         self.book = LoadBook()
         self.reports: dict[str, LoadReport] = {}  # the manager's last poll of each worker
+        # The same as a router reads it (worker_load), made once per poll rather than per refresh.
+        self.snapshot: dict[str, WorkerLoad] = {}
         self.workers: dict[str, SimWorker] = {}
         self.retired: dict[str, dict[str, Any]] = {}  # workers drained away by scaling
         self._ids = itertools.count()
@@ -116,6 +121,9 @@ class Simulation:
         self.max_cached_hashes = options.max_cached_hashes if reads_hashes else 0
         self.samples: list[WorkerSample] = []
         self.unfinished = len(self.trace)
+        # The longest sequence every worker can run, as the router learns it from the
+        # reports (the model's limit until the first poll).
+        self.max_model_len = timing.max_position_embeddings
 
     # -- running ---------------------------------------------------------------------------
     def run(self) -> SimResult:
@@ -131,6 +139,9 @@ class Simulation:
         if any(s.scales for s in self.scalers.values()):
             self._every(self.cluster.scaling_interval_s, self._scale)
         self.loop.run(until=self.options.max_simulated_s)
+        for w in self.workers.values():  # requests cut off by the time limit: their tokens so far
+            for entry in w.engine.requests.values():
+                self.records[entry.seq.request_id].output_tokens = entry.seq.num_output_tokens
         workers = {**self.retired, **{wid: self._worker_totals(w) for wid, w in self.workers.items()}}
         return SimResult(list(self.records.values()), self.mover.records, self.samples, self.loop.now,
                          self.loop.events_run, time.perf_counter() - started, dict(sorted(workers.items())),
@@ -161,8 +172,7 @@ class Simulation:
         record = self.records[request.request_id]
         if self.book.saturated(self.router.max_queue_per_worker):
             return self._refuse(record, "shed")
-        limits = [r.max_model_len for r in self.reports.values() if r.max_model_len]
-        max_len = min(limits) if limits else self.timing.max_position_embeddings
+        max_len = self.max_model_len
         if request.prompt_tokens >= max_len:
             return self._refuse(record, "too_long")
         prompt = request.prompt_token_ids()
@@ -211,16 +221,23 @@ class Simulation:
         self.book.dispatched(destination_id)
 
     def _refresh(self) -> None:
-        self.book.refresh({wid: worker_load(report) for wid, report in self.reports.items()})
+        self.book.refresh(dict(self.snapshot))
 
     # -- the manager -----------------------------------------------------------------------
     def _add_worker(self, role: str, ready_at: float) -> SimWorker:
         worker_id = f"{self.cluster.name}-w{next(self._ids)}"
         engine = SimEngine(self.cluster.engine_for(role), self.timing, self.loop.clock)
-        worker = self.workers[worker_id] = SimWorker(worker_id, role, engine, self.loop, self._produced, ready_at)
+        worker = self.workers[worker_id] = SimWorker(worker_id, role, engine, self.loop, self._produced, ready_at,
+                                                     self.options.decode_runs)
         return worker
 
     def _poll(self) -> None:
+        self._poll_workers()
+        limits = [r.max_model_len for r in self.reports.values() if r.max_model_len]
+        if limits:
+            self.max_model_len = min(limits)
+
+    def _poll_workers(self) -> None:
         now = self.loop.now
         for wid, w in list(self.workers.items()):
             if w.booting:
@@ -231,12 +248,14 @@ class Simulation:
             report = load_report(w.engine, wid, w.role, self.max_cached_hashes, w.draining,
                                  frozenset(w.migrating_out), w.migrations_in, now=now)
             self.reports[wid] = report
+            self.snapshot[wid] = worker_load(report)
             self.samples.append(WorkerSample(now, wid, w.role, report.total_blocks - report.free_blocks,
                                              report.total_blocks, report.num_running, report.num_waiting))
 
     def _retire(self, worker: SimWorker) -> None:
         del self.workers[worker.worker_id]
         self.reports.pop(worker.worker_id, None)
+        self.snapshot.pop(worker.worker_id, None)
         self.retired[worker.worker_id] = self._worker_totals(worker)
         self.scaling.append(f"{self.loop.now:.3f} {worker.role}: removed {worker.worker_id}")
 

@@ -139,10 +139,14 @@ class SimEngine:
             self.blocks.commit_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 produced.append(self._append_token(seq))
-        self.num_steps += 1
-        self.busy_s += step.duration_s
-        self._recent.append(step.duration_s)
+        self.record_step(step.duration_s)
         return produced
+
+    def record_step(self, duration_s: float) -> None:
+        """A step ran (here, or in a decode run: cluster/sim/decode_run.py)."""
+        self.num_steps += 1
+        self.busy_s += duration_s
+        self._recent.append(duration_s)
 
     def _append_token(self, seq: Sequence) -> Produced:
         index = seq.num_output_tokens

@@ -30,10 +30,13 @@ class EventLoop:
         self.at(self.now + delay_s, fn, *args)
 
     def run(self, until: float = float("inf")) -> None:
-        """Until no event is left, or the next is later than `until`."""
+        """Until no event is left, or the next is later than `until` (the clock then
+        stops at `until`)."""
         queue = self._queue
         while queue and queue[0][0] <= until:
             when, _, fn, args = heapq.heappop(queue)
             self.now = when
             self.events_run += 1
             fn(*args)
+        if queue:
+            self.now = until

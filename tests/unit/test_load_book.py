@@ -28,6 +28,8 @@ def test_the_book_kept_worker_by_worker_equals_the_snapshot_corrected_from_scrat
                                     freeness=rng.uniform(-5, 50), healthy=rng.random() < 0.9,
                                     reported_at=float(step if rng.random() < 0.5 else 0))
                           for wid in ids if rng.random() < 0.9})
+        elif op < 0.2:
+            book.refresh(dict(book.loads))  # the same snapshot again (no poll since)
         elif op < 0.6:
             book.dispatched(rng.choice(ids), rng.randrange(100))
         elif op < 0.95:
