@@ -8,7 +8,7 @@ session_policy.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 from router.load import WorkerLoad
 
@@ -49,6 +49,21 @@ def healthy_candidates(request: DispatchRequest, workers: Sequence[WorkerLoad]) 
     of the snapshot; NoWorkerAvailable when there are none."""
     candidates = sorted((w for w in workers if w.healthy), key=lambda w: w.worker_id)
     if not candidates:
-        raise NoWorkerAvailable(f"no healthy worker for request {request.request_id!r} "
-                                f"({len(workers)} candidates, none healthy)")
+        raise _none_healthy(request, workers)
     return candidates
+
+
+def least_healthy(request: DispatchRequest, workers: Sequence[WorkerLoad],
+                  key: Callable[[WorkerLoad], Any]) -> WorkerLoad:
+    """The healthy worker with the smallest key, in one pass (no sort: a router may
+    see a thousand workers per request). The key must end in worker_id, so that the
+    choice never depends on the snapshot's order; NoWorkerAvailable when none is healthy."""
+    chosen = min((w for w in workers if w.healthy), key=key, default=None)
+    if chosen is None:
+        raise _none_healthy(request, workers)
+    return chosen
+
+
+def _none_healthy(request: DispatchRequest, workers: Sequence[WorkerLoad]) -> NoWorkerAvailable:
+    return NoWorkerAvailable(f"no healthy worker for request {request.request_id!r} "
+                             f"({len(workers)} candidates, none healthy)")

@@ -117,7 +117,7 @@ def place(request: DispatchRequest, loads: Sequence[WorkerLoad], policy: Dispatc
     then the dispatch policy among the candidates it leaves, unless `prefer` (a
     request's earlier choice) is one of them and healthy. Raises NoWorkerAvailable."""
     where = route(loads, request.prompt_token_ids, block_size, decider_max_uncached_tokens)
-    if any(w.worker_id == prefer and w.healthy for w in where.candidates):
+    if prefer is not None and any(w.worker_id == prefer and w.healthy for w in where.candidates):
         return Placement(prefer, "same_prompt", 0, where.handoff_to)
     decision = policy.choose(request, where.candidates)
     return Placement(decision.worker_id, where.policy or decision.policy, decision.predicted_hit_blocks,

@@ -35,8 +35,15 @@ class Route:
 
 def route(loads: Sequence[WorkerLoad], prompt_token_ids: Sequence[int], block_size: int,
           decider_max_uncached_tokens: int = 0) -> Route:
-    prefill = [w for w in loads if w.role == "prefill" and w.healthy]
-    decode = [w for w in loads if w.role == "decode" and w.healthy]
+    prefill: list[WorkerLoad] = []
+    decode: list[WorkerLoad] = []
+    for w in loads:  # one pass: a router may see a thousand workers per request
+        if not w.healthy:
+            continue
+        if w.role == "prefill":
+            prefill.append(w)
+        elif w.role == "decode":
+            decode.append(w)
     if not (prefill and decode):
         return Route(list(loads))
     hashes = prompt_block_hashes(tuple(prompt_token_ids), block_size)

@@ -16,7 +16,8 @@ import random
 import time
 from typing import Any, Callable, Optional, Sequence
 
-from router.dispatch import Decision, DispatchPolicy, DispatchRequest, NoWorkerAvailable, healthy_candidates
+from router.dispatch import (Decision, DispatchPolicy, DispatchRequest, NoWorkerAvailable, healthy_candidates,
+                             least_healthy)
 from router.load import WorkerLoad
 from router.prefix_policy import PrefixAware
 from router.session_policy import SessionAffinity
@@ -74,8 +75,7 @@ class LeastLoad:
     name = "least_load"
 
     def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision:
-        candidates = healthy_candidates(request, workers)
-        chosen = min(candidates, key=lambda w: (-w.freeness, w.worker_id))
+        chosen = least_healthy(request, workers, lambda w: (-w.freeness, w.worker_id))
         return Decision(chosen.worker_id, self.name, reason=f"highest freeness {chosen.freeness:g}")
 
 
