@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
-from cluster.sim.engine import OUTPUT_TOKEN, PlannedStep
+from cluster.sim.engine import OUTPUT_TOKEN, PlannedStep, Produced
 from cluster.sim.step_time import BatchShape
 from workers.engine.sequence import Sequence
 
@@ -48,6 +48,12 @@ class DecodeRun:
         self.durations = durations
         self.planned = 0  # steps whose blocks were taken (the plan)
         self.finished = 0  # steps whose KV was committed (all but the last are finished here)
+        # Members by the phase of their blocks, in batch order: at step j those of phase
+        # j % block_size take a block, and those of phase (j + 1) % block_size fill one.
+        bs = engine.blocks.block_size
+        self._by_phase: list[list[_Member]] = [[] for _ in range(bs)]
+        for m in members:
+            self._by_phase[-m.computed % bs].append(m)
 
     @property
     def steps(self) -> int:
@@ -105,36 +111,33 @@ class DecodeRun:
     def materialize(self, now: float) -> None:
         """The engine as the step-by-step simulation leaves it at `now`: the steps that
         ended by then done, the step under way planned (its blocks taken)."""
-        current = self.step_at(now)
-        self._advance(current, plan_current=True)
+        self._advance(self.step_at(now))
 
-    def finish(self) -> list:
+    def finish(self) -> list[Produced]:
         """At the run's end: every step before the last done, the last through the
         engine's own finish."""
         last = self.steps - 1
-        self._advance(last, plan_current=True)
+        self._advance(last)
         for m in self.members:
             self._sync(m, last, last)
         return self.engine.finish(PlannedStep(tuple((m.seq, 1) for m in self.members), self.durations[last]))
 
-    def _advance(self, current: int, plan_current: bool) -> None:
+    def _advance(self, current: int) -> None:
         """Finish steps [finished, current) and plan steps [planned, current]."""
-        bs = self.engine.blocks.block_size
         blocks = self.engine.blocks
-        while self.finished < current or (plan_current and self.planned <= current):
+        bs = blocks.block_size
+        while self.finished < current or self.planned <= current:
             j = self.finished
             if self.planned <= j:
-                for m in self.members:  # the plan: a block for each request whose last one is full
-                    if (m.computed + j) % bs == 0:
-                        self._sync(m, j, j)
-                        blocks.grow(m.seq, 1)
+                for m in self._by_phase[j % bs]:  # the plan: a block for each whose last one is full
+                    self._sync(m, j, j)
+                    blocks.grow(m.seq, 1)
                 self.planned = j + 1
             if j == current:
                 break
-            for m in self.members:  # the KV of step j is in: register the blocks it filled
-                if (m.computed + j + 1) % bs == 0:
-                    self._sync(m, j + 1, j)  # before its token is appended, as in SimEngine.finish
-                    blocks.commit_computed(m.seq)
+            for m in self._by_phase[(j + 1) % bs]:  # step j's KV is in: register the blocks it filled
+                self._sync(m, j + 1, j)  # before its token is appended, as in SimEngine.finish
+                blocks.commit_computed(m.seq)
             self.engine.record_step(self.durations[j])
             self.finished = j + 1
         for m in self.members:
