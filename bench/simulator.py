@@ -68,6 +68,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import load_client as lc  # noqa: E402
 from environment import environment, write_results  # noqa: E402
+from migration_serving import cluster_counts  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
 
 ARMS = ("round_robin", "least_load", "least_load_migration", "pd")
@@ -167,15 +168,6 @@ def deploy(arm: str, config: dict[str, Any], port: int) -> tuple[Any, str]:
     return manager, f"http://127.0.0.1:{port}/{arm}/v1"
 
 
-def counts(manager: Any) -> dict[str, int]:
-    import ray
-
-    snapshot = ray.get(manager.snapshot.remote())
-    status = ray.get(manager.status.remote())
-    committed = sum(t["count"] for t in status["migrations"]["totals"] if t["outcome"] == "committed")
-    return {"preemptions": sum(s.load.num_preemptions for s in snapshot if s.load), "migrations": committed}
-
-
 async def run(url: str, specs: list[lc.RequestSpec]) -> tuple[list[lc.Outcome], float]:
     client = lc.HttpClient(url, "tiny-llama")
     return await lc.run_load(specs, client.send, max_duration_s=900, request_timeout_s=900)
@@ -194,9 +186,9 @@ def real_arm(arm: str, config: dict[str, Any], specs: list[lc.RequestSpec], port
         asyncio.run(run(url, calibration[:2]))  # warm up
         alone = [asyncio.run(run(url, [spec]))[0][0] for spec in calibration]
         together = asyncio.run(run(url, calibration[:batch]))[0] if batch else []
-        before = counts(manager)
+        before = cluster_counts(manager)
         outcomes, wall = asyncio.run(run(url, specs))
-        after = counts(manager)
+        after = cluster_counts(manager)
     finally:
         serve.delete(arm)
         ray.get(manager.shutdown.remote())
