@@ -105,14 +105,6 @@ class SimEngine:
                         max_tokens=min(max_tokens, room), priority=priority, arrival_time=arrival_time,
                         added_at=self.clock())
 
-    def abort(self, request_id: str) -> bool:
-        entry = self.requests.pop(request_id, None)
-        if entry is None:
-            return False
-        self.source.request_left(entry.seq, "aborted")
-        self.scheduler.remove(entry.seq)
-        return True
-
     # -- stepping ------------------------------------------------------------------------
     def plan(self) -> Optional[PlannedStep]:
         """The next step's batch and its duration; None when there is nothing to run."""

@@ -84,10 +84,6 @@ class StepTimeModel:
         if self.transfer_latency_s < 0:
             raise ValueError(f"step-time model: transfer_latency_s must be >= 0, got {self.transfer_latency_s!r}")
 
-    @property
-    def coefficients(self) -> tuple[float, ...]:
-        return tuple(getattr(self, name) for name in COEFFICIENTS)
-
     def step_s(self, shape: BatchShape) -> float:
         """Seconds for one step; never below the intercept (a fit may give a feature a
         slightly negative weight)."""
