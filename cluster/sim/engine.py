@@ -154,8 +154,6 @@ class SimEngine:
 
     # -- what the load report reads ------------------------------------------------------
     def stats(self) -> EngineStats:
-        prefilling = [q for q in (*self.scheduler.running, *self.scheduler.waiting)
-                      if q.num_computed_tokens == 0 or q.num_uncomputed_tokens > 1]
         recent = self._recent
         return EngineStats(
             num_running=len(self.scheduler.running), num_waiting=len(self.scheduler.waiting),
@@ -167,7 +165,7 @@ class SimEngine:
             mean_model_time_s=sum(recent) / len(recent) if recent else 0.0,
             total_step_time_s=self.busy_s, total_model_time_s=self.busy_s,
             prompt_tokens=0, generation_tokens=0, num_migrated_in=self.migrated_in,
-            queued_prefill_tokens=sum(q.num_uncomputed_tokens for q in prefilling),
+            queued_prefill_tokens=self.scheduler.queued_prefill_tokens,
             num_migrated_out=self.migrated_out)
 
     # -- KV handoff (the engine side of LLMEngine's, without the KV itself) ---------------

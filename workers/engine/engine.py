@@ -296,8 +296,6 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         steps = self._step_times
         blocks = self.blocks
-        prefilling = [q for q in (*self.scheduler.running, *self.scheduler.waiting)
-                      if q.num_computed_tokens == 0 or q.num_uncomputed_tokens > 1]
         return EngineStats(
             num_running=len(self.scheduler.running),
             num_waiting=len(self.scheduler.waiting),
@@ -315,7 +313,7 @@ class LLMEngine:
             generation_tokens=self._generation_tokens,
             computed_tokens=self._computed_tokens,
             num_migrated_in=self._migrated_in,
-            queued_prefill_tokens=sum(q.num_uncomputed_tokens for q in prefilling),
+            queued_prefill_tokens=self.scheduler.queued_prefill_tokens,
             num_migrated_out=self._migrated_out,
         )
 

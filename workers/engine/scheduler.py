@@ -91,6 +91,13 @@ class Scheduler:
         return len(self.running) + self.num_reserved_seqs < self.config.max_num_seqs
 
     @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens (and recomputes) admitted or waiting and not yet computed: what
+        a new request's first token waits behind (the P/D router's and scaler's signal)."""
+        return sum(q.num_uncomputed_tokens for q in (*self.running, *self.waiting)
+                   if q.num_computed_tokens == 0 or q.num_uncomputed_tokens > 1)
+
+    @property
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
