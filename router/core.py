@@ -22,7 +22,7 @@ from router.config import MANAGER_NAMESPACE, RouterConfig
 from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.lifecycle import RequestStream
 from router.load import WorkerLoad, worker_load
-from router.load_book import LoadBook, place
+from router.load_book import LoadBook
 from router.metrics import RouterMetrics
 from router.auth import ApiKeys, Caller, check_priority
 from router.limits import RequestLimits
@@ -190,9 +190,9 @@ class RouterCore:
 
     def _pick(self, request: WorkerRequest, excluded: frozenset[str], prefer: Optional[str] = None
               ) -> tuple[str, Any]:
-        loads = [w for w in self.book.current() if w.worker_id not in excluded]
-        placement = place(DispatchRequest(request.request_id, request.prompt_token_ids, request.session_id), loads,
-                          self.policy, self.config.block_size, self.config.decider_max_uncached_tokens, prefer)
+        placement = self.book.place(DispatchRequest(request.request_id, request.prompt_token_ids, request.session_id),
+                                    self.policy, self.config.block_size, self.config.decider_max_uncached_tokens,
+                                    prefer, excluded)
         worker_id = placement.worker_id
         self.metrics.dispatched(placement.policy, worker_id, placement.predicted_hit_blocks)
         self.book.dispatched(worker_id, len(request.prompt_token_ids))

@@ -8,7 +8,7 @@ session_policy.py.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Protocol, Sequence
+from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
 from router.load import WorkerLoad
 
@@ -44,12 +44,27 @@ class DispatchPolicy(Protocol):
     def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision: ...
 
 
+@runtime_checkable
+class LeastKeyPolicy(Protocol):
+    """A policy that takes the healthy worker with the smallest key (least-load): a
+    router's load book keeps its workers ordered by that key, so that the choice among a
+    thousand workers costs a heap lookup, not a pass over them all."""
+
+    name: str
+
+    def key(self, w: WorkerLoad) -> Any: ...  # must end in worker_id: ties never depend on order
+
+    def decision(self, chosen: WorkerLoad) -> Decision: ...
+
+    def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision: ...
+
+
 def healthy_candidates(request: DispatchRequest, workers: Sequence[WorkerLoad]) -> list[WorkerLoad]:
     """The healthy workers sorted by worker_id, so that no choice depends on the order
     of the snapshot; NoWorkerAvailable when there are none."""
     candidates = sorted((w for w in workers if w.healthy), key=lambda w: w.worker_id)
     if not candidates:
-        raise _none_healthy(request, workers)
+        raise no_healthy_worker(request, workers)
     return candidates
 
 
@@ -60,10 +75,10 @@ def least_healthy(request: DispatchRequest, workers: Sequence[WorkerLoad],
     choice never depends on the snapshot's order; NoWorkerAvailable when none is healthy."""
     chosen = min((w for w in workers if w.healthy), key=key, default=None)
     if chosen is None:
-        raise _none_healthy(request, workers)
+        raise no_healthy_worker(request, workers)
     return chosen
 
 
-def _none_healthy(request: DispatchRequest, workers: Sequence[WorkerLoad]) -> NoWorkerAvailable:
+def no_healthy_worker(request: DispatchRequest, workers: Sequence[WorkerLoad]) -> NoWorkerAvailable:
     return NoWorkerAvailable(f"no healthy worker for request {request.request_id!r} "
                              f"({len(workers)} candidates, none healthy)")

@@ -70,13 +70,20 @@ class PowerOfTwoChoices:
 
 
 class LeastLoad:
-    """The worker with the highest freeness (most decode steps left)."""
+    """The worker with the highest freeness (most decode steps left). A LeastKeyPolicy:
+    the load book (router/load_book.py) keeps the workers ordered by its key."""
 
     name = "least_load"
 
-    def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision:
-        chosen = least_healthy(request, workers, lambda w: (-w.freeness, w.worker_id))
+    @staticmethod
+    def key(w: WorkerLoad) -> tuple[float, str]:
+        return (-w.freeness, w.worker_id)
+
+    def decision(self, chosen: WorkerLoad) -> Decision:
         return Decision(chosen.worker_id, self.name, reason=f"highest freeness {chosen.freeness:g}")
+
+    def choose(self, request: DispatchRequest, workers: Sequence[WorkerLoad]) -> Decision:
+        return self.decision(least_healthy(request, workers, self.key))
 
 
 class Flood:

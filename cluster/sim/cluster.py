@@ -15,12 +15,14 @@ Nothing fails in a simulation (no worker dies) and one router replica serves.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import itertools
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 
@@ -37,7 +39,7 @@ from cluster.sim.worker import SimWorker
 from router.config import RouterConfig
 from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.load import WorkerLoad, worker_load
-from router.load_book import LoadBook, place
+from router.load_book import LoadBook
 from router.policies import make_policy
 from workers.load_report import LoadReport, load_report
 
@@ -138,7 +140,8 @@ class Simulation:
         self._every(self.cluster.migration.interval_s, self._plan_migrations)
         if any(s.scales for s in self.scalers.values()):
             self._every(self.cluster.scaling_interval_s, self._scale)
-        self.loop.run(until=self.options.max_simulated_s)
+        with cyclic_gc_paused():
+            self.loop.run(until=self.options.max_simulated_s)
         for w in self.workers.values():  # requests cut off by the time limit: their tokens so far
             for entry in w.engine.requests.values():
                 self.records[entry.seq.request_id].output_tokens = entry.seq.num_output_tokens
@@ -177,8 +180,8 @@ class Simulation:
             return self._refuse(record, "too_long")
         prompt = request.prompt_token_ids()
         try:
-            placement = place(DispatchRequest(request.request_id, tuple(prompt)), self.book.current(), self.policy,
-                              self.router.block_size, self.router.decider_max_uncached_tokens)
+            placement = self.book.place(DispatchRequest(request.request_id, tuple(prompt)), self.policy,
+                                        self.router.block_size, self.router.decider_max_uncached_tokens)
         except NoWorkerAvailable:
             return self._refuse(record, "no_worker")
         worker = self.workers[placement.worker_id]
@@ -260,6 +263,8 @@ class Simulation:
         self.scaling.append(f"{self.loop.now:.3f} {worker.role}: removed {worker.worker_id}")
 
     def _plan_migrations(self) -> None:
+        if not self.cluster.migration.enabled and not any(w.draining for w in self.workers.values()):
+            return  # the policy orders only drains when migration is off: nothing to ask it
         # Prefill workers hand their requests off themselves: the policy leaves them out.
         flights = [m for m in self.mover.in_flight.values() if m.reason != "handoff"]
         moving = {m.request_id for m in flights}
@@ -292,3 +297,19 @@ class Simulation:
         return {"role": w.role, "steps": e.num_steps, "busy_s": e.busy_s,
                 "preemptions": e.scheduler.num_preemptions, "migrated_in": e.migrated_in,
                 "migrated_out": e.migrated_out, "total_blocks": e.blocks.num_blocks}
+
+
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Python's cycle collector off for the run. A simulation holds millions of live
+    objects (every worker's block table, every request's record), which each full
+    collection walks: at 1,000 workers that was 40% of the run. The simulation makes
+    almost no reference cycles (21 objects in a run of 60,000 requests), so reference
+    counting alone frees its memory."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()

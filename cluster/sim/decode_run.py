@@ -18,11 +18,11 @@ materialize() applies the steps done by then and plans the step under way.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 from cluster.sim.engine import OUTPUT_TOKEN, PlannedStep, Produced
-from cluster.sim.step_time import BatchShape
 from workers.engine.sequence import Sequence
 
 if TYPE_CHECKING:
@@ -83,16 +83,9 @@ class DecodeRun:
         steps = min(steps, _steps_with_blocks(members, blocks.block_size, blocks.num_free_blocks, steps))
         if steps < MIN_STEPS:
             return None
-        ends, durations = [], []
-        t = now
-        batch = len(members)
-        context = sum(m.computed + 1 for m in members)
-        for j in range(steps):
-            # The same shape, and so the same float, as the step-by-step batch_shape.
-            d = engine.timing.step_s(BatchShape(0, 0, batch, context + j * batch))
-            t = t + d
-            durations.append(d)
-            ends.append(t)
+        # The same floats as the step-by-step batch_shape and step_s, added up in order.
+        durations = engine.timing.decode_steps_s(len(members), sum(m.computed + 1 for m in members), steps)
+        ends = list(itertools.accumulate(durations, initial=now))[1:]
         return cls(engine, members, now, ends, durations)
 
     def step_at(self, now: float) -> int:

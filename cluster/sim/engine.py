@@ -12,6 +12,7 @@ the simulated workers report their load with the workers' own function.
 from __future__ import annotations
 
 import collections
+import functools
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -101,7 +102,7 @@ class SimEngine:
             raise ValueError(f"prompt has {num_prompt} tokens; it must be shorter than max_model_len "
                              f"({self.max_model_len})")
         return Sequence(request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
-                        params=SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+                        params=_params(max_tokens),
                         max_tokens=min(max_tokens, room), priority=priority, arrival_time=arrival_time,
                         added_at=self.clock())
 
@@ -198,3 +199,10 @@ class SimEngine:
         self.destination.commit(migration_id, state, seq)
         self.requests[seq.request_id] = _Entry(seq, _NoText())
         self.migrated_in += 1
+
+
+@functools.lru_cache(maxsize=4096)
+def _params(max_tokens: int) -> SamplingParams:
+    # Frozen, so requests of one length share one: validating a new one per request is
+    # a tenth of a simulated request's cost.
+    return SamplingParams(max_tokens=max_tokens, ignore_eos=True)

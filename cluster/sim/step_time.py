@@ -92,6 +92,14 @@ class StepTimeModel:
                    + self.prefill_attention_s * shape.prefill_attention + self.decode_seq_s * shape.decode_seqs
                    + self.decode_context_s * shape.decode_context)
 
+    def decode_steps_s(self, batch: int, context: int, steps: int) -> list[float]:
+        """step_s of `steps` decode steps of `batch` requests, the first over `context`
+        tokens of context, each next one over `batch` more: the same floats as step_s
+        (its prefill terms are exact zeros), for a decode run's steps at once."""
+        base, per_context = self.base_s, self.decode_context_s
+        fixed = base + self.decode_seq_s * batch
+        return [max(base, fixed + per_context * (context + j * batch)) for j in range(steps)]
+
     def transfer_s(self, num_blocks: int) -> float:
         """Seconds to copy num_blocks KV blocks to another worker in one call."""
         return self.transfer_latency_s + num_blocks * self.kv_block_bytes / self.transfer_bytes_per_s

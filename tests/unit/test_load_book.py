@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
+from router.dispatch import DispatchRequest, NoWorkerAvailable
 from router.load_book import LoadBook, adjusted, place
 from router.policies import LeastLoad, RoundRobin
-from router.dispatch import DispatchRequest
 from tests.unit.test_policies import load
 
 
@@ -60,3 +62,54 @@ def test_place_keeps_a_preferred_healthy_worker_and_names_the_decode_worker_of_a
     mixed = [load("m0"), load("m1")]
     kept = place(DispatchRequest("r", (1,)), mixed, RoundRobin(), 16, prefer="m1")
     assert (kept.worker_id, kept.policy) == ("m1", "same_prompt")
+
+
+def test_the_books_indexed_least_load_choice_is_the_choice_over_all_current_loads():
+    """The book's place() reads least-load's choice from its heap; after any mix of
+    snapshots, dispatches, ends, forgotten workers and pools coming and going, it is the
+    choice place() makes over the whole list: the same worker, policy and decode worker."""
+    rng = random.Random(5)
+    book, policy = LoadBook(), LeastLoad()
+    ids = [f"w{i}" for i in range(12)]
+    checked = 0
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.05:
+            split = rng.random() < 0.2
+            book.refresh({wid: load(wid, num_running=rng.randrange(5), num_waiting=rng.randrange(3),
+                                    freeness=float(rng.randrange(4)), healthy=rng.random() < 0.8,
+                                    role=rng.choice(["prefill", "decode"]) if split else "mixed",
+                                    reported_at=float(step if rng.random() < 0.7 else 0))
+                          for wid in ids if rng.random() < 0.9})
+        elif op < 0.5:
+            book.dispatched(rng.choice(ids), rng.randrange(100))
+        elif op < 0.9:
+            book.finished(rng.choice(ids))
+        elif op < 0.92:
+            book.forget(rng.choice(ids))
+        request = DispatchRequest(f"r{step}", tuple(range(rng.randrange(1, 40))))
+        prefer = rng.choice(ids) if rng.random() < 0.1 else None
+        excluded = frozenset(rng.sample(ids, 2)) if rng.random() < 0.1 else frozenset()
+        everywhere = [w for w in book.current() if w.worker_id not in excluded]
+        try:
+            expected = place(request, everywhere, policy, 16, prefer=prefer)
+        except NoWorkerAvailable:
+            with pytest.raises(NoWorkerAvailable):
+                book.place(request, policy, 16, prefer=prefer, excluded=excluded)
+            continue
+        assert book.place(request, policy, 16, prefer=prefer, excluded=excluded) == expected, step
+        checked += 1
+    assert checked > 2000  # most steps had a healthy worker to choose
+
+
+def test_the_index_forgets_a_worker_and_follows_a_snapshot_that_makes_one_unhealthy():
+    book, policy = LoadBook(), LeastLoad()
+    book.refresh({"a": load("a", freeness=90.0), "b": load("b", freeness=50.0), "c": load("c", freeness=10.0)})
+    assert book.place(DispatchRequest("r1", (1,)), policy, 16).worker_id == "a"
+    book.forget("a")
+    assert book.place(DispatchRequest("r2", (1,)), policy, 16).worker_id == "b"
+    book.refresh({"b": load("b", freeness=50.0, healthy=False, reported_at=1.0), "c": book.loads["c"]})
+    assert book.place(DispatchRequest("r3", (1,)), policy, 16).worker_id == "c"
+    book.refresh({"c": load("c", healthy=False, reported_at=2.0)})
+    with pytest.raises(NoWorkerAvailable, match="r4"):
+        book.place(DispatchRequest("r4", (1,)), policy, 16)

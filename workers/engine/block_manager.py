@@ -99,6 +99,8 @@ class BlockManager:
         blocks that are cached, so a block is worth reporting only with the blocks
         before it: the heads of chains (a system prompt everyone shares) above all.
         A block whose ancestor was evicted can never be hit, and is left out."""
+        if limit < 1:
+            return []
         reported: dict[int, None] = {}
         orphans: set[int] = set()
         for newest in reversed(self.cached):
