@@ -119,6 +119,7 @@ class DecodeRun:
         """Finish steps [finished, current) and plan steps [planned, current]."""
         blocks = self.engine.blocks
         bs = blocks.block_size
+        first = self.finished
         while self.finished < current or self.planned <= current:
             j = self.finished
             if self.planned <= j:
@@ -131,8 +132,8 @@ class DecodeRun:
             for m in self._by_phase[(j + 1) % bs]:  # step j's KV is in: register the blocks it filled
                 self._sync(m, j + 1, j)  # before its token is appended, as in SimEngine.finish
                 blocks.commit_computed(m.seq)
-            self.engine.record_step(self.durations[j])
             self.finished = j + 1
+        self.engine.record_steps(self.durations[first:self.finished])
         for m in self.members:
             self._sync(m, self.finished, self.finished)
 

@@ -141,6 +141,15 @@ class SimEngine:
         self.busy_s += duration_s
         self._recent.append(duration_s)
 
+    def record_steps(self, durations: list[float]) -> None:
+        """record_step for each, in order (the same float sum)."""
+        busy = self.busy_s
+        for d in durations:
+            busy += d
+        self.busy_s = busy
+        self.num_steps += len(durations)
+        self._recent.extend(durations)  # keeps the last _RECENT_STEPS, as appending each would
+
     def _append_token(self, seq: Sequence) -> Produced:
         index = seq.num_output_tokens
         seq.token_ids.append(OUTPUT_TOKEN)
