@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-MODEL_KINDS = ("tiny-llama", "tiny-moe", "tiny-qwen2", "llama-100m")  # workers.models.tiny.PRESETS
+MODEL_KINDS = ("tiny-llama", "tiny-moe", "tiny-moe-affinity", "tiny-qwen2", "llama-100m")  # workers.models.tiny.PRESETS
 DTYPES = ("float32", "bfloat16", "float16")
 
 

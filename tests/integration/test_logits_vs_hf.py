@@ -26,6 +26,7 @@ VARIANTS = {
     "qwen2": ("tiny-qwen2", {}),
     "mixtral": ("tiny-moe", {}),
     "mixtral-sharded": ("tiny-moe", {"shards": 3}),
+    "mixtral-affinity": ("tiny-moe-affinity", {}),
 }
 
 

@@ -7,12 +7,15 @@ placement table can later map logical experts to physical slots.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM, _Loader, _param
+from workers.models.routing_recorder import RoutingRecorder
 from workers.parallel.group import TPGroup
 from workers.parallel.shards import ShardPlan
 
@@ -26,6 +29,8 @@ class SparseMoE(nn.Module):
         self.gate_weight = _param(cfg.num_experts, cfg.hidden_size, dtype=cfg.dtype)
         self.w13 = _param(cfg.num_experts, 2 * plan.intermediate, cfg.hidden_size, dtype=cfg.dtype)
         self.w2 = _param(cfg.num_experts, cfg.hidden_size, plan.intermediate, dtype=cfg.dtype)
+        self.layer_index = 0  # set by the model, for the routing recorder
+        self.recorder: Optional[RoutingRecorder] = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = F.linear(x, self.gate_weight)
@@ -34,6 +39,8 @@ class SparseMoE(nn.Module):
         weights = F.softmax(router_logits, dim=-1, dtype=torch.float32)
         weights, experts = torch.topk(weights, self.top_k, dim=-1)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        if self.recorder is not None:
+            self.recorder.record(self.layer_index, experts)
 
         out = torch.zeros_like(x)
         flat_experts = experts.flatten()
@@ -55,6 +62,14 @@ class SparseMoE(nn.Module):
 
 class MixtralForCausalLM(LlamaForCausalLM):
     make_mlp = SparseMoE
+
+    def __init__(self, cfg: ModelConfig, tp: Optional[TPGroup] = None) -> None:
+        super().__init__(cfg, tp)
+        # Every step's routing, counted on the device (workers/experts/ reads it).
+        self.routing = RoutingRecorder(cfg.num_layers, cfg.num_experts)
+        for i, layer in enumerate(self.layers):
+            layer.mlp.layer_index = i
+            layer.mlp.recorder = self.routing
 
     def load_mlp(self, loader: _Loader, mlp: nn.Module, prefix: str) -> None:
         moe = prefix + "block_sparse_moe."

@@ -81,6 +81,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
         "tie_word_embeddings": False,
     },
+    # tiny-moe with skewed, layer-to-layer correlated routing (affinity_routing.py), for
+    # expert placement: 16 experts, 6 layers, top-2.
+    "tiny-moe-affinity": {
+        **_COMMON,
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
+        "num_local_experts": 16, "num_experts_per_tok": 2,
+        "output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
+        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
+        "tie_word_embeddings": False,
+    },
     # Like hub Qwen2 configs: no head_dim key (it is hidden/heads) and q/k/v always biased.
     "tiny-qwen2": {
         **_COMMON,
@@ -288,7 +301,12 @@ def make_tiny_model(
     shapes = tensor_shapes(config)
     import torch
 
-    tensors = {n: init_tensor(n, s, seed).to(getattr(torch, dtype)) for n, s in sorted(shapes.items())}
+    tensors = {n: init_tensor(n, s, seed) for n, s in sorted(shapes.items())}
+    if kind == "tiny-moe-affinity":
+        from workers.models import affinity_routing
+
+        affinity_routing.apply(tensors, config, seed)
+    tensors = {n: t.to(getattr(torch, dtype)) for n, t in tensors.items()}
     write_weights({n: tensors[n] for n in shapes}, out, shards)
     write_json(out / "config.json", config)
     write_json(out / "generation_config.json", {
