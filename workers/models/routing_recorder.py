@@ -21,12 +21,22 @@ class RoutingRecorder:
         self.loads = torch.zeros(num_layers, num_experts, dtype=torch.int64, device=device)
         self.moves = torch.zeros(max(num_layers - 1, 0), num_experts * num_experts, dtype=torch.int64, device=device)
         self._first: Optional[torch.Tensor] = None  # the previous layer's first choices, this forward
+        # With keep_choices: every forward's choices, [forward][layer] -> [token][k], for
+        # routing traces (a host sync per layer: benchmarks only).
+        self.choices: Optional[list[list[list[list[int]]]]] = None
+
+    def keep_choices(self) -> None:
+        self.choices = []
 
     def record(self, layer: int, experts: torch.Tensor) -> None:
         """One layer's choices: experts[token] = its top-k, first choice first. Layers
         of a forward come in order; layer 0 starts a new forward."""
         E = self.num_experts
         self.loads[layer] += torch.bincount(experts.flatten(), minlength=E)
+        if self.choices is not None:
+            if layer == 0:
+                self.choices.append([])
+            self.choices[-1].append(experts.tolist())
         if layer > 0 and self._first is not None and self._first.shape[0] == experts.shape[0]:
             pairs = self._first.unsqueeze(-1) * E + experts
             self.moves[layer - 1] += torch.bincount(pairs.flatten(), minlength=E * E)
