@@ -115,6 +115,11 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
                        help="a values file (deploy/): its cluster.name names the cluster")
     drain.add_argument("--timeout", type=float, default=300.0, help="give up after this many seconds (default 300)")
     drain.set_defaults(func=_drain)
+    experts = sub.add_parser("experts", help="a MoE worker's routing over the last minute: expert loads, "
+                             "layer-to-layer affinity (docs/experts.md)")
+    experts.add_argument("worker_id", help="the worker's id, as yard status shows it")
+    experts.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    experts.set_defaults(func=_experts)
 
 
 def _serve_config(args: argparse.Namespace) -> dict:
@@ -161,6 +166,12 @@ def _drain(args: argparse.Namespace) -> int:
 
         cluster = (with_values_file({"values_file": args.values}).get("cluster") or {}).get("name")
     return drain(cluster or "yard", args.worker_id, args.timeout)
+
+
+def _experts(args: argparse.Namespace) -> int:
+    from cluster.experts_command import print_experts
+
+    return print_experts(args.worker_id, args.json)
 
 
 def _positive_float(text: str) -> float:

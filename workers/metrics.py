@@ -56,6 +56,9 @@ class WorkerMetrics:
         self.transfer_hidden = metrics.Counter(
             "yard_worker_kv_transfer_hidden_seconds", "copy time of handoffs spent while the prompt was still "
             "computing (hidden behind the prefill)", keys + ("reason",))
+        self.expert_load = metrics.Counter(
+            "yard_worker_expert_tokens", "tokens routed to each expert of each MoE layer (each of a token's "
+            "top-k choices counts)", keys + ("layer", "expert"))
         self._last: EngineStats | None = None
         # Running (count, seconds) per phase and of KV copies, for `Worker.phase_totals`.
         self.totals: dict[str, tuple[int, float]] = {}
@@ -77,6 +80,12 @@ class WorkerMetrics:
             if now > before:
                 counter.inc(now - before, t)
         self._last = stats
+
+    def expert_tokens(self, loads: tuple[tuple[int, ...], ...]) -> None:
+        for layer, row in enumerate(loads):
+            for expert, tokens in enumerate(row):
+                if tokens:
+                    self.expert_load.inc(tokens, {**self.tags, "layer": str(layer), "expert": str(expert)})
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self.phase.observe(max(seconds, 0.0), {**self.tags, "phase": phase})

@@ -30,6 +30,7 @@ from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
 from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage,
                             WorkerRequest, worker_actor_name)
+from workers.expert_stats import ExpertStatistics
 from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
@@ -107,6 +108,7 @@ class Worker:
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
+        self._experts = ExpertStatistics.of(self.engine.runner.model, self._metrics)
         self._reported_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
@@ -216,6 +218,13 @@ class Worker:
         self._reap_parked()
         self._reap_incoming()
         return self._load
+
+    def experts(self) -> dict[str, Any]:
+        """The routing statistics of the last minute (workers/expert_stats.py)."""
+        if self._experts is None:
+            raise ValueError(f"worker {self.config.worker_id}'s model ({self.engine.model_config.architecture}) "
+                             f"has no experts")
+        return {"worker": self.config.worker_id, **self._experts.snapshot()}
 
     def health(self) -> tuple[bool, str]:
         if self._thread_error is not None or (self._thread is not None and not self._thread.is_alive()):
@@ -453,6 +462,8 @@ class Worker:
     def _report(self, now: float) -> None:
         self._load = self._build_report()
         self._metrics.update(self.engine.stats())
+        if self._experts is not None:
+            self._experts.maybe_take(now)
         self._reported_at = now
 
     def _build_report(self) -> LoadReport:
