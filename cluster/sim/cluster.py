@@ -122,6 +122,7 @@ class Simulation:
         reads_hashes = cluster.disaggregated or "prefix_aware" in (router.policy, router.policy_options.get("fallback"))
         self.max_cached_hashes = options.max_cached_hashes if reads_hashes else 0
         self.samples: list[WorkerSample] = []
+        self._polled_since_refresh = False
         self.unfinished = len(self.trace)
         # The longest sequence every worker can run, as the router learns it from the
         # reports (the model's limit until the first poll).
@@ -224,7 +225,9 @@ class Simulation:
         self.book.dispatched(destination_id)
 
     def _refresh(self) -> None:
-        self.book.refresh(dict(self.snapshot))
+        if self._polled_since_refresh:  # else the same snapshot again: refreshing it changes nothing
+            self.book.refresh(dict(self.snapshot))
+            self._polled_since_refresh = False
 
     # -- the manager -----------------------------------------------------------------------
     def _add_worker(self, role: str, ready_at: float) -> SimWorker:
@@ -236,6 +239,7 @@ class Simulation:
 
     def _poll(self) -> None:
         self._poll_workers()
+        self._polled_since_refresh = True
         limits = [r.max_model_len for r in self.reports.values() if r.max_model_len]
         if limits:
             self.max_model_len = min(limits)
@@ -304,12 +308,16 @@ def cyclic_gc_paused() -> Iterator[None]:
     """Python's cycle collector off for the run. A simulation holds millions of live
     objects (every worker's block table, every request's record), which each full
     collection walks: at 1,000 workers that was 40% of the run. The simulation makes
-    almost no reference cycles (21 objects in a run of 60,000 requests), so reference
+    almost no reference cycles (at most 21 objects in a run of 60,000 requests), so reference
     counting alone frees its memory."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
+        # What the run made is left out of future collections: re-enabled, the
+        # collector would otherwise walk all of it at once (seconds); dropped, it is
+        # freed by reference counting all the same.
+        gc.freeze()
         if enabled:
             gc.enable()

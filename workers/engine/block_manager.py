@@ -50,10 +50,10 @@ class BlockManager:
     # -- prefix cache ------------------------------------------------------------------
     def hash_full_blocks(self, seq: Sequence) -> None:
         """Extend seq.block_hashes to every full block of its known tokens."""
-        bs, hashes = self.block_size, seq.block_hashes
-        for i in range(len(hashes), seq.num_tokens // bs):
+        bs, hashes, tokens = self.block_size, seq.block_hashes, seq.token_ids
+        for i in range(len(hashes), len(tokens) // bs):
             parent = hashes[-1] if hashes else None
-            hashes.append(chain_hash(parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            hashes.append(chain_hash(parent, tuple(tokens[i * bs:(i + 1) * bs])))
 
     def lookup_prefix(self, seq: Sequence) -> list[int]:
         """Cached blocks holding seq's leading full blocks. At least one token is left
@@ -83,14 +83,14 @@ class BlockManager:
         if full <= seq.num_hashed_blocks:
             return
         self.hash_full_blocks(seq)
-        bs = self.block_size
+        bs, cached, content = self.block_size, self.cached, self.block_content
+        block_ids, hashes, tokens = seq.block_ids, seq.block_hashes, seq.token_ids
         for i in range(seq.num_hashed_blocks, full):
-            block, h = seq.block_ids[i], seq.block_hashes[i]
-            if h in self.cached or block in self.block_content:
+            block, h = block_ids[i], hashes[i]
+            if h in cached or block in content:
                 continue  # the same content is cached in another block already
-            parent = seq.block_hashes[i - 1] if i else None
-            self.cached[h] = block
-            self.block_content[block] = (h, (parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            cached[h] = block
+            content[block] = (h, (hashes[i - 1] if i else None, tuple(tokens[i * bs:(i + 1) * bs])))
         seq.num_hashed_blocks = full
 
     def cached_block_hashes(self, limit: int) -> list[int]:
@@ -150,7 +150,8 @@ class BlockManager:
         need = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_ids)
         if need > self.num_free_blocks:
             raise RuntimeError(f"request {seq.request_id} needs {need} blocks, {self.num_free_blocks} free")
-        seq.block_ids.extend(self._take_free() for _ in range(need))
+        if need > 0:
+            seq.block_ids.extend(self._take_free_blocks(need))
 
     def free(self, seq: Sequence) -> None:
         self.release(reversed(seq.block_ids))
@@ -162,7 +163,7 @@ class BlockManager:
         """Blocks for KV that another engine will send (migration, prefill→decode)."""
         if num_blocks > self.num_free_blocks:
             raise RuntimeError(f"cannot reserve {num_blocks} blocks, {self.num_free_blocks} free")
-        return [self._take_free() for _ in range(num_blocks)]
+        return self._take_free_blocks(num_blocks)
 
     def pin(self, block: int) -> None:
         """One more reference to a block in use, so that it outlives its request while
@@ -189,10 +190,15 @@ class BlockManager:
             del self.free_queue[block]
         self.ref_counts[block] += 1
 
-    def _take_free(self) -> int:
-        block, _ = self.free_queue.popitem(last=False)
-        content = self.block_content.pop(block, None)
-        if content is not None:
-            del self.cached[content[0]]  # evict: its slots are about to be overwritten
-        self.ref_counts[block] = 1
-        return block
+    def _take_free_blocks(self, n: int) -> list[int]:
+        """The n least recently freed blocks (a prompt takes many at once: a hot path)."""
+        free, contents, cached, refs = self.free_queue, self.block_content, self.cached, self.ref_counts
+        taken = []
+        for _ in range(n):
+            block, _ = free.popitem(last=False)
+            content = contents.pop(block, None)
+            if content is not None:
+                del cached[content[0]]  # evict: its slots are about to be overwritten
+            refs[block] = 1
+            taken.append(block)
+        return taken
