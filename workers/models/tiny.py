@@ -63,6 +63,14 @@ _LLAMA: dict[str, Any] = {
     "rope_theta": 10000.0,
     "tie_word_embeddings": False,
 }
+_MIXTRAL: dict[str, Any] = {
+    **_COMMON,
+    "architectures": ["MixtralForCausalLM"],
+    "model_type": "mixtral",
+    "output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
+    "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
+    "tie_word_embeddings": False,
+}
 # Config dicts as hub checkpoints write them (rope_theta/rope_scaling, torch_dtype).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": {
@@ -71,28 +79,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 32,
     },
     "tiny-moe": {
-        **_COMMON,
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+        **_MIXTRAL,
         "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 4,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
         "num_local_experts": 8, "num_experts_per_tok": 2,
-        "output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
-        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
-        "tie_word_embeddings": False,
     },
     # tiny-moe with skewed, layer-to-layer correlated routing (affinity_routing.py), for
     # expert placement: 16 experts, 6 layers, top-2.
     "tiny-moe-affinity": {
-        **_COMMON,
-        "architectures": ["MixtralForCausalLM"],
-        "model_type": "mixtral",
+        **_MIXTRAL,
         "hidden_size": 128, "intermediate_size": 128, "num_hidden_layers": 6,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
         "num_local_experts": 16, "num_experts_per_tok": 2,
-        "output_router_logits": False, "router_aux_loss_coef": 0.02, "router_jitter_noise": 0.0,
-        "rms_norm_eps": 1e-5, "rope_theta": 1000000.0, "sliding_window": None,
-        "tie_word_embeddings": False,
     },
     # Like hub Qwen2 configs: no head_dim key (it is hidden/heads) and q/k/v always biased.
     "tiny-qwen2": {
