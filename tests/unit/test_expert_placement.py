@@ -146,3 +146,12 @@ def test_bad_tables_and_shapes_are_refused_naming_the_value():
         place_experts("eplb", RoutingStats.empty(1, 4), PlacementShape(2, 2))
     table = PlacementTable(4, 2, ((0, 1, 2, 3),))
     assert PlacementTable.from_dict(table.to_dict()) == table
+
+
+def test_the_heuristic_makes_room_for_a_replica_when_only_its_own_ranks_have_free_slots(monkeypatch):
+    monkeypatch.setattr(assignment, "EXACT_MAX_VARIABLES", 0)
+    # Experts 1 and 2 fill rank 0 (their tokens sit there); expert 0 needs a replica on
+    # both ranks, but after its first on rank 1 the only free slot is on rank 1 too:
+    # expert 1 moves over to make room on rank 0.
+    problem = assignment.LayerProblem(benefit=[[0, 0], [9, 0], [8, 0]], replicas=[2, 1, 1], slots_per_rank=2)
+    assert assignment.solve(problem) == [[0, 2], [0, 1]]
