@@ -344,6 +344,9 @@ class ClusterManager:
 
     def plan_migrations(self) -> list[MigrationOrder]:
         """Ask the policy what to move now, and start those migrations."""
+        if not self._policy.has_work(any(e.draining or (e.load is not None and e.load.draining)
+                                         for e in self.workers.values())):
+            return []
         # Prefill workers hand their requests to decode workers themselves: the policy
         # neither moves their requests nor sends any there.
         views = [self._view(e) for e in self.workers.values()

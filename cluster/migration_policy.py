@@ -183,6 +183,11 @@ class MigrationPolicy:
         """Requests remembered as cooling down (bounded by what one cooldown moves)."""
         return len(self._moved_at)
 
+    def has_work(self, any_draining: bool) -> bool:
+        """Whether plan() can order anything: with migration off it orders only drains,
+        so a caller need not build the views of every worker for it."""
+        return self.config.enabled or any_draining
+
     def plan(self, workers: Sequence[WorkerView]) -> list[MigrationOrder]:
         """The orders for this snapshot, in the order they were made: drain's first, then
         defrag's, priority's, balance's. Only drain's when migration is disabled."""

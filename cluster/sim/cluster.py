@@ -267,8 +267,8 @@ class Simulation:
         self.scaling.append(f"{self.loop.now:.3f} {worker.role}: removed {worker.worker_id}")
 
     def _plan_migrations(self) -> None:
-        if not self.cluster.migration.enabled and not any(w.draining for w in self.workers.values()):
-            return  # the policy orders only drains when migration is off: nothing to ask it
+        if not self.migration_policy.has_work(any(w.draining for w in self.workers.values())):
+            return
         # Prefill workers hand their requests off themselves: the policy leaves them out.
         flights = [m for m in self.mover.in_flight.values() if m.reason != "handoff"]
         moving = {m.request_id for m in flights}
@@ -315,9 +315,10 @@ def cyclic_gc_paused() -> Iterator[None]:
     try:
         yield
     finally:
-        # What the run made is left out of future collections: re-enabled, the
-        # collector would otherwise walk all of it at once (seconds); dropped, it is
-        # freed by reference counting all the same.
+        # Everything the run made goes to the oldest generation: re-enabled, the
+        # collector would otherwise walk all of it at once (seconds at a million
+        # requests), as the youngest.
         gc.freeze()
+        gc.unfreeze()
         if enabled:
             gc.enable()

@@ -132,17 +132,12 @@ class SimEngine:
             self.blocks.commit_computed(seq)
             if seq.num_computed_tokens == seq.num_tokens:
                 produced.append(self._append_token(seq))
-        self.record_step(step.duration_s)
+        self.record_steps([step.duration_s])
         return produced
 
-    def record_step(self, duration_s: float) -> None:
-        """A step ran (here, or in a decode run: cluster/sim/decode_run.py)."""
-        self.num_steps += 1
-        self.busy_s += duration_s
-        self._recent.append(duration_s)
-
     def record_steps(self, durations: list[float]) -> None:
-        """record_step for each, in order (the same float sum)."""
+        """Steps ran (here, or in a decode run: cluster/sim/decode_run.py), in order:
+        each added to the busy time one by one, as the steps end."""
         busy = self.busy_s
         for d in durations:
             busy += d

@@ -249,6 +249,10 @@ def test_disabled_policy_still_drains_but_does_not_balance() -> None:
     assert MigrationPolicy(MigrationConfig(), FakeClock()).plan(BUSY) == []
     ws = [w("w0", 0, r("a", 10), draining=True), w("w1", 50), w("w2", 4, r("x", 10), r("y", 10))]
     assert MigrationPolicy(MigrationConfig(), FakeClock()).plan(ws) == [o("a", "w0", "w1", "drain")]
+    # So callers skip a disabled policy only while nothing drains.
+    disabled = MigrationPolicy(MigrationConfig(), FakeClock())
+    assert (disabled.has_work(any_draining=False), disabled.has_work(any_draining=True)) == (False, True)
+    assert MigrationPolicy(MigrationConfig(enabled=True), FakeClock()).has_work(any_draining=False)
 
 
 def test_duplicate_worker_ids_are_rejected() -> None:

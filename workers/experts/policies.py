@@ -73,7 +73,8 @@ def affinity(stats: RoutingStats, shape: PlacementShape) -> PlacementTable:
 
 def combined(stats: RoutingStats, shape: PlacementShape) -> PlacementTable:
     _check_room(stats, shape)
-    first = balanced(stats, shape).slots[0]
+    first = tuple(rebalance_layer(stats.loads[0], shape.num_slots, shape.num_ranks, shape.num_groups,
+                                  shape.num_nodes))
     counts = [replicate(load, shape.num_slots, shape.num_ranks)[1] for load in stats.loads]
     return _by_affinity(stats, shape, first, counts, cap=1 + shape.balance_slack)
 
