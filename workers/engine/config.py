@@ -35,6 +35,12 @@ class EngineConfig:
     placement_strategy: str = "PACK"  # PACK, STRICT_PACK, SPREAD or STRICT_SPREAD
     tp_cpus_per_rank: float = 1.0
     tp_timeout_s: float = 30.0
+    # Expert parallelism (MoE models): 1, or the tensor-parallel size, whose ranks then
+    # hold whole experts by a placement table (workers/models/expert_parallel.py).
+    expert_parallel_size: int = 1
+    # "contiguous", or a placement table's JSON file (`yard experts --json`'s "table").
+    expert_placement: str = "contiguous"
+    expert_slots_per_rank: Optional[int] = None  # None: experts / expert_parallel_size (no replicas)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch"):
@@ -49,7 +55,12 @@ class EngineConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
-        for name in ("num_kv_blocks", "max_model_len"):
+        _positive_int("expert_parallel_size", self.expert_parallel_size)
+        if self.expert_parallel_size not in (1, self.tensor_parallel_size):
+            raise ValueError(f"expert_parallel_size must be 1 or tensor_parallel_size "
+                             f"({self.tensor_parallel_size}): experts are sharded over the tensor-parallel "
+                             f"ranks; got {self.expert_parallel_size}")
+        for name in ("num_kv_blocks", "max_model_len", "expert_slots_per_rank"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not self.kv_cache_memory_gib > 0:

@@ -24,7 +24,10 @@ from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
-from workers.models.config import load_model_config
+from workers.experts.initial import initial_table
+from workers.experts.table import PlacementTable
+from workers.models.config import ModelConfig, load_model_config
+from workers.models.mixtral import check_placement
 from workers.models.registry import load_model
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import load_tokenizer
@@ -57,10 +60,11 @@ class LLMEngine:
             config.kv_cache_memory_gib * 2**30 // kv_block_bytes(mc, config.block_size, local_kv_heads))
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
-        self.executor = self._start_ranks(num_blocks) if tp_size > 1 else None
+        placement = self._expert_placement(mc)
+        self.executor = self._start_ranks(num_blocks, placement) if tp_size > 1 else None
         try:
             _, model = load_model(self.model_dir, config.dtype, config.device,
-                                  tp=self.executor.group if self.executor else None)
+                                  tp=self.executor.group if self.executor else None, placement=placement)
         except BaseException:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
@@ -90,12 +94,24 @@ class LLMEngine:
         self._computed_tokens = 0
         self._generation_tokens = 0
 
-    def _start_ranks(self, num_blocks: int) -> "TPExecutor":
+    def _expert_placement(self, mc: ModelConfig) -> Optional[PlacementTable]:
+        """The starting table with expert parallelism, checked before any rank starts."""
+        c = self.config
+        if c.expert_parallel_size > 1 and not mc.is_moe:
+            raise ValueError(f"expert_parallel_size {c.expert_parallel_size} needs a mixture-of-experts model; "
+                             f"{c.model} ({mc.architecture}) has no experts")
+        table = initial_table(c.expert_parallel_size, c.expert_placement, c.expert_slots_per_rank,
+                              mc.num_layers, mc.num_experts)
+        if table is not None:
+            check_placement(table, mc, c.expert_parallel_size)
+        return table
+
+    def _start_ranks(self, num_blocks: int, placement: Optional[PlacementTable]) -> "TPExecutor":
         from workers.parallel.executor import TPExecutor  # imports Ray: only when needed
 
         c = self.config
         return TPExecutor(self.model_dir, c.dtype, c.tensor_parallel_size, num_blocks, c.block_size, c.device,
-                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s)
+                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement)
 
     @property
     def healthy(self) -> bool:

@@ -57,13 +57,18 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        return self.tp.all_reduce(self.partial(x, positions, rotary, kv_cache, batch))
+
+    def partial(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """This rank's heads' share of the output, before the ranks are summed."""
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
         o = paged_attention(q, k, v, kv_cache, batch, self.scale)
-        return self.tp.all_reduce(self.o(o.flatten(1)))
+        return self.o(o.flatten(1))
 
 
 class MLP(nn.Module):
@@ -109,13 +114,15 @@ class LlamaForCausalLM(nn.Module):
         # of the LM head (zero padding past the real vocabulary).
         self.embed_tokens = nn.Parameter(torch.zeros(self.plan.vocab_shard, cfg.hidden_size, dtype=cfg.dtype),
                                          requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.tp, self.plan, type(self).make_mlp)
-                                    for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(self.make_layer(i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.lm_head = Linear(cfg.hidden_size, self.plan.vocab_shard, False, cfg.dtype,
                               weight=self.embed_tokens if cfg.tie_word_embeddings else None)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, cfg.dtype)
+
+    def make_layer(self, index: int) -> nn.Module:
+        return DecoderLayer(self.cfg, self.tp, self.plan, type(self).make_mlp)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: torch.Tensor,

@@ -18,6 +18,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers.experts.table import PlacementTable
 from workers.parallel.commands import Stop
 from workers.parallel.group import TPGroup, join_group, open_store
 from workers.parallel.rank_worker import RankWorker
@@ -28,7 +29,8 @@ FREE_CPUS_WAIT_S = 5.0
 
 class TPExecutor:
     def __init__(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
-                 device: str, strategy: str, cpus_per_rank: float, timeout_s: float) -> None:
+                 device: str, strategy: str, cpus_per_rank: float, timeout_s: float,
+                 placement: Optional[PlacementTable] = None) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
         # Bundle 0 is the leader's. A worker actor already sits in bundle 0 of the
@@ -45,7 +47,7 @@ class TPExecutor:
         self.ranks: list = []
         try:
             self._wait_for_placement(timeout_s)
-            self._start(model_dir, dtype, size, num_blocks, block_size, device, timeout_s)
+            self._start(model_dir, dtype, size, num_blocks, block_size, device, timeout_s, placement)
         except BaseException:
             self._release()  # no rank or bundle outlives a failed start
             raise
@@ -58,7 +60,7 @@ class TPExecutor:
                                                 self.placement.bundle_specs)) from None
 
     def _start(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
-               device: str, timeout_s: float) -> None:
+               device: str, timeout_s: float, placement: Optional[PlacementTable]) -> None:
         host = ray.util.get_node_ip_address()
         store = open_store(host, size, timeout_s)
         actor = ray.remote(max_concurrency=2)(RankWorker)
@@ -66,7 +68,8 @@ class TPExecutor:
             actor.options(num_cpus=bundle.get("CPU", 0), num_gpus=bundle.get("GPU", 0),
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
                               self.placement, placement_group_bundle_index=rank)).remote(
-                    str(model_dir), dtype, rank, size, num_blocks, block_size, device, timeout_s)
+                    str(model_dir), dtype, rank, size, num_blocks, block_size, device, timeout_s,
+                    placement.to_dict() if placement is not None else None)
             for rank, bundle in enumerate(self.placement.bundle_specs) if rank > 0
         ]
         joined = [r.join.remote(host, store.port) for r in self.ranks]

@@ -24,6 +24,7 @@ class Traffic:
 
     all_reduce_calls: int = 0
     all_reduce_bytes: int = 0
+    all_to_all_bytes: int = 0  # sent to other ranks (expert parallelism)
 
 
 # How long a rank waits for its leader's next command: a worker may idle for days.
@@ -60,6 +61,28 @@ class TPGroup:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         _wait(self.pg.allgather([parts], [x.contiguous()]))
         return torch.cat(parts, dim=-1)
+
+    # Expert parallelism (workers/models/expert_parallel.py): tokens resident on each
+    # rank in turn, padded to equal blocks where the collective wants them.
+    def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
+        """x [size * m, ...] on every rank → the sum of block `rank` [m, ...]."""
+        out = x.new_empty(x.shape[0] // self.size, *x.shape[1:])
+        _wait(self.pg._reduce_scatter_base(out, x.contiguous()))
+        return out
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, ...] on every rank → [size * m, ...], rank 0's block first."""
+        out = x.new_empty(x.shape[0] * self.size, *x.shape[1:])
+        _wait(self.pg._allgather_base(out, x.contiguous()))
+        return out
+
+    def all_to_all(self, x: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
+        """Rows send_rows[d] of x (in order) to rank d; recv_rows[s] rows from rank s."""
+        out = x.new_empty(sum(recv_rows), *x.shape[1:])
+        _wait(self.pg.alltoall_base(out, x.contiguous(), recv_rows, send_rows, dist.AllToAllOptions()))
+        row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
+        self.traffic.all_to_all_bytes += (sum(send_rows) - send_rows[self.rank]) * row_bytes
+        return out
 
     def broadcast_object(self, obj: Any = None, idle: bool = False) -> Any:
         """The leader's `obj` on every rank (pickled into a byte tensor). `idle`: a

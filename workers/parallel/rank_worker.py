@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from workers.engine.model_runner import ModelRunner
+from workers.experts.table import PlacementTable
 from workers.models.registry import load_model
 from workers.parallel.commands import RankCommand, RunStep, Stop
 from workers.parallel.group import TPGroup, join_group
@@ -21,8 +22,9 @@ from workers.parallel.group import TPGroup, join_group
 
 class RankWorker:
     def __init__(self, model_dir: str, dtype: Optional[str], rank: int, size: int, num_blocks: int,
-                 block_size: int, device: str, timeout_s: float) -> None:
+                 block_size: int, device: str, timeout_s: float, placement: Optional[dict] = None) -> None:
         self.args = (Path(model_dir), dtype, device)
+        self.placement = PlacementTable.from_dict(placement) if placement is not None else None
         self.rank, self.size = rank, size
         self.num_blocks, self.block_size = num_blocks, block_size
         self.timeout_s = timeout_s
@@ -33,7 +35,7 @@ class RankWorker:
         """Join the leader's process group, then load this rank's shard."""
         self.group = join_group(None, host, port, self.rank, self.size, self.timeout_s)
         model_dir, dtype, device = self.args
-        cfg, model = load_model(model_dir, dtype, device, tp=self.group)
+        cfg, model = load_model(model_dir, dtype, device, tp=self.group, placement=self.placement)
         self.runner = ModelRunner(cfg, model, self.num_blocks, self.block_size, device, tp=self.group)
         return self.rank
 
