@@ -8,11 +8,13 @@ import json
 import random
 
 import pytest
+import torch
 
 from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.experts.policies import PlacementShape, place_experts
+from workers.models.weights import CheckpointFiles
 
 PARAMS = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
 # Chunked prefill (a small token budget) and prefix caching stay on.
@@ -109,3 +111,114 @@ def test_a_bad_placement_table_is_refused_naming_the_value(make_model, tmp_path,
     with pytest.raises(ValueError, match=match):
         LLMEngine(EngineConfig(model=str(make_model(MODEL)), tensor_parallel_size=2, expert_parallel_size=2,
                                expert_placement=str(path)))
+
+
+def generate_with_a_move(engine: LLMEngine, new_table, move_at_step: int) -> dict[str, list]:
+    """Every prompt at once; the re-placement begins after `move_at_step` steps."""
+    outs: dict[str, list] = {f"p{i}": [] for i in range(len(prompts()))}
+    for rid, tokens in zip(outs, prompts()):
+        engine.add_request(rid, tokens, PARAMS)
+    steps = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outs[out.request_id].extend(out.new_logprobs)
+        steps += 1
+        if steps == move_at_step:
+            engine.replace_experts(new_table)
+            assert engine.expert_moves.moving
+    return outs
+
+
+def assert_same_tokens(got: dict[str, list], want: list) -> None:
+    for tokens, ref in zip(got.values(), want[:len(got)], strict=True):
+        assert [t.token_id for t in tokens] == ref.token_ids
+        for x, y in zip(tokens, ref.logprobs, strict=True):
+            assert max(abs(p - q) for (_, p), (_, q) in zip(x.top_logprobs, y.top_logprobs)) <= 1e-4
+
+
+def assert_weights_are_the_checkpoints(model_dir, model) -> None:
+    """Rank 0's slots hold exactly the checkpoint's weights of the experts its table names."""
+    with CheckpointFiles(model_dir) as files:
+        for layer, decoder in enumerate(model.layers):
+            for slot, expert in enumerate(model.placement.experts_on(layer, 0)):
+                name = f"model.layers.{layer}.block_sparse_moe.experts.{expert}."
+                gate, up = decoder.mlp.w13[slot].chunk(2)
+                assert torch.equal(gate, files.get(name + "w1.weight"))
+                assert torch.equal(up, files.get(name + "w3.weight"))
+                assert torch.equal(decoder.mlp.w2[slot], files.get(name + "w2.weight"))
+
+
+@pytest.mark.parametrize("ep, policy, slots_per_rank", [(2, "balanced", 10), (4, "combined", 5)])
+def test_a_live_replacement_mid_generation_keeps_every_token(ray_local, make_model, reference, ep, policy,
+                                                             slots_per_rank):
+    want, stats = reference
+    new = place_experts(policy, stats, PlacementShape(ep, slots_per_rank))
+    engine = LLMEngine(EngineConfig(model=str(make_model(MODEL)), tensor_parallel_size=ep, expert_parallel_size=ep,
+                                    expert_slots_per_rank=slots_per_rank, **ENGINE_ARGS))
+    try:
+        old = engine.runner.model.placement
+        changed = sum(new.slots[layer] != old.slots[layer] for layer in range(new.num_layers))
+        assert changed == new.num_layers  # every layer moves
+        got = generate_with_a_move(engine, new, move_at_step=5)
+        [result] = engine.expert_moves.results
+        assert (result.outcome, result.layers_moved, result.error) == ("done", changed, None)
+        assert result.steps_delayed == changed  # one layer staged per step, the swap between two
+        assert engine.runner.model.placement == new
+        assert_weights_are_the_checkpoints(make_model(MODEL), engine.runner.model)
+    finally:
+        engine.shutdown()
+    assert_same_tokens(got, want)
+
+
+def test_a_move_that_fails_to_stage_is_aborted_and_the_old_table_kept(ray_local, make_model, reference,
+                                                                     monkeypatch):
+    want, stats = reference
+    new = place_experts("balanced", stats, PlacementShape(2, 10))
+    engine = LLMEngine(EngineConfig(model=str(make_model(MODEL)), tensor_parallel_size=2, expert_parallel_size=2,
+                                    expert_slots_per_rank=10, **ENGINE_ARGS))
+    try:
+        mover, old = engine.runner.model.mover, engine.runner.model.placement
+        staged = []
+        real_allocate = mover._allocate
+
+        def allocate_twice(shard):  # rank 0 runs out of memory at the third layer
+            if len(staged) == 2:
+                raise MemoryError("no room for the staging buffers")
+            staged.append(shard.layer_index)
+            return real_allocate(shard)
+
+        monkeypatch.setattr(mover, "_allocate", allocate_twice)
+        got = generate_with_a_move(engine, new, move_at_step=3)
+        [result] = engine.expert_moves.results
+        assert result.outcome == "aborted" and result.layers_moved == 0
+        assert "1 rank(s) could not stage layer 2" in result.error and "no room" in result.error
+        assert engine.runner.model.placement == old and mover.staged == {}
+        assert not engine.expert_moves.moving
+        assert_weights_are_the_checkpoints(make_model(MODEL), engine.runner.model)
+        # The other rank dropped its staging too: a second move runs to the end.
+        monkeypatch.setattr(mover, "_allocate", real_allocate)
+        got_again = generate_with_a_move(engine, new, move_at_step=2)
+        assert engine.expert_moves.results[-1].outcome == "done"
+        assert engine.runner.model.placement == new
+    finally:
+        engine.shutdown()
+    assert_same_tokens(got, want)
+    assert_same_tokens(got_again, want)
+
+
+def test_a_replacement_table_of_another_shape_is_refused(ray_local, make_model, reference):
+    _, stats = reference
+    engine = LLMEngine(EngineConfig(model=str(make_model(MODEL)), tensor_parallel_size=2, expert_parallel_size=2,
+                                    **ENGINE_ARGS))
+    try:
+        with pytest.raises(ValueError, match=r"must keep 6 layers, 16 experts, 2 ranks and 8 slots per rank; "
+                                             r"got 6, 16, 2 and 10"):
+            engine.replace_experts(place_experts("balanced", stats, PlacementShape(2, 10)))
+        engine.replace_experts(place_experts("affinity", stats, PlacementShape(2, 8)))
+        with pytest.raises(RuntimeError, match="already under way"):
+            engine.replace_experts(place_experts("balanced", stats, PlacementShape(2, 8)))
+        while engine.expert_moves.moving:
+            engine.advance_expert_move()  # an idle engine moves too
+        assert engine.expert_moves.results[-1].steps_delayed == 0
+    finally:
+        engine.shutdown()

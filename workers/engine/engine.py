@@ -19,6 +19,7 @@ from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig, max_model_len
 from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
+from workers.engine.expert_moves import ExpertMoves
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
 from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
@@ -77,6 +78,7 @@ class LLMEngine:
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
                                   config.attention_backend, tp=model.tp)
+        self.expert_moves = ExpertMoves(model, clock) if getattr(model, "mover", None) is not None else None
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
         self.requests: dict[str, _Request] = {}
@@ -208,8 +210,9 @@ class LLMEngine:
         for seq in plan.preempted:
             self.source.request_left(seq, "preempted")
         self.stepped = bool(plan.chunks)
-        if not plan.chunks:
-            return outputs
+        failed = self.advance_expert_move(stepping=self.stepped)
+        if failed or not plan.chunks:
+            return outputs + failed
         chunks = [(self.requests[rid].seq, n) for rid, n in plan.chunks.items()]
         now = self.clock()
         for seq, _ in chunks:
@@ -241,6 +244,24 @@ class LLMEngine:
         self._total_step_time += step_time
         self._total_model_time += model_time
         return outputs
+
+    # -- expert re-placement (expert parallelism) -----------------------------------------
+    def replace_experts(self, table: PlacementTable) -> None:
+        """Begin moving the experts to `table`; steps carry it on (advance_expert_move)."""
+        if self.expert_moves is None:
+            raise ValueError("this worker runs without expert parallelism: there is no placement to replace")
+        self.expert_moves.begin(table)
+
+    def advance_expert_move(self, stepping: bool = False) -> list[StepOutput]:
+        """One layer of a re-placement under way, between two steps (an idle worker
+        calls it too); the failed requests' outputs if a rank failed meanwhile."""
+        if self.expert_moves is None or not self.expert_moves.moving:
+            return []
+        try:
+            self.expert_moves.advance(stepping)
+        except RankFailure as e:
+            return self.fail(str(e))
+        return []
 
     def _append_token(self, seq: Sequence, token: SampledToken) -> StepOutput:
         index = seq.num_output_tokens

@@ -70,6 +70,7 @@ class ExpertShard(nn.Module):
         self.w13 = _param(self.n, 2 * cfg.intermediate_size, cfg.hidden_size, dtype=cfg.dtype)
         self.w2 = _param(self.n, cfg.hidden_size, cfg.intermediate_size, dtype=cfg.dtype)
         self.layer_index = layer
+        self.table = table
         self.chooser = SlotChooser(table, layer, self.gate_weight.device)
         self.residence, self.counts = residence, counts
         self.recorder: Optional[RoutingRecorder] = None

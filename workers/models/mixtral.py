@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from workers.models.config import ModelConfig
 from workers.experts.table import PlacementTable
 from workers.models.expert_dispatch import ForwardResidence
 from workers.models.expert_ffn import ExpertFFN, route
+from workers.models.expert_mover import ExpertMover
 from workers.models.expert_parallel import DispatchCounts, ExpertParallelLayer, ExpertShard
 from workers.models.llama import LlamaForCausalLM, _Loader, _param
 from workers.models.routing_recorder import RoutingRecorder
@@ -72,6 +72,12 @@ class MixtralForCausalLM(LlamaForCausalLM):
         for i, layer in enumerate(self.layers):
             layer.mlp.layer_index = i
             layer.mlp.recorder = self.routing
+        self.mover = ExpertMover([layer.mlp for layer in self.layers], self.tp) if placement is not None else None
+
+    def adopt_placement(self, table: PlacementTable) -> None:
+        """Swap the staged experts in (expert_mover.py), between two steps."""
+        self.mover.swap(table)
+        self.placement = table
 
     def make_layer(self, index: int) -> nn.Module:
         if self.placement is None:

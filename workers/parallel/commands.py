@@ -25,4 +25,25 @@ class Stop:
     """Leave the command loop."""
 
 
-RankCommand = Union[RunStep, Stop]
+@dataclass(frozen=True, slots=True)
+class StageExperts:
+    """Stage one layer of a new expert placement table (workers/models/expert_mover.py)."""
+
+    table: dict  # PlacementTable.to_dict()
+    layer: int
+
+
+@dataclass(frozen=True, slots=True)
+class SwapExperts:
+    """Swap every staged layer in and adopt the table."""
+
+    table: dict
+
+
+@dataclass(frozen=True, slots=True)
+class DropExperts:
+    """Drop what was staged: the old table stays."""
+
+
+ExpertCommand = Union[StageExperts, SwapExperts, DropExperts]
+RankCommand = Union[RunStep, Stop, StageExperts, SwapExperts, DropExperts]

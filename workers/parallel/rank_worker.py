@@ -16,7 +16,8 @@ import torch
 from workers.engine.model_runner import ModelRunner
 from workers.experts.table import PlacementTable
 from workers.models.registry import load_model
-from workers.parallel.commands import RankCommand, RunStep, Stop
+from workers.models.expert_mover import follow
+from workers.parallel.commands import DropExperts, RankCommand, RunStep, StageExperts, Stop, SwapExperts
 from workers.parallel.group import TPGroup, join_group
 
 
@@ -48,6 +49,8 @@ class RankWorker:
                 runner.run(runner.attach(command.inputs), command.forward_id)
             elif isinstance(command, Stop):
                 return "stopped"
+            elif isinstance(command, (StageExperts, SwapExperts, DropExperts)):
+                follow(runner.model, command)
             else:
                 raise ValueError(f"unknown tensor-parallel command {command!r}")
 
