@@ -119,6 +119,11 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
                              "layer-to-layer affinity (docs/experts.md)")
     experts.add_argument("worker_id", help="the worker's id, as yard status shows it")
     experts.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    experts.add_argument("--replace", action="store_true", help="re-place the experts live from these statistics "
+                         "(expert parallelism)")
+    experts.add_argument("--policy", choices=("contiguous", "balanced", "affinity", "combined"),
+                         help="with --replace: the placement policy (default: the worker's "
+                         "expert_replacement_policy)")
     experts.set_defaults(func=_experts)
 
 
@@ -171,7 +176,7 @@ def _drain(args: argparse.Namespace) -> int:
 def _experts(args: argparse.Namespace) -> int:
     from cluster.experts_command import print_experts
 
-    return print_experts(args.worker_id, args.json)
+    return print_experts(args.worker_id, args.json, args.replace, args.policy)
 
 
 def _positive_float(text: str) -> float:

@@ -12,6 +12,7 @@ MIGRATION_DOWNTIME_BOUNDARIES = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1
 STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 PHASE_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 TRANSFER_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]
+REPLACEMENT_BOUNDARIES = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 # DistServe's breakdown of a request's latency. A request prefilled and decoded on one
 # worker has no transfer or decode_queue.
 PHASES = ("prefill_queue", "prefill", "transfer", "decode_queue", "decode")
@@ -59,6 +60,22 @@ class WorkerMetrics:
         self.expert_load = metrics.Counter(
             "yard_worker_expert_tokens", "tokens routed to each expert of each MoE layer (each of a token's "
             "top-k choices counts)", keys + ("layer", "expert"))
+        self.expert_dispatched = metrics.Counter(
+            "yard_worker_expert_dispatched_tokens", "expert parallelism: (token, choice) pairs sent to the rank "
+            "of the expert slot that serves them, per MoE layer (a pair on its own rank counts too)",
+            keys + ("layer",))
+        self.expert_cross_rank = metrics.Counter(
+            "yard_worker_expert_cross_rank_tokens", "expert parallelism: (token, choice) pairs that crossed to "
+            "another rank, per MoE layer", keys + ("layer",))
+        self.expert_balancedness = metrics.Gauge(
+            "yard_worker_expert_balancedness", "expert parallelism: mean over max pairs served per rank, per MoE "
+            "layer, over the last minute (1 is even)", keys + ("layer",))
+        self.expert_replacements = metrics.Counter(
+            "yard_worker_expert_replacements", "live expert re-placements, by outcome (done, aborted)",
+            keys + ("outcome",))
+        self.expert_replacement_time = metrics.Histogram(
+            "yard_worker_expert_replacement_seconds", "a live expert re-placement, from its start to the swap "
+            "(or the abort)", REPLACEMENT_BOUNDARIES, keys)
         self._last: EngineStats | None = None
         # Running (count, seconds) per phase and of KV copies, for `Worker.phase_totals`.
         self.totals: dict[str, tuple[int, float]] = {}
@@ -86,6 +103,22 @@ class WorkerMetrics:
             for expert, tokens in enumerate(row):
                 if tokens:
                     self.expert_load.inc(tokens, {**self.tags, "layer": str(layer), "expert": str(expert)})
+
+    def expert_dispatch(self, moved: list[list[list[int]]], balancedness: list) -> None:
+        for layer, m in enumerate(moved):
+            tags = {**self.tags, "layer": str(layer)}
+            pairs = sum(map(sum, m))
+            if pairs:
+                self.expert_dispatched.inc(pairs, tags)
+                crossed = pairs - sum(m[r][r] for r in range(len(m)))
+                if crossed:
+                    self.expert_cross_rank.inc(crossed, tags)
+            if balancedness[layer] is not None:
+                self.expert_balancedness.set(balancedness[layer], tags)
+
+    def expert_replacement(self, outcome: str, seconds: float) -> None:
+        self.expert_replacements.inc(1, {**self.tags, "outcome": outcome})
+        self.expert_replacement_time.observe(seconds, self.tags)
 
     def observe_phase(self, phase: str, seconds: float) -> None:
         self.phase.observe(max(seconds, 0.0), {**self.tags, "phase": phase})

@@ -30,14 +30,15 @@ from workers.engine.handoff import MigratedRequest
 from workers.engine.outputs import StepOutput
 from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage,
                             WorkerRequest, worker_actor_name)
-from workers.expert_stats import ExpertStatistics
+from workers.expert_stats import WINDOW_S, ExpertStatistics
+from workers.experts.policies import PlacementShape, place_experts
 from workers.kv_transport import KVPayload, ObjectStoreTransport
 from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
                                kv_layout)
 from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
-                                     EngineCall, GrowReservation, ReserveMigration)
+                                     EngineCall, GrowReservation, ReplaceExperts, ReserveMigration)
 from workers.worker_config import WorkerConfig
 
 __all__ = ["ChannelClosed", "Worker", "WorkerConfig"]
@@ -108,7 +109,8 @@ class Worker:
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
-        self._experts = ExpertStatistics.of(self.engine.runner.model, self._metrics)
+        self._experts = ExpertStatistics.of(self.engine.runner.model, self._metrics, self.engine.expert_moves)
+        self._replaced_at_step = 0  # with expert_replacement_every_steps: the last automatic one's step
         self._reported_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
@@ -225,6 +227,25 @@ class Worker:
             raise ValueError(f"worker {self.config.worker_id}'s model ({self.engine.model_config.architecture}) "
                              f"has no experts")
         return {"worker": self.config.worker_id, **self._experts.snapshot()}
+
+    async def replace_experts(self, policy: Optional[str] = None) -> dict[str, Any]:
+        """Re-place the experts by `policy` (the config's when None) from the last
+        minute's routing statistics; answers once the move has begun (`experts` shows
+        it moving, then its result)."""
+        moves = self.engine.expert_moves
+        if self._experts is None or moves is None:
+            raise ValueError(f"worker {self.config.worker_id} runs without expert parallelism: there is no "
+                             f"placement to replace")
+        policy = policy or self.config.engine.expert_replacement_policy
+        stats = self._experts.window.total
+        if not any(map(any, stats.loads)):
+            raise ValueError(f"worker {self.config.worker_id} has no routing statistics from the last "
+                             f"{WINDOW_S:g} s to place its experts by")
+        shape = PlacementShape(moves.table.num_ranks, moves.table.slots_per_rank)
+        # The integer program may take seconds: off the actor's loop and the stepping thread.
+        table = await asyncio.to_thread(place_experts, policy, stats, shape)
+        await self._call(ReplaceExperts(table))
+        return {"worker": self.config.worker_id, "policy": policy, "table": table.to_dict()}
 
     def health(self) -> tuple[bool, str]:
         if self._thread_error is not None or (self._thread is not None and not self._thread.is_alive()):
@@ -420,6 +441,10 @@ class Worker:
                     self._report(start)
                 if engine.stepped:
                     continue
+            elif engine.expert_moves is not None and engine.expert_moves.moving:
+                # An expert re-placement goes on while idle, a layer at a time.
+                self._emit([e for output in engine.advance_expert_move() for e in self._events_of(output)])
+                continue
             else:
                 # A reservation must not outlive its deadline while idle; a command (a
                 # migration's end) may have changed the load: report it. An idle
@@ -464,7 +489,20 @@ class Worker:
         self._metrics.update(self.engine.stats())
         if self._experts is not None:
             self._experts.maybe_take(now)
+            self._maybe_replace_experts()
         self._reported_at = now
+
+    def _maybe_replace_experts(self) -> None:
+        """With expert_replacement_every_steps: a re-placement from the statistics
+        once that many steps have run since the last one."""
+        every, moves = self.config.engine.expert_replacement_every_steps, self.engine.expert_moves
+        if not every or moves is None or moves.moving or self._loop is None:
+            return
+        if self.engine.num_steps - self._replaced_at_step < every:
+            return
+        self._replaced_at_step = self.engine.num_steps
+        future = asyncio.run_coroutine_threadsafe(self.replace_experts(), self._loop)
+        future.add_done_callback(_log_replacement_error)
 
     def _build_report(self) -> LoadReport:
         return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
@@ -645,3 +683,8 @@ def _node_ip() -> str:
 
 def _with_arrival(request: WorkerRequest, arrival_time: float) -> WorkerRequest:
     return dataclasses.replace(request, arrival_time=arrival_time)
+
+
+def _log_replacement_error(future) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("automatic expert re-placement not started: %s", future.exception())

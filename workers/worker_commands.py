@@ -17,6 +17,7 @@ from workers.events import WorkerRequest
 if TYPE_CHECKING:
     from workers.engine.engine import LLMEngine
     from workers.engine.handoff import MigratedRequest
+    from workers.experts.table import PlacementTable
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +125,18 @@ class CancelMigration:
         return engine.cancel_migration(self.migration_id)
 
 
-EngineCall = Union[StartMigration, AdvanceMigration, StreamMigration, ResumeMigration, CompleteMigration, ReserveMigration,
-                   GrowReservation, CommitMigration, CancelMigration]
+@dataclass(frozen=True, slots=True)
+class ReplaceExperts:
+    """Begin a live re-placement of the experts (expert parallelism)."""
+
+    table: "PlacementTable"
+
+    def apply(self, engine: "LLMEngine") -> None:
+        engine.replace_experts(self.table)
+
+
+EngineCall = Union[StartMigration, AdvanceMigration, StreamMigration, ResumeMigration, CompleteMigration,
+                   ReserveMigration, GrowReservation, CommitMigration, CancelMigration, ReplaceExperts]
 
 
 @dataclass(frozen=True, slots=True)

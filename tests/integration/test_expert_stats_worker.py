@@ -64,3 +64,42 @@ def test_yard_experts_names_a_missing_worker_and_a_dense_one(ray_local, make_mod
     finally:
         ray_local.get(dense.shutdown.remote())
         ray_local.kill(dense)
+
+
+def test_an_expert_parallel_worker_reports_its_dispatch_and_re_places_live(ray_local, make_model, moe_worker,
+                                                                           capsys):
+    model_dir = str(make_model("tiny-moe-affinity"))
+    worker = start(ray_local, "w-ep", model_dir, tensor_parallel_size=2, expert_parallel_size=2,
+                   expert_slots_per_rank=10, tp_cpus_per_rank=0.5, tp_timeout_s=20.0)
+    try:
+        prompts = [prompt(3, 40), prompt(4, 25)]
+        before = [generate(ray_local, worker, WorkerRequest(f"a{i}", p, GREEDY)) for i, p in enumerate(prompts)]
+        forwarded = sum(len(p) + len(out) - 1 for p, out in zip(prompts, before))
+        stats = wait_until(lambda: (s := ray_local.get(worker.experts.remote())) and s["dispatched"][0] == 2 * forwarded
+                           and s, timeout_s=30, what="the dispatch counts of both requests")
+        assert stats["dispatched"] == [2 * forwarded] * 6
+        assert all(0 < c < 2 * forwarded for c in stats["cross_rank"])
+        assert all(0 < b <= 1 for b in stats["balancedness"])
+        assert stats["table"]["num_ranks"] == 2 and len(stats["table"]["slots"][0]) == 20
+        assert (stats["moving"], stats["replacements"]) == (False, [])
+
+        assert main(["experts", "w-ep", "--replace", "--policy", "balanced"]) == 0
+        assert "re-placement by balanced begun" in capsys.readouterr().out
+        done = wait_until(lambda: (s := ray_local.get(worker.experts.remote()))["replacements"] and s,
+                          timeout_s=30, what="the re-placement's end")
+        [result] = done["replacements"]
+        assert result["outcome"] == "done" and result["layers_moved"] >= 1, result
+        assert done["table"] != stats["table"] and not done["moving"]
+        assert main(["experts", "w-ep"]) == 0
+        printed = capsys.readouterr().out
+        assert "placement: 2 ranks x 10 slots" in printed and "re-placement done:" in printed
+        # The same prompts again, on the new placement: the same tokens.
+        after = [generate(ray_local, worker, WorkerRequest(f"b{i}", p, GREEDY)) for i, p in enumerate(prompts)]
+        assert after == before
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+    # Without expert parallelism there is nothing to re-place: named, not a crash.
+    dense_moe, _ = moe_worker
+    with pytest.raises(ray_local.exceptions.RayTaskError, match="w-moe runs without expert parallelism"):
+        ray_local.get(dense_moe.replace_experts.remote())

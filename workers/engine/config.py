@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
+from workers.experts.policies import POLICIES as EXPERT_POLICIES
 from workers.models.config import DTYPES
 
 if TYPE_CHECKING:
@@ -41,6 +42,10 @@ class EngineConfig:
     # "contiguous", or a placement table's JSON file (`yard experts --json`'s "table").
     expert_placement: str = "contiguous"
     expert_slots_per_rank: Optional[int] = None  # None: experts / expert_parallel_size (no replicas)
+    # Live re-placement from the last minute's routing: its policy (contiguous, balanced,
+    # affinity, combined), and every how many steps it runs by itself (None: only on demand).
+    expert_replacement_policy: str = "combined"
+    expert_replacement_every_steps: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch"):
@@ -60,7 +65,10 @@ class EngineConfig:
             raise ValueError(f"expert_parallel_size must be 1 or tensor_parallel_size "
                              f"({self.tensor_parallel_size}): experts are sharded over the tensor-parallel "
                              f"ranks; got {self.expert_parallel_size}")
-        for name in ("num_kv_blocks", "max_model_len", "expert_slots_per_rank"):
+        if self.expert_replacement_policy not in EXPERT_POLICIES:
+            raise ValueError(f"expert_replacement_policy must be one of {list(EXPERT_POLICIES)}, "
+                             f"got {self.expert_replacement_policy!r}")
+        for name in ("num_kv_blocks", "max_model_len", "expert_slots_per_rank", "expert_replacement_every_steps"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not self.kv_cache_memory_gib > 0:

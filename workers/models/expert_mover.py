@@ -21,7 +21,7 @@ import torch
 from workers.experts.table import PlacementTable
 from workers.models.expert_dispatch import SlotChooser
 from workers.models.expert_parallel import ExpertShard
-from workers.parallel.commands import DropExperts, ExpertCommand, StageExperts, SwapExperts
+from workers.parallel.commands import ExpertCommand, StageExperts, SwapExperts
 from workers.parallel.group import TPGroup
 
 
