@@ -27,6 +27,7 @@ class ExpertStatistics:
         # engine's ExpertMoves (re-placements).
         self.model, self.moves = model, moves
         self.dispatch = DispatchWindow(steps=int(WINDOW_S / PERIOD_S)) if moves is not None else None
+        self._balance: list[Optional[float]] = [None] * recorder.num_layers
         self._results_seen = 0
         self._taken_at: Optional[float] = None
 
@@ -56,8 +57,11 @@ class ExpertStatistics:
         new = min(self.moves.num_results - self._results_seen, len(self.moves.results))
         results = self.moves.results[len(self.moves.results) - new:]
         self._results_seen = self.moves.num_results
+        # Exported every period (Ray drops a gauge not set for a while); with no traffic
+        # in the window a layer keeps its last value.
+        self._balance = [b if b is not None else last for b, last in zip(self.dispatch.balancedness(), self._balance)]
         if self.metrics is not None:
-            self.metrics.expert_dispatch(moved, self.dispatch.balancedness())
+            self.metrics.expert_dispatch(moved, self._balance)
             for result in results:
                 self.metrics.expert_replacement(result.outcome, result.seconds)
 

@@ -12,6 +12,7 @@ documented in docs/metrics.md.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -20,7 +21,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import openai
 import pytest
@@ -29,7 +30,12 @@ from debian_tools import tool
 from pd_cluster import pd_application
 
 from cluster.serving import free_port
+from workers import SamplingParams
 from workers.engine.block_manager import chain_hash
+from workers.engine.config import EngineConfig
+from workers.events import ACTOR_NAMESPACE, WorkerRequest, worker_actor_name
+from workers.worker import Worker
+from workers.worker_config import WorkerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "kustomize" / "monitoring"
@@ -39,7 +45,7 @@ METRICS_DOC = (REPO / "docs" / "metrics.md").read_text()
 PROMQL_WORDS = {
     "sum", "max", "min", "avg", "count", "by", "without", "on", "ignoring", "group_left", "group_right",
     "and", "or", "unless", "bool", "rate", "irate", "increase", "histogram_quantile", "vector", "scalar",
-    "clamp_min", "clamp_max", "abs", "absent", "time", "offset",
+    "clamp_min", "clamp_max", "abs", "absent", "time", "offset", "topk", "bottomk",
 }
 
 
@@ -255,7 +261,36 @@ def disaggregated_load(serve_app: dict[str, Any], ray_local: Any, prometheus: "P
         assert prometheus.wait_for('ray_yard_worker_kv_transfer_hidden_seconds_total{reason="handoff"}', 60)
 
 
-def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus):
+@contextlib.contextmanager
+def expert_parallel_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
+    """A MoE worker with expert parallelism beside the app (the e2e models are dense),
+    alive while the queries run: requests through it, then a live re-placement, so
+    the experts row has data."""
+    config = WorkerConfig("w-experts", EngineConfig(
+        model=str(make_model("tiny-moe-affinity")), kv_cache_memory_gib=0.25, tensor_parallel_size=2,
+        expert_parallel_size=2, tp_cpus_per_rank=0.25))
+    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-experts"),
+                                              namespace=ACTOR_NAMESPACE).remote(config)
+    try:
+        for i in range(3):
+            request = WorkerRequest(f"moe-{i}", tuple(range(10 + i, 60 + i)), SamplingParams(max_tokens=8))
+            for ref in worker.generate.remote(request):
+                ray_local.get(ref)
+        assert prometheus.wait_for("ray_yard_worker_expert_dispatched_tokens_total", 60)
+        ray_local.get(worker.replace_experts.remote("balanced"))
+        assert prometheus.wait_for('ray_yard_worker_expert_replacements_total{outcome="done"}', 60)
+        yield
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+
+
+def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus, make_model):
+    with expert_parallel_worker(ray_local, make_model, prometheus):
+        every_query_returns_data(serve_app, ray_local, prometheus)
+
+
+def every_query_returns_data(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometheus") -> None:
     send_load(serve_app, ray_local, prometheus)
     disaggregated_load(serve_app, ray_local, prometheus)
     # Ray exports a few seconds after recording; rates need two scrapes after that.
