@@ -15,9 +15,9 @@ choice between layers).
 
 Targets (issue 14): affinity's cross-rank tokens at least 50% below contiguous's;
 balancedness (max over mean tokens per rank) at most 1.1 with 25% redundant slots.
-Not measured here yet: step time EP=2 against EP=1 and live re-placement (the
-expert-parallel runtime is still to come). Writes JSON to bench/results/experts-
-<timestamp>.json (or --json PATH).
+The runtime's figures (step time EP=2 against EP=1, the all-to-all's own cross-rank
+counts, live re-placement) are bench/expert_parallel.py's. Writes JSON to
+bench/results/experts-<timestamp>.json (or --json PATH).
 """
 
 from __future__ import annotations
