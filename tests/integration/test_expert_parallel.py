@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+import threading
 
 import pytest
 import torch
@@ -13,8 +14,14 @@ import torch
 from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
+from workers.engine.block_manager import BlockManager
+from workers.engine.model_runner import ModelRunner
+from workers.engine.sequence import Sequence
 from workers.experts.policies import PlacementShape, place_experts
+from workers.experts.table import PlacementTable
+from workers.models.registry import load_model
 from workers.models.weights import CheckpointFiles
+from workers.parallel.group import join_group, open_store
 
 PARAMS = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=3)
 # Chunked prefill (a small token budget) and prefix caching stay on.
@@ -222,3 +229,43 @@ def test_a_replacement_table_of_another_shape_is_refused(ray_local, make_model, 
         assert engine.expert_moves.results[-1].steps_delayed == 0
     finally:
         engine.shutdown()
+
+
+def test_two_expert_parallel_ranks_give_transformers_logits(make_model):
+    """Both ranks in this process (two threads over a gloo group), a table with
+    replicas that differs per layer: prefill and decode logits against transformers'."""
+    from tests.integration.test_logits_vs_hf import reference_logits
+
+    model_dir = make_model(MODEL)
+    rows = tuple(tuple(list(range(16))[layer:] + list(range(16))[:layer] + [layer, layer + 1, 7, 9])
+                 for layer in range(6))
+    table = PlacementTable(16, 2, rows)
+    tokens = [random.Random(9).randrange(7, 1000) for _ in range(40)]
+    store = open_store("127.0.0.1", 2, 20.0)
+    logits: dict[int, torch.Tensor] = {}
+
+    def rank(r: int) -> None:
+        group = join_group(store if r == 0 else None, "127.0.0.1", store.port, r, 2, 20.0)
+        cfg, model = load_model(model_dir, tp=group, placement=table)
+        runner = ModelRunner(cfg, model, 64, 4, tp=group)
+        blocks = BlockManager(num_blocks=64, block_size=4)
+        seq = Sequence("ep", tokens[:30], 30, SamplingParams(), max_tokens=16)
+        blocks.grow(seq, seq.num_tokens)
+        out = [runner.run(runner.prepare([(seq, 30)]), 1)]
+        seq.num_computed_tokens = 30
+        for i in range(30, 40):  # decode the rest one token a step
+            seq.token_ids.append(tokens[i])
+            blocks.grow(seq, 1)
+            out.append(runner.run(runner.prepare([(seq, 1)]), i))
+            seq.num_computed_tokens += 1
+        logits[r] = torch.cat(out)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    expected = reference_logits(model_dir, tokens)
+    assert torch.equal(logits[0], logits[1])  # every rank ends with the same logits
+    assert (logits[0][0] - expected[29]).abs().max() <= 1e-4  # the prompt's last position
+    assert (logits[0][1:] - expected[30:40]).abs().max() <= 1e-4

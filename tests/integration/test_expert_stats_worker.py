@@ -103,3 +103,19 @@ def test_an_expert_parallel_worker_reports_its_dispatch_and_re_places_live(ray_l
     dense_moe, _ = moe_worker
     with pytest.raises(ray_local.exceptions.RayTaskError, match="w-moe runs without expert parallelism"):
         ray_local.get(dense_moe.replace_experts.remote())
+
+
+def test_expert_replacement_every_n_steps_runs_by_itself(ray_local, make_model):
+    worker = start(ray_local, "w-ep-auto", str(make_model("tiny-moe-affinity")), tensor_parallel_size=2,
+                   expert_parallel_size=2, tp_cpus_per_rank=0.5, tp_timeout_s=20.0,
+                   expert_replacement_every_steps=6, expert_replacement_policy="affinity")
+    try:
+        first = generate(ray_local, worker, WorkerRequest("auto", prompt(5, 30), GREEDY))
+        stats = wait_until(lambda: (s := ray_local.get(worker.experts.remote()))["replacements"] and s,
+                           timeout_s=30, what="a re-placement begun by the worker itself")
+        assert stats["replacements"][0]["outcome"] == "done"
+        # Tokens do not change with the placement.
+        assert generate(ray_local, worker, WorkerRequest("again", prompt(5, 30), GREEDY)) == first
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
