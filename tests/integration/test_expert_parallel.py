@@ -61,7 +61,6 @@ def assert_same_outputs(got: list, want: list) -> None:
 
 
 @pytest.mark.parametrize("ep, policy, slots_per_rank", [
-    (2, "contiguous", None),
     (4, "contiguous", None),
     (2, "balanced", 10),  # 25% redundant slots: replicas of hot experts
     (4, "affinity", None),
