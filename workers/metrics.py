@@ -69,7 +69,8 @@ class WorkerMetrics:
             "another rank, per MoE layer", keys + ("layer",))
         self.expert_balancedness = metrics.Gauge(
             "yard_worker_expert_balancedness", "expert parallelism: mean over max pairs served per rank, per MoE "
-            "layer, over the last minute (1 is even; with no traffic in that minute, the last value)", keys + ("layer",))
+            "layer, over the last minute (1 is even; with no traffic in that minute, the last value)",
+            keys + ("layer",))
         self.expert_replacements = metrics.Counter(
             "yard_worker_expert_replacements", "live expert re-placements, by outcome (done, aborted)",
             keys + ("outcome",))

@@ -498,7 +498,8 @@ class Worker:
         every, moves = self.config.engine.expert_replacement_every_steps, self.engine.expert_moves
         if not every or moves is None or moves.moving or self._loop is None:
             return
-        if self.engine.num_steps - self._replaced_at_step < every or not any(map(any, self._experts.window.total.loads)):
+        due = self.engine.num_steps - self._replaced_at_step >= every
+        if not due or not any(map(any, self._experts.window.total.loads)):
             return  # not yet due, or no statistics taken yet to place by
         self._replaced_at_step = self.engine.num_steps
         future = asyncio.run_coroutine_threadsafe(self.replace_experts(), self._loop)

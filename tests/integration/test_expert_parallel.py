@@ -89,7 +89,8 @@ def test_expert_parallel_matches_ep1(ray_local, make_model, reference, tmp_path,
 
 
 @pytest.mark.parametrize("args, match", [
-    (dict(tensor_parallel_size=4, expert_parallel_size=2), r"expert_parallel_size must be 1 or tensor_parallel_size \(4\).*got 2"),
+    (dict(tensor_parallel_size=4, expert_parallel_size=2),
+     r"expert_parallel_size must be 1 or tensor_parallel_size \(4\).*got 2"),
     (dict(tensor_parallel_size=2, expert_parallel_size=2, expert_slots_per_rank=5),
      r"2 ranks x 5 slots cannot hold 16 experts"),
     (dict(tensor_parallel_size=2, expert_parallel_size=2, expert_placement="no/such/table.json"),

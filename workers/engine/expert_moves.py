@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from workers.experts.table import PlacementTable
 from workers.models.expert_mover import StagingFailed, movable
-from workers.parallel.commands import DropExperts, StageExperts, SwapExperts
+from workers.parallel.commands import RankCommand, StageExperts, SwapExperts
+
+if TYPE_CHECKING:
+    from workers.models.mixtral import MixtralForCausalLM
 
 _RESULTS_KEPT = 16
 
@@ -25,7 +28,7 @@ class ReplacementResult:
 
 
 class ExpertMoves:
-    def __init__(self, model, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, model: "MixtralForCausalLM", clock: Callable[[], float] = time.monotonic) -> None:
         self.model, self.tp, self.clock = model, model.tp, clock
         self.target: Optional[PlacementTable] = None
         self._layers: list[int] = []  # still to stage
@@ -53,30 +56,18 @@ class ExpertMoves:
         """Stage the next layer, or swap once all are staged; the result when the move
         ends. `stepping`: a step waits for this (counted as delayed)."""
         if not self._layers:
-            return self._finish(SwapExperts(self.target.to_dict()), "done")
+            self._broadcast(SwapExperts(self.target.to_dict()))
+            self.model.adopt_placement(self.target)
+            return self._end("done", None)
         layer = self._layers.pop(0)
         self._delayed += stepping
-        command = StageExperts(self.target.to_dict(), layer)
-        self._broadcast(command)
+        self._broadcast(StageExperts(self.target.to_dict(), layer))
         try:
             self.model.mover.stage(self.target, layer)
-        except StagingFailed as e:
+        except StagingFailed as e:  # every rank has dropped what it staged
             return self._end("aborted", str(e))
         self._moved += 1
         return None
-
-    def abort(self, why: str) -> Optional[ReplacementResult]:
-        if not self.moving:
-            return None
-        return self._finish(DropExperts(), "aborted", why)
-
-    def _finish(self, command, outcome: str, error: Optional[str] = None) -> ReplacementResult:
-        self._broadcast(command)
-        if isinstance(command, SwapExperts):
-            self.model.adopt_placement(self.target)
-        else:
-            self.model.mover.drop()
-        return self._end(outcome, error)
 
     def _end(self, outcome: str, error: Optional[str]) -> ReplacementResult:
         result = ReplacementResult(outcome, self.clock() - self._started_at, self._moved if outcome == "done" else 0,
@@ -86,6 +77,6 @@ class ExpertMoves:
         self.target, self._layers = None, []
         return result
 
-    def _broadcast(self, command) -> None:
+    def _broadcast(self, command: RankCommand) -> None:
         if self.tp.size > 1:
             self.tp.broadcast_object(command)

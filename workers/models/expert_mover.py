@@ -112,8 +112,6 @@ def follow(model: torch.nn.Module, command: ExpertCommand) -> None:
             pass
     elif isinstance(command, SwapExperts):
         model.adopt_placement(PlacementTable.from_dict(command.table))
-    else:
-        mover.drop()
 
 
 def transfers_into(old: PlacementTable, new: PlacementTable, layer: int, rank: int) -> list[Transfer]:
@@ -121,9 +119,9 @@ def transfers_into(old: PlacementTable, new: PlacementTable, layer: int, rank: i
     rank itself, else the lowest rank that holds the expert under `old`. Ordered by
     source rank, then destination slot: the order an all-to-all delivers them."""
     n_old = old.slots_per_rank
+    held = old.experts_on(layer, rank)
     transfers = []
     for dest_slot, expert in enumerate(new.experts_on(layer, rank)):
-        held = old.experts_on(layer, rank)
         if expert in held:
             transfers.append(Transfer(expert, rank, held.index(expert), dest_slot))
         else:

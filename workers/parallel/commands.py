@@ -40,10 +40,5 @@ class SwapExperts:
     table: dict
 
 
-@dataclass(frozen=True, slots=True)
-class DropExperts:
-    """Drop what was staged: the old table stays."""
-
-
-ExpertCommand = Union[StageExperts, SwapExperts, DropExperts]
-RankCommand = Union[RunStep, Stop, StageExperts, SwapExperts, DropExperts]
+ExpertCommand = Union[StageExperts, SwapExperts]
+RankCommand = Union[RunStep, Stop, StageExperts, SwapExperts]

@@ -17,7 +17,7 @@ from workers.engine.model_runner import ModelRunner
 from workers.experts.table import PlacementTable
 from workers.models.registry import load_model
 from workers.models.expert_mover import follow
-from workers.parallel.commands import DropExperts, RankCommand, RunStep, StageExperts, Stop, SwapExperts
+from workers.parallel.commands import RankCommand, RunStep, StageExperts, Stop, SwapExperts
 from workers.parallel.group import TPGroup, join_group
 
 
@@ -49,7 +49,7 @@ class RankWorker:
                 runner.run(runner.attach(command.inputs), command.forward_id)
             elif isinstance(command, Stop):
                 return "stopped"
-            elif isinstance(command, (StageExperts, SwapExperts, DropExperts)):
+            elif isinstance(command, (StageExperts, SwapExperts)):
                 follow(runner.model, command)
             else:
                 raise ValueError(f"unknown tensor-parallel command {command!r}")
