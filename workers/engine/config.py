@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from workers.experts.policies import POLICIES as EXPERT_POLICIES
 from workers.models.config import DTYPES
+from workers.offload.config import AttentionOffloadConfig
 
 if TYPE_CHECKING:
     from workers.engine.block_manager import BlockManager
@@ -46,8 +47,15 @@ class EngineConfig:
     # affinity, combined), and every how many steps it runs by itself (None: only on demand).
     expert_replacement_policy: str = "combined"
     expert_replacement_every_steps: Optional[int] = None
+    # Attention offloading: {workers: K, ...} (workers/offload/config.py), or None.
+    attention_offload: Optional[Any] = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "attention_offload", AttentionOffloadConfig.parse(self.attention_offload))
+        if self.attention_offload is not None and (self.tensor_parallel_size > 1 or self.expert_parallel_size > 1):
+            raise ValueError(f"attention_offload with tensor_parallel_size {self.tensor_parallel_size} and "
+                             f"expert_parallel_size {self.expert_parallel_size}: offloading runs with one model "
+                             f"rank so far")
         if self.attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

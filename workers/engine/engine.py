@@ -37,6 +37,7 @@ from workers.parallel.shards import ShardPlan
 from workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from workers.offload.executor import OffloadExecutor
     from workers.parallel.executor import TPExecutor
 
 _RECENT_STEPS = 64  # window of the step-time averages
@@ -63,9 +64,15 @@ class LLMEngine:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
         placement = self._expert_placement(mc)
         self.executor = self._start_ranks(num_blocks, placement) if tp_size > 1 else None
+        self.offload: Optional["OffloadExecutor"] = None
         try:
             _, model = load_model(self.model_dir, config.dtype, config.device,
                                   tp=self.executor.group if self.executor else None, placement=placement)
+            if config.attention_offload is not None:
+                from workers.offload.executor import OffloadExecutor  # imports Ray: only when needed
+
+                self.offload = OffloadExecutor(config.attention_offload, mc, num_blocks, config.block_size,
+                                               config.device, config.tp_timeout_s)
         except BaseException:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
@@ -77,7 +84,8 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(config.max_num_batched_tokens, config.max_num_seqs,
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
-                                  config.attention_backend, tp=model.tp)
+                                  config.attention_backend, tp=model.tp,
+                                  offload=self.offload.link if self.offload is not None else None)
         self.expert_moves = ExpertMoves(model, clock) if getattr(model, "mover", None) is not None else None
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
@@ -120,10 +128,14 @@ class LLMEngine:
         return self.health_error is None
 
     def shutdown(self) -> None:
-        """Stop the other tensor-parallel ranks (nothing to do without them)."""
+        """Stop the other tensor-parallel ranks and the attention workers (nothing to do
+        without them)."""
         if self.executor is not None:
             self.executor.shutdown()
             self.executor = None
+        if self.offload is not None:
+            self.offload.shutdown()
+            self.offload = None
 
     # -- requests ------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,

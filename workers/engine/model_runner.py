@@ -18,6 +18,7 @@ from workers.layers.attention import AttentionBatch, PrefillSlice
 from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
+from workers.offload.link import OffloadLink
 from workers.parallel.commands import RunStep
 from workers.parallel.group import TPGroup
 
@@ -45,7 +46,7 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
                  block_size: int, device: str = "cpu", attention_backend: str = "auto",
-                 tp: Optional[TPGroup] = None) -> None:
+                 tp: Optional[TPGroup] = None, offload: Optional[OffloadLink] = None) -> None:
         self.cfg = cfg
         self.model = model
         self.tp = tp or TPGroup()
@@ -54,9 +55,13 @@ class ModelRunner:
         # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
         use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None
-        # This rank's KV heads only (all of them without tensor parallelism).
-        self.kv_caches = torch.zeros(cfg.num_layers, 2, num_blocks, block_size, model.plan.kv_heads,
-                                     cfg.head_dim, dtype=cfg.dtype, device=self.device)
+        # This rank's KV heads only (all of them without tensor parallelism); none here
+        # when attention is offloaded: the attention workers hold it.
+        self.offload = offload
+        if offload is not None:
+            model.offload_attention(offload.attend)
+        self.kv_caches = torch.zeros(cfg.num_layers, 2, 0 if offload else num_blocks, block_size,
+                                     model.plan.kv_heads, cfg.head_dim, dtype=cfg.dtype, device=self.device)
         self.progress = LayerProgress(cfg.num_layers)  # KV readers follow the forward layer by layer
         self.next_forward_id = 1
 
@@ -75,6 +80,8 @@ class ModelRunner:
         """The forward on this rank; logits [sampled rows, vocab] (every rank gets them)."""
         self.progress.begin(forward_id)
         ok = False
+        if self.offload is not None:
+            self.offload.begin(inputs.attention)
         try:
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
                                 on_layer=self._layer_done)
@@ -170,6 +177,7 @@ class ModelRunner:
         steps, for blocks no step writes (full or paused) or layers the running forward
         has done (self.progress). A device cache is staged through pinned host memory
         (a DMA copy)."""
+        self._check_kv_here()
         cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
         blocks = cache[:, :, self._tensor(block_ids)]
         if blocks.device.type == "cpu":
@@ -181,8 +189,14 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor,
                      layers: Optional[tuple[int, int]] = None) -> None:
+        self._check_kv_here()
         cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
         expected = (cache.shape[0], 2, len(block_ids), *cache.shape[3:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
         cache[:, :, self._tensor(block_ids)] = data.to(cache.device, cache.dtype)
+
+    def _check_kv_here(self) -> None:
+        if self.offload is not None:
+            raise NotImplementedError("this worker's KV cache is on its attention workers; moving it (migration, "
+                                      "P/D) is not supported with attention offloading yet")

@@ -9,6 +9,7 @@ two all-reduces per layer (after o_proj and after down_proj) join the ranks.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -54,6 +55,8 @@ class Attention(nn.Module):
         # The o_proj bias is added once: by rank 0, before the all-reduce sums the ranks.
         self.o = Linear(q_size, cfg.hidden_size, cfg.o_bias and tp.is_leader, cfg.dtype)
         self.scale = self.head_dim ** -0.5
+        # With attention offloading: link.attend for this layer (the KV lives there).
+        self.remote: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = None
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
@@ -67,7 +70,10 @@ class Attention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
-        o = paged_attention(q, k, v, kv_cache, batch, self.scale)
+        if self.remote is not None:
+            o = self.remote(q, k, v)
+        else:
+            o = paged_attention(q, k, v, kv_cache, batch, self.scale)
         return self.o(o.flatten(1))
 
 
@@ -120,6 +126,11 @@ class LlamaForCausalLM(nn.Module):
                               weight=self.embed_tokens if cfg.tie_word_embeddings else None)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
                                       cfg.rope_scaling, cfg.dtype)
+
+    def offload_attention(self, attend: Callable[..., torch.Tensor]) -> None:
+        """Every layer's attention goes to attend(layer, q, k, v) (workers/offload/)."""
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.remote = functools.partial(attend, i)
 
     def make_layer(self, index: int) -> nn.Module:
         return DecoderLayer(self.cfg, self.tp, self.plan, type(self).make_mlp)

@@ -1,0 +1,85 @@
+"""The model worker's side of its attention workers: one Ray actor per worker, each in
+a bundle of its own (CPUs plus any resource label that puts it on another device
+kind), and a process group that the model worker joins as rank 0."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from workers.models.config import ModelConfig
+from workers.offload.attention_worker import AttentionWorker
+from workers.offload.commands import StopAttending
+from workers.offload.config import AttentionOffloadConfig
+from workers.offload.heads import head_shards
+from workers.offload.link import OffloadLink
+from workers.parallel.group import join_group, open_store
+
+
+class OffloadExecutor:
+    def __init__(self, config: AttentionOffloadConfig, cfg: ModelConfig, num_blocks: int, block_size: int,
+                 device: str, timeout_s: float) -> None:
+        if not ray.is_initialized():
+            ray.init(log_to_driver=False)
+        self.shards = head_shards(cfg.num_heads, cfg.num_kv_heads, config.workers)
+        bundles = [{"CPU": config.cpus_per_worker, **config.resources} for _ in self.shards]
+        self.placement = placement_group(bundles, strategy="PACK")
+        self.workers: list = []
+        self.timeout_s = timeout_s
+        try:
+            try:
+                ray.get(self.placement.ready(), timeout=timeout_s)
+            except ray.exceptions.GetTimeoutError:
+                raise RuntimeError(f"attention offloading could not place its {len(bundles)} workers within "
+                                   f"{timeout_s:g} s: it asks for bundles {bundles}") from None
+            self.link = self._start(config, cfg, num_blocks, block_size, device)
+        except BaseException:
+            self._release()
+            raise
+
+    def _start(self, config: AttentionOffloadConfig, cfg: ModelConfig, num_blocks: int, block_size: int,
+               device: str) -> OffloadLink:
+        size = len(self.shards) + 1
+        host = ray.util.get_node_ip_address()
+        store = open_store(host, size, self.timeout_s)
+        actor = ray.remote(AttentionWorker)
+        dtype = str(cfg.dtype).removeprefix("torch.")
+        for j, (shard, bundle) in enumerate(zip(self.shards, self.placement.bundle_specs)):
+            extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+            self.workers.append(actor.options(
+                num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=extra or None,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=j)
+            ).remote(j + 1, size, shard, cfg.num_layers, num_blocks, block_size, cfg.head_dim, dtype, device,
+                     self.timeout_s))
+        joined = [w.join.remote(host, store.port) for w in self.workers]
+        group = join_group(store, host, store.port, 0, size, self.timeout_s)
+        ray.get(joined, timeout=self.timeout_s * 4)
+        self.loops = [w.serve.remote() for w in self.workers]
+        return OffloadLink(group, self.shards)
+
+    def check_workers(self) -> Optional[str]:
+        """None while every attention worker's loop runs; else what ended one."""
+        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
+        for ref in done:
+            try:
+                return f"attention worker {self.loops.index(ref) + 1} stopped: {ray.get(ref)}"
+            except Exception as e:  # a dead actor or a failed exchange
+                return f"attention worker {self.loops.index(ref) + 1} failed: {e}"
+        return None
+
+    def shutdown(self) -> None:
+        try:
+            if self.check_workers() is None:
+                self.link.group.broadcast_object(StopAttending())
+                ray.get(self.loops, timeout=self.timeout_s)
+        except Exception:  # noqa: BLE001 - tearing down a broken instance
+            pass
+        self._release()
+
+    def _release(self) -> None:
+        for worker in self.workers:
+            ray.kill(worker)
+        remove_placement_group(self.placement)
