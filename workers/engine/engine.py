@@ -69,10 +69,7 @@ class LLMEngine:
             _, model = load_model(self.model_dir, config.dtype, config.device,
                                   tp=self.executor.group if self.executor else None, placement=placement)
             if config.attention_offload is not None:
-                from workers.offload.executor import OffloadExecutor  # imports Ray: only when needed
-
-                self.offload = OffloadExecutor(config.attention_offload, mc, num_blocks, config.block_size,
-                                               config.device, config.tp_timeout_s)
+                self.offload = self._start_attention_workers(mc, num_blocks)
         except BaseException:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
@@ -122,6 +119,12 @@ class LLMEngine:
         c = self.config
         return TPExecutor(self.model_dir, c.dtype, c.tensor_parallel_size, num_blocks, c.block_size, c.device,
                           c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement)
+
+    def _start_attention_workers(self, mc: ModelConfig, num_blocks: int) -> "OffloadExecutor":
+        from workers.offload.executor import OffloadExecutor  # imports Ray: only when needed
+
+        c = self.config
+        return OffloadExecutor(c.attention_offload, mc, num_blocks, c.block_size, c.device, c.tp_timeout_s)
 
     @property
     def healthy(self) -> bool:
