@@ -82,7 +82,9 @@ class LLMEngine:
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
                                   config.attention_backend, tp=model.tp,
-                                  offload=self.offload.link if self.offload is not None else None)
+                                  offload=self.offload.link if self.offload is not None else None,
+                                  offload_micro_batches=config.attention_offload.micro_batches
+                                  if config.attention_offload is not None else 1)
         self.expert_moves = ExpertMoves(model, clock) if getattr(model, "mover", None) is not None else None
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)

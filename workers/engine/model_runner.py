@@ -19,6 +19,7 @@ from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
 from workers.offload.link import OffloadLink
+from workers.offload.pingpong import forward_in_turns, micro_batches, rows_of
 from workers.parallel.commands import RunStep
 from workers.parallel.group import TPGroup
 
@@ -46,7 +47,8 @@ class StepInputs:
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
                  block_size: int, device: str = "cpu", attention_backend: str = "auto",
-                 tp: Optional[TPGroup] = None, offload: Optional[OffloadLink] = None) -> None:
+                 tp: Optional[TPGroup] = None, offload: Optional[OffloadLink] = None,
+                 offload_micro_batches: int = 1) -> None:
         self.cfg = cfg
         self.model = model
         self.tp = tp or TPGroup()
@@ -57,7 +59,7 @@ class ModelRunner:
         self.decode_kernel = load_decode_kernel() if use_kernel else None
         # This rank's KV heads only (all of them without tensor parallelism); none here
         # when attention is offloaded: the attention workers hold it.
-        self.offload = offload
+        self.offload, self.offload_micro_batches = offload, offload_micro_batches
         if offload is not None:
             model.offload_attention(offload.attend)
         self.kv_caches = torch.zeros(cfg.num_layers, 2, 0 if offload else num_blocks, block_size,
@@ -80,17 +82,28 @@ class ModelRunner:
         """The forward on this rank; logits [sampled rows, vocab] (every rank gets them)."""
         self.progress.begin(forward_id)
         ok = False
-        if self.offload is not None:
-            self.offload.begin(inputs.attention)
         try:
-            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
-                                on_layer=self._layer_done)
+            if self.offload is not None:
+                hidden = self._offloaded_forward(inputs)
+            else:
+                hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
+                                    on_layer=self._layer_done)
             ok = True
         finally:
             self.progress.end(forward_id, ok)
         if not inputs.sample_rows:
             return hidden.new_empty(0, self.cfg.vocab_size, dtype=torch.float32)
         return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def _offloaded_forward(self, inputs: StepInputs) -> torch.Tensor:
+        """Attention on the attention workers; a decode step in micro-batches that take turns."""
+        parts = micro_batches(inputs.attention, self.offload_micro_batches)
+        self.offload.begin([rows_of(inputs.attention, p) for p in parts])
+        if len(parts) == 1:
+            return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
+                              on_layer=self._layer_done)
+        return forward_in_turns(self.model, self.offload, inputs.input_ids, inputs.positions, parts,
+                                on_layer=self._layer_done)
 
     def _layer_done(self, layer: int) -> None:
         event = None

@@ -62,14 +62,20 @@ class Attention(nn.Module):
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         return self.tp.all_reduce(self.partial(x, positions, rotary, kv_cache, batch))
 
-    def partial(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
-                kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        """This rank's heads' share of the output, before the ranks are summed."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor,
+                rotary: RotaryEmbedding) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [tokens, heads, head_dim] and k, v [tokens, kv_heads, head_dim], rotary applied."""
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary(positions, q, k)
+        return q, k, v
+
+    def partial(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
+                kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
+        """This rank's heads' share of the output, before the ranks are summed."""
+        q, k, v = self.project(x, positions, rotary)
         if self.remote is not None:
             o = self.remote(q, k, v)
         else:

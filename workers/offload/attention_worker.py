@@ -46,19 +46,20 @@ class AttentionWorker:
                 return "stopped"
             if not isinstance(command, AttendStep):
                 raise ValueError(f"unknown attention command {command!r}")
-            self._attend(self._attach(command.batch))
+            self._attend([self._attach(b) for b in command.batches])
 
-    def _attend(self, batch: AttentionBatch) -> None:
+    def _attend(self, batches: list[AttentionBatch]) -> None:
         pg, s, d = self.group.pg, self.shard, self.head_dim
-        tokens = batch.slot_mapping.shape[0]
         split = (s.q_heads * d, s.kv_heads * d, s.kv_heads * d)
         for layer in range(self.num_layers):
-            packed = torch.empty(tokens, sum(split), dtype=self.dtype, device=self.device)
-            pg.recv([packed], 0, layer).wait()
-            q, k, v = packed.split(split, dim=1)
-            o = paged_attention(q.view(tokens, s.q_heads, d), k.reshape(tokens, s.kv_heads, d),
-                                v.reshape(tokens, s.kv_heads, d), self.kv_caches[layer], batch, self.scale)
-            pg.send([o.flatten(1).contiguous()], 0, layer).wait()
+            for i, batch in enumerate(batches):
+                tokens, tag = batch.slot_mapping.shape[0], layer * len(batches) + i
+                packed = torch.empty(tokens, sum(split), dtype=self.dtype, device=self.device)
+                pg.recv([packed], 0, tag).wait()
+                q, k, v = packed.split(split, dim=1)
+                o = paged_attention(q.view(tokens, s.q_heads, d), k.reshape(tokens, s.kv_heads, d),
+                                    v.reshape(tokens, s.kv_heads, d), self.kv_caches[layer], batch, self.scale)
+                pg.send([o.flatten(1).contiguous()], 0, tag).wait()
 
     def _attach(self, batch: AttentionBatch) -> AttentionBatch:
         batch.decode_kernel = self.decode_kernel

@@ -11,10 +11,11 @@ from workers.layers.attention import AttentionBatch
 
 @dataclass(frozen=True, slots=True)
 class AttendStep:
-    """A forward begins: where its tokens go in the cache and what each attends to
-    (no process-local kernel, no mask: the attention worker makes its own)."""
+    """A forward begins: per micro-batch, where its tokens go in the cache and what
+    each attends to (no process-local kernel, no mask: the attention worker makes its
+    own). Layers come in order, and within a layer the micro-batches in order."""
 
-    batch: AttentionBatch
+    batches: list[AttentionBatch]
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from typing import Any, Optional
 @dataclass(frozen=True)
 class AttentionOffloadConfig:
     workers: int = 1  # K attention workers; each holds num_kv_heads / K of the KV heads
-    micro_batches: int = 1  # m: the decode batch split for ping-pong (1: none yet)
+    micro_batches: int = 2  # m: a decode step's batch split in m, so that attention and dense work overlap
     cpus_per_worker: float = 1.0
     # Extra resources each attention worker's bundle asks for: a resource label that puts
     # it on another device kind (a KubeRay worker group that advertises it).
@@ -20,9 +20,6 @@ class AttentionOffloadConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"attention_offload.{name} must be an integer >= 1, got {value!r}")
-        if self.micro_batches != 1:
-            raise ValueError(f"attention_offload.micro_batches {self.micro_batches}: only 1 is supported so far "
-                             f"(ping-pong micro-batches are still to come)")
         if not self.cpus_per_worker > 0:
             raise ValueError(f"attention_offload.cpus_per_worker must be > 0, got {self.cpus_per_worker!r}")
         for key, amount in self.resources.items():

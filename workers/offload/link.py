@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,40 +26,67 @@ class OffloadTraffic:
     bytes_out: int = 0  # q, k, v sent
     bytes_in: int = 0  # attention outputs received
     tokens: int = 0  # token-layers sent (a token counts once per layer)
-    wait_s: float = 0.0  # the model worker's time from sending a layer's q, k, v to the last output
+    wait_s: float = 0.0  # from sending a micro-batch's q, k, v to its outputs, summed (overlaps count twice)
 
 
 class OffloadLink:
     def __init__(self, group: TPGroup, shards: list[HeadShard]) -> None:
         self.group, self.shards = group, shards
         self.traffic = OffloadTraffic()
+        self.micro_batches = 1  # of the forward under way
 
-    def begin(self, batch: AttentionBatch) -> None:
-        """A forward begins; every layer of it then calls attend()."""
-        wire = dataclasses.replace(batch, decode_kernel=None, decode_mask=None)
-        self.group.broadcast_object(AttendStep(wire))
+    def begin(self, batches: list[AttentionBatch]) -> None:
+        """A forward begins, in these micro-batches; every layer of it then sends each
+        micro-batch's q, k, v in order (send, receive, or attend for one)."""
+        wires = [dataclasses.replace(b, decode_kernel=None, decode_mask=None) for b in batches]
+        self.group.broadcast_object(AttendStep(wires))
+        self.micro_batches = len(batches)
         self.traffic.steps += 1
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q [tokens, heads, head_dim]; k, v [tokens, kv_heads, head_dim] → the attention
-        output [tokens, heads, head_dim], each worker's heads in place."""
-        start = time.perf_counter()
-        pg, outs, sends = self.group.pg, [], []
+        """One micro-batch: q [tokens, heads, head_dim]; k, v [tokens, kv_heads, head_dim]
+        → the attention output [tokens, heads, head_dim], each worker's heads in place."""
+        return self.receive(self.send(layer, 0, q, k, v))
+
+    def send(self, layer: int, micro_batch: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exchange:
+        """Send a micro-batch's q, k, v of `layer` to every attention worker and post the
+        receives of their outputs; nothing waits yet."""
+        pg, tag = self.group.pg, layer * self.micro_batches + micro_batch
+        exchange = Exchange(layer, time.perf_counter(), q.shape[0])
         for j, s in enumerate(self.shards):
             packed = torch.cat([q[:, s.q_start:s.q_start + s.q_heads].flatten(1),
                                 k[:, s.kv_start:s.kv_start + s.kv_heads].flatten(1),
                                 v[:, s.kv_start:s.kv_start + s.kv_heads].flatten(1)], dim=1)
-            sends.append(pg.send([packed], j + 1, layer))
+            exchange.sent.append(packed)  # alive until the send completes
+            exchange.works.append(pg.send([packed], j + 1, tag))
             self.traffic.bytes_out += packed.numel() * packed.element_size()
-            outs.append(q.new_empty(q.shape[0], s.q_heads, q.shape[2]))
-        receives = [pg.recv([out], j + 1, layer) for j, out in enumerate(outs)]
+            out = q.new_empty(q.shape[0], s.q_heads, q.shape[2])
+            exchange.outputs.append(out)
+            exchange.works.append(pg.recv([out], j + 1, tag))
+        return exchange
+
+    def receive(self, exchange: Exchange) -> torch.Tensor:
+        """The outputs of an exchange sent earlier, once every worker has answered."""
         try:
-            for work in sends + receives:
+            for work in exchange.works:
                 work.wait()
         except RuntimeError as e:
-            raise RankFailure(f"attention worker failed at layer {layer}: {e}") from e
+            raise RankFailure(f"attention worker failed at layer {exchange.layer}: {e}") from e
+        outs = exchange.outputs
         self.traffic.bytes_in += sum(o.numel() * o.element_size() for o in outs)
         self.traffic.layer_calls += 1
-        self.traffic.tokens += q.shape[0]
-        self.traffic.wait_s += time.perf_counter() - start
+        self.traffic.tokens += exchange.tokens
+        self.traffic.wait_s += time.perf_counter() - exchange.sent_at
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+@dataclass
+class Exchange:
+    """One micro-batch's q, k, v of one layer on their way, and its outputs to come."""
+
+    layer: int
+    sent_at: float
+    tokens: int
+    sent: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    works: list = field(default_factory=list)
