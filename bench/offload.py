@@ -13,7 +13,7 @@ plain engine runs on core 0 alone. Layouts, one run:
 Traffic per token and layer, counted by the link, against (2 * hidden + 2 * kv_heads *
 head_dim) * dtype bytes. Not measured yet: capacity at equal memory.
 
-    python bench/offload.py                         # llama-100m, contexts 1024, 2048
+    python bench/offload.py                         # llama-100m, contexts 1024, 1984
     python bench/offload.py --contexts 1024,4096,8192 --batch 4 --json out.json
 """
 
@@ -39,7 +39,7 @@ from environment import environment, write_results  # noqa: E402
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llama-100m")
-    p.add_argument("--contexts", default="1024,2048")
+    p.add_argument("--contexts", default="1024,1984")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--decode-steps", type=int, default=16)
     p.add_argument("--json", type=Path, default=None)
@@ -64,6 +64,13 @@ def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
     from workers.engine.engine import LLMEngine
 
     blocks = args.batch * (context + args.decode_steps + 16) // 16 + 8
+    from workers.models.config import load_model_config
+    from workers.models.tiny import resolve_model
+
+    longest = load_model_config(resolve_model(args.model)).max_position_embeddings - args.decode_steps - 2
+    if context > longest:
+        raise SystemExit(f"context {context} + {args.decode_steps} decode steps does not fit {args.model}'s "
+                         f"positions: at most {longest}")
     engine = LLMEngine(EngineConfig(model=args.model, dtype="float32", num_kv_blocks=blocks,
                                     max_num_batched_tokens=4096, attention_offload=offload))
     cores = os.sched_getaffinity(0)
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
         rng = random.Random(context)
         params = SamplingParams(temperature=0, max_tokens=args.decode_steps + 1, ignore_eos=True)
         for i in range(args.batch):
-            engine.add_request(str(i), [rng.randrange(4, 30000) for _ in range(context)], params)
+            engine.add_request(str(i), [rng.randrange(4, engine.model_config.vocab_size) for _ in range(context)], params)
         while engine.scheduler.waiting or any(r.seq.num_uncomputed_tokens > 1 for r in engine.requests.values()):
             engine.step()  # prefill on every core, unpinned
         pin(os.getpid(), 0)

@@ -45,7 +45,7 @@ class OffloadExecutor:
         size = len(self.shards) + 1
         host = ray.util.get_node_ip_address()
         store = open_store(host, size, self.timeout_s)
-        actor = ray.remote(AttentionWorker)
+        actor = ray.remote(max_concurrency=2)(AttentionWorker)  # a second thread for calls beside serve()
         dtype = str(cfg.dtype).removeprefix("torch.")
         for j, (shard, bundle) in enumerate(zip(self.shards, self.placement.bundle_specs)):
             extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
