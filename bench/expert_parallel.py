@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))
 
 from environment import environment, write_results  # noqa: E402
+from pinning import pin, pin_actor  # noqa: E402
 
 MODEL = "tiny-moe-affinity"
 
@@ -47,25 +48,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def pin(pid: int, core: int) -> None:
-    """Every thread of a process onto one core (threads made later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:
-            pass  # the thread ended meanwhile
-
-
 def pin_ranks(engine: Any) -> None:
     """Rank 0 (this process) on core 0, rank r on core r, one torch thread each."""
-    import ray
     import torch
 
     pin(os.getpid(), 0)
     torch.set_num_threads(1)
     for core, rank in enumerate(engine.tp_ranks, start=1):
-        pid = ray.get(rank.__ray_call__.remote(lambda self: (__import__("torch").set_num_threads(1), os.getpid())[1]))
-        pin(pid, core % os.cpu_count())
+        pin_actor(rank, core % os.cpu_count())
 
 
 def prompts(args: argparse.Namespace, seed: int) -> list[list[int]]:

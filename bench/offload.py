@@ -34,6 +34,7 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))
 
 from environment import environment, write_results  # noqa: E402
+from pinning import pin, pin_actor  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -46,17 +47,7 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def pin(pid: int, core: int) -> None:
-    """Every thread of a process onto one core (threads made later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:
-            pass  # the thread ended meanwhile
-
-
 def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
-    import ray
     import torch
 
     from workers import SamplingParams
@@ -85,8 +76,7 @@ def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
         torch.set_num_threads(1)
         if engine.offload is not None:
             for worker in engine.offload.workers:
-                pin(ray.get(worker.__ray_call__.remote(
-                    lambda self: (__import__("torch").set_num_threads(1), os.getpid())[1])), 1)
+                pin_actor(worker, 1)
         link = engine.runner.offload
         before = (link.traffic.wait_s, link.traffic.bytes_out, link.traffic.bytes_in, link.traffic.tokens) \
             if link else None

@@ -68,6 +68,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import load_client as lc  # noqa: E402
 from environment import environment, write_results  # noqa: E402
+from pinning import pin  # noqa: E402
 from migration_serving import cluster_counts  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
 
@@ -142,15 +143,6 @@ def arm_config(arm: str, args: argparse.Namespace, model_dir: Path) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- the real cluster
-
-
-def pin(pid: int, core: int) -> None:
-    """Every thread of a process onto one core (threads made later inherit it)."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), {core})
-        except OSError:
-            pass  # the thread ended meanwhile
 
 
 def deploy(arm: str, config: dict[str, Any], port: int) -> tuple[Any, str]:

@@ -16,6 +16,7 @@ from workers.offload.commands import StopAttending
 from workers.offload.config import AttentionOffloadConfig
 from workers.offload.heads import head_shards
 from workers.offload.link import OffloadLink
+from workers.parallel.executor import ended_loop
 from workers.parallel.group import join_group, open_store
 
 
@@ -62,13 +63,7 @@ class OffloadExecutor:
 
     def check_workers(self) -> Optional[str]:
         """None while every attention worker's loop runs; else what ended one."""
-        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
-        for ref in done:
-            try:
-                return f"attention worker {self.loops.index(ref) + 1} stopped: {ray.get(ref)}"
-            except Exception as e:  # a dead actor or a failed exchange
-                return f"attention worker {self.loops.index(ref) + 1} failed: {e}"
-        return None
+        return ended_loop(self.loops, "attention worker")
 
     def shutdown(self) -> None:
         try:

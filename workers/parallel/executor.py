@@ -80,13 +80,7 @@ class TPExecutor:
 
     def check_ranks(self) -> Optional[str]:
         """None while every rank's command loop runs; else what ended one."""
-        done, _ = ray.wait(self.loops, num_returns=len(self.loops), timeout=0)
-        for ref in done:
-            try:
-                return f"rank {self.loops.index(ref) + 1} stopped: {ray.get(ref)}"
-            except Exception as e:  # a dead actor or a failed collective
-                return f"rank {self.loops.index(ref) + 1} failed: {e}"
-        return None
+        return ended_loop(self.loops, "rank")
 
     def shutdown(self) -> None:
         try:
@@ -102,6 +96,18 @@ class TPExecutor:
             ray.kill(rank)
         if self.owns_placement:
             remove_placement_group(self.placement)
+
+
+def ended_loop(loops: list, what: str) -> Optional[str]:
+    """None while every actor's loop (`loops[i]` the ref of actor i + 1's) runs; else
+    what ended the first one that ended."""
+    done, _ = ray.wait(loops, num_returns=len(loops), timeout=0)
+    for ref in done:
+        try:
+            return f"{what} {loops.index(ref) + 1} stopped: {ray.get(ref)}"
+        except Exception as e:  # a dead actor or a failed collective
+            return f"{what} {loops.index(ref) + 1} failed: {e}"
+    return None
 
 
 def _wait_for_free_cpus(cpus: float, bundles: list[dict[str, float]]) -> None:
