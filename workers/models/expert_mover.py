@@ -14,7 +14,6 @@ weight moves, and every rank drops what it staged: the old table stays.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -130,10 +129,8 @@ def transfers_into(old: PlacementTable, new: PlacementTable, layer: int, rank: i
     return sorted(transfers, key=lambda t: (t.source_rank, t.dest_slot))
 
 
-def movable(old: Optional[PlacementTable], new: PlacementTable) -> None:
+def movable(old: PlacementTable, new: PlacementTable) -> None:
     """A ValueError naming what differs unless `new` can replace `old` in place."""
-    if old is None:
-        raise ValueError("this worker runs without expert parallelism: there is no placement to replace")
     if (new.num_layers, new.num_experts, new.num_ranks, new.slots_per_rank) != \
             (old.num_layers, old.num_experts, old.num_ranks, old.slots_per_rank):
         raise ValueError(f"a new placement table must keep {old.num_layers} layers, {old.num_experts} experts, "

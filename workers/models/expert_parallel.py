@@ -29,7 +29,7 @@ from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
 from workers.models.expert_dispatch import ForwardResidence, Residence, SlotChooser
 from workers.models.expert_ffn import ExpertFFN, route
-from workers.models.llama import Attention, RMSNorm, _param
+from workers.models.llama import DecoderLayer, _param
 from workers.models.routing_recorder import RoutingRecorder
 from workers.parallel.group import TPGroup
 from workers.parallel.shards import ShardPlan
@@ -111,16 +111,12 @@ class ExpertShard(nn.Module):
         return out
 
 
-class ExpertParallelLayer(nn.Module):
+class ExpertParallelLayer(DecoderLayer):
     """A decoder layer whose MoE runs expert-parallel (the module docstring)."""
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup, plan: ShardPlan, mlp: ExpertShard) -> None:
-        super().__init__()
+        super().__init__(cfg, tp, plan, lambda *_: mlp)
         self.tp = tp
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.self_attn = Attention(cfg, tp, plan)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
-        self.mlp = mlp
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
