@@ -116,8 +116,9 @@ class ClusterConfig:
         return dataclasses.replace(self.engine, **pool.engine) if pool and pool.engine else self.engine
 
     def worker_bundles(self, role: str = "mixed") -> list[dict[str, float]]:
-        """One worker's placement group: bundle 0 for the worker actor (rank 0), one
-        per further tensor-parallel rank."""
+        """One worker's placement group (workers/parallel/bundles.py): bundle 0 for the
+        worker actor (rank 0), one per further tensor-parallel rank, then one per
+        attention worker."""
         pool = self.pools.get(role)
         cpus = pool.worker_cpus if pool and pool.worker_cpus is not None else self.worker_cpus
         gpus = pool.gpus_per_rank if pool and pool.gpus_per_rank is not None else self.gpus_per_rank
@@ -125,7 +126,9 @@ class ClusterConfig:
 
         def bundle(cpus: float) -> dict[str, float]:
             return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
-        return [bundle(cpus)] + [bundle(engine.tp_cpus_per_rank)] * (engine.tensor_parallel_size - 1)
+        ranks = [bundle(cpus)] + [bundle(engine.tp_cpus_per_rank)] * (engine.tensor_parallel_size - 1)
+        offload = engine.attention_offload
+        return ranks + (offload.bundles() if offload is not None else [])
 
     def role_counts(self) -> list[tuple[str, int]]:
         """(role, count) of the workers to run."""

@@ -219,6 +219,11 @@ class Worker:
         """The latest load report, refreshed by the stepping thread after every step."""
         self._reap_parked()
         self._reap_incoming()
+        if self._thread is None and self.engine.healthy:
+            # No request yet, so no stepping thread whose idle check would notice a
+            # rank or an attention worker that died: check here (nothing to fail).
+            self.engine.check_helpers()
+            self._load = dataclasses.replace(self._load, healthy=self.engine.healthy)
         return self._load
 
     def experts(self) -> dict[str, Any]:
@@ -451,7 +456,10 @@ class Worker:
                 # worker reports now and then too, so a report's age says whether the
                 # stepping thread still runs.
                 now = time.perf_counter()
-                if engine.expire_reservations() or applied or now - self._reported_at >= _IDLE_REPORT_INTERVAL_S:
+                due = now - self._reported_at >= _IDLE_REPORT_INTERVAL_S
+                if due:  # a rank or an attention worker can die while idle too: fail now, not at the next request
+                    self._emit([e for output in engine.check_helpers() for e in self._events_of(output)])
+                if engine.expire_reservations() or applied or due:
                     self._report(now)
             # Nothing to run (idle, or only requests paused for a migration).
             self._answer_after_step(idle=True)

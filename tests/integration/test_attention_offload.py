@@ -7,13 +7,19 @@ the requests clearly."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
+import torch
+import worker_streams
+from test_migration_engine import Run, busy_destination, migrate, undisturbed
+from test_migration_engine import prompt as migration_prompt
 
 from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
+from workers.events import WorkerRequest
 
 PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
 # Chunked prefill (a small token budget) and prefix caching on; few KV blocks, so that
@@ -96,3 +102,88 @@ def test_a_dead_attention_worker_fails_the_requests_clearly(ray_local, make_mode
 def test_bad_offload_settings_are_refused_naming_the_value(ray_local, make_model, offload, others, match):
     with pytest.raises(ValueError, match=match):
         LLMEngine(EngineConfig(model=str(make_model(MODEL)), attention_offload=offload, **others))
+
+
+def test_a_request_migrates_off_an_offloading_worker_and_back_exactly(ray_local, make_model):
+    """Offloading (K=2) → plain → offloading (K=1): the KV leaves and enters through the
+    attention workers, looks the same as a plain worker's, and the request ends with
+    the tokens of an undisturbed run. Each destination holds other requests' blocks,
+    so block ids differ on the two sides of each move."""
+    model = str(make_model(MODEL))
+    plain = EngineConfig(model=model, block_size=8, num_kv_blocks=64)
+    offloading = [dataclasses.replace(plain, tp_timeout_s=30.0, attention_offload={"workers": k, "cpus_per_worker": 0.5})
+                  for k in (2, 1)]
+    params = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True)
+    tokens = migration_prompt(5, 45)
+    want = undisturbed(plain, tokens, params)
+    engines = [LLMEngine(offloading[0]), busy_destination(plain), busy_destination(offloading[1])]
+    try:
+        source, middle, last = engines
+        source.add_request("moving", tokens, params)
+        run = Run()
+        while len(run.tokens) < 9:
+            run.take(source.step(), "moving")
+        moves = [(source, middle, "m-out"), (middle, last, "m-back")]
+        for (src, dst, mid), steps in zip(moves, (0, 11)):
+            for _ in range(steps):
+                run.take(src.step(), "moving")
+            seq = src.requests["moving"].seq
+            full = seq.num_computed_tokens // src.blocks.block_size
+            kv_before = src.read_kv(seq.block_ids[:full])  # full blocks: no step writes them again
+            migrate(src, dst, "moving", run, mid=mid, check_blocks=False)
+            assert src.blocks.num_free_blocks == src.blocks.num_blocks - sum(
+                len(r.seq.block_ids) for r in src.requests.values())
+            moved = dst.read_kv(dst.requests["moving"].seq.block_ids)
+            assert torch.equal(moved[:, :, :full], kv_before)  # written where the blocks now are
+        while "moving" in last.requests:
+            run.take(last.step(), "moving")
+        assert run.tokens == want.tokens and run.finish == want.finish
+    finally:
+        for engine in engines:
+            engine.shutdown()
+
+
+def test_worker_actors_migrate_requests_to_and_from_an_offloading_worker(ray_local, make_model):
+    """The same through worker actors and the object-store transport, as the router
+    sees it: a request moves off the offloading worker, another onto it."""
+    model = str(make_model(MODEL))
+    offload = {"workers": 2, "cpus_per_worker": 0.5}
+    handles = {"offloading": worker_streams.start(ray_local, "offloading", model, attention_offload=offload),
+               "plain": worker_streams.start(ray_local, "plain", model)}
+    try:
+        for n, (source, dest) in enumerate([("offloading", "plain"), ("plain", "offloading")]):
+            p, rid = worker_streams.prompt(30 + n, 40), f"{source}-to-{dest}"
+            busy = handles[dest].generate.remote(WorkerRequest(f"busy-{n}", worker_streams.prompt(40 + n, 50),
+                                                               worker_streams.LONG))  # other blocks at dest
+            follower = worker_streams.Follower(handles, source)
+            events, (result,) = worker_streams.run(follower.run(
+                WorkerRequest(rid, p, worker_streams.LONG), 20,
+                [worker_streams.order(handles, rid, f"m-{rid}", dest)], source))
+            assert result.committed and result.blocks >= 3, result
+            assert worker_streams.tokens(events) == worker_streams.undisturbed(model, p, worker_streams.LONG)
+            assert [a.worker_id for a in follower.attempts] == [source, dest]
+            for ref in busy:
+                ray_local.get(ref)
+        worker_streams.assert_all_free(ray_local, *handles.values())
+    finally:
+        for h in handles.values():
+            ray_local.get(h.shutdown.remote())
+            ray_local.kill(h)
+
+
+def test_a_worker_group_without_the_attention_bundles_is_refused(ray_local, make_model):
+    """A worker actor in a group made for other settings (here: no bundle for the
+    attention workers) says so, instead of placing them in a second group."""
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group([{"CPU": 0.5}])
+    ray_local.get(group.ready())
+    try:
+        build = ray_local.remote(num_cpus=0.5, scheduling_strategy=PlacementGroupSchedulingStrategy(group, 0))(
+            lambda model: LLMEngine(EngineConfig(model=model, attention_offload={"workers": 2})))
+        with pytest.raises(ray_local.exceptions.RayTaskError,
+                           match="placement group of 1 bundles, and its engine needs 3"):
+            ray_local.get(build.remote(str(make_model(MODEL))))
+    finally:
+        remove_placement_group(group)

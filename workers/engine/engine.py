@@ -32,6 +32,7 @@ from workers.models.mixtral import check_placement
 from workers.models.registry import load_model
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import load_tokenizer
+from workers.parallel.bundles import WorkerBundles, adopt_worker_group
 from workers.parallel.group import RankFailure
 from workers.parallel.shards import ShardPlan
 from workers.sampling_params import SamplingParams
@@ -63,13 +64,16 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
         placement = self._expert_placement(mc)
-        self.executor = self._start_ranks(num_blocks, placement) if tp_size > 1 else None
+        bundles = WorkerBundles(tp_size, config.attention_offload.workers if config.attention_offload else 0)
+        # The group the deployment made for this worker, if any (Ray only when needed).
+        group = adopt_worker_group(bundles) if bundles.count > 1 else None
+        self.executor = self._start_ranks(num_blocks, placement, group) if tp_size > 1 else None
         self.offload: Optional["OffloadExecutor"] = None
         try:
             _, model = load_model(self.model_dir, config.dtype, config.device,
                                   tp=self.executor.group if self.executor else None, placement=placement)
             if config.attention_offload is not None:
-                self.offload = self._start_attention_workers(mc, num_blocks)
+                self.offload = self._start_attention_workers(mc, num_blocks, group, bundles)
         except BaseException:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
@@ -84,7 +88,8 @@ class LLMEngine:
                                   config.attention_backend, tp=model.tp,
                                   offload=self.offload.link if self.offload is not None else None,
                                   offload_micro_batches=config.attention_offload.micro_batches
-                                  if config.attention_offload is not None else 1)
+                                  if config.attention_offload is not None else 1,
+                                  offloaded_kv=self.offload.kv if self.offload is not None else None)
         self.expert_moves = ExpertMoves(model, clock) if getattr(model, "mover", None) is not None else None
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)
@@ -115,18 +120,20 @@ class LLMEngine:
             check_placement(table, mc, c.expert_parallel_size)
         return table
 
-    def _start_ranks(self, num_blocks: int, placement: Optional[PlacementTable]) -> "TPExecutor":
+    def _start_ranks(self, num_blocks: int, placement: Optional[PlacementTable], group) -> "TPExecutor":
         from workers.parallel.executor import TPExecutor  # imports Ray: only when needed
 
         c = self.config
         return TPExecutor(self.model_dir, c.dtype, c.tensor_parallel_size, num_blocks, c.block_size, c.device,
-                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement)
+                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement, group)
 
-    def _start_attention_workers(self, mc: ModelConfig, num_blocks: int) -> "OffloadExecutor":
+    def _start_attention_workers(self, mc: ModelConfig, num_blocks: int, group,
+                                 bundles: WorkerBundles) -> "OffloadExecutor":
         from workers.offload.executor import OffloadExecutor  # imports Ray: only when needed
 
         c = self.config
-        return OffloadExecutor(c.attention_offload, mc, num_blocks, c.block_size, c.device, c.tp_timeout_s)
+        return OffloadExecutor(c.attention_offload, mc, num_blocks, c.block_size, c.device, c.tp_timeout_s,
+                               group, bundles)
 
     @property
     def healthy(self) -> bool:
@@ -329,6 +336,16 @@ class LLMEngine:
                           new_token_ids=tokens, new_logprobs=logprobs, new_text=text,
                           finish_reason=reason, stop_reason=stop_reason,
                           num_prompt_tokens=seq.num_prompt_tokens, num_cached_tokens=seq.num_cached_tokens)
+
+    def check_helpers(self) -> list[StepOutput]:
+        """Fail the instance when one of its other ranks or attention workers has ended:
+        they can die while it idles, and no step would notice. A Ray check that does
+        not wait."""
+        if not self.healthy:
+            return []
+        ended = (self.executor.check_ranks() if self.executor is not None else None) or \
+            (self.offload.check_workers() if self.offload is not None else None)
+        return self.fail(ended) if ended else []
 
     def fail(self, error: str) -> list[StepOutput]:
         """The instance cannot step again (a rank is gone, or a step failed in a way

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -22,6 +22,9 @@ from workers.offload.link import OffloadLink
 from workers.offload.pingpong import forward_in_turns, micro_batches, rows_of
 from workers.parallel.commands import RunStep
 from workers.parallel.group import TPGroup
+
+if TYPE_CHECKING:
+    from workers.offload.kv_blocks import OffloadedKV  # imports Ray
 
 
 def kv_block_bytes(cfg: ModelConfig, block_size: int, kv_heads: int) -> int:
@@ -48,7 +51,7 @@ class ModelRunner:
     def __init__(self, cfg: ModelConfig, model: LlamaForCausalLM, num_blocks: int,
                  block_size: int, device: str = "cpu", attention_backend: str = "auto",
                  tp: Optional[TPGroup] = None, offload: Optional[OffloadLink] = None,
-                 offload_micro_batches: int = 1) -> None:
+                 offload_micro_batches: int = 1, offloaded_kv: Optional["OffloadedKV"] = None) -> None:
         self.cfg = cfg
         self.model = model
         self.tp = tp or TPGroup()
@@ -60,6 +63,7 @@ class ModelRunner:
         # This rank's KV heads only (all of them without tensor parallelism); none here
         # when attention is offloaded: the attention workers hold it.
         self.offload, self.offload_micro_batches = offload, offload_micro_batches
+        self.offloaded_kv = offloaded_kv  # migration and P/D read and write the blocks there
         if offload is not None:
             model.offload_attention(offload.attend)
         self.kv_caches = torch.zeros(cfg.num_layers, 2, 0 if offload else num_blocks, block_size,
@@ -190,7 +194,8 @@ class ModelRunner:
         steps, for blocks no step writes (full or paused) or layers the running forward
         has done (self.progress). A device cache is staged through pinned host memory
         (a DMA copy)."""
-        self._check_kv_here()
+        if self.offloaded_kv is not None:
+            return self.offloaded_kv.read(block_ids, layers)
         cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
         blocks = cache[:, :, self._tensor(block_ids)]
         if blocks.device.type == "cpu":
@@ -202,14 +207,11 @@ class ModelRunner:
 
     def write_blocks(self, block_ids: list[int], data: torch.Tensor,
                      layers: Optional[tuple[int, int]] = None) -> None:
-        self._check_kv_here()
         cache = self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
         expected = (cache.shape[0], 2, len(block_ids), *cache.shape[3:])
         if tuple(data.shape) != expected:
             raise ValueError(f"KV data has shape {tuple(data.shape)}, expected {expected}")
-        cache[:, :, self._tensor(block_ids)] = data.to(cache.device, cache.dtype)
-
-    def _check_kv_here(self) -> None:
-        if self.offload is not None:
-            raise NotImplementedError("this worker's KV cache is on its attention workers; moving it (migration, "
-                                      "P/D) is not supported with attention offloading yet")
+        if self.offloaded_kv is not None:
+            self.offloaded_kv.write(block_ids, data, layers)
+        else:
+            cache[:, :, self._tensor(block_ids)] = data.to(cache.device, cache.dtype)

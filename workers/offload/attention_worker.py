@@ -48,6 +48,25 @@ class AttentionWorker:
                 raise ValueError(f"unknown attention command {command!r}")
             self._attend([self._attach(b) for b in command.batches])
 
+    def read_blocks(self, block_ids: list[int], layers: Optional[tuple[int, int]]) -> torch.Tensor:
+        """This shard of some blocks, for migration (kv_blocks.py): [layers, 2, n,
+        block_size, kv_heads of the shard, head_dim], in host memory."""
+        return self._layers(layers)[:, :, self._ids(block_ids)].cpu()
+
+    def write_blocks(self, block_ids: list[int], data: torch.Tensor, layers: Optional[tuple[int, int]]) -> None:
+        cache = self._layers(layers)
+        expected = (cache.shape[0], 2, len(block_ids), *cache.shape[3:])
+        if tuple(data.shape) != expected:
+            raise ValueError(f"KV data for attention worker {self.rank} has shape {tuple(data.shape)}, "
+                             f"expected {expected}")
+        cache[:, :, self._ids(block_ids)] = data.to(cache.device, cache.dtype)
+
+    def _layers(self, layers: Optional[tuple[int, int]]) -> torch.Tensor:
+        return self.kv_caches if layers is None else self.kv_caches[layers[0]:layers[1]]
+
+    def _ids(self, block_ids: list[int]) -> torch.Tensor:
+        return torch.tensor(block_ids, dtype=torch.long, device=self.device)
+
     def _attend(self, batches: list[AttentionBatch]) -> None:
         pg, s, d = self.group.pg, self.shard, self.head_dim
         split = (s.q_heads * d, s.kv_heads * d, s.kv_heads * d)

@@ -26,6 +26,11 @@ class AttentionOffloadConfig:
             if not isinstance(amount, (int, float)) or isinstance(amount, bool) or amount <= 0:
                 raise ValueError(f"attention_offload.resources[{key!r}] must be a number > 0, got {amount!r}")
 
+    def bundles(self) -> list[dict[str, float]]:
+        """One placement-group bundle per attention worker: its CPUs and the resources
+        that place it."""
+        return [{"CPU": self.cpus_per_worker, **self.resources} for _ in range(self.workers)]
+
     @classmethod
     def parse(cls, raw: Optional[Any]) -> Optional["AttentionOffloadConfig"]:
         if raw is None or isinstance(raw, cls):

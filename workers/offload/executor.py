@@ -1,13 +1,15 @@
 """The model worker's side of its attention workers: one Ray actor per worker, each in
 a bundle of its own (CPUs plus any resource label that puts it on another device
-kind), and a process group that the model worker joins as rank 0."""
+kind), and a process group that the model worker joins as rank 0. The bundles are
+the last ones of the worker's placement group when the cluster manager made it
+(workers/parallel/bundles.py); the offline engine makes a group of its own."""
 
 from __future__ import annotations
 
 from typing import Optional
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.models.config import ModelConfig
@@ -15,28 +17,37 @@ from workers.offload.attention_worker import AttentionWorker
 from workers.offload.commands import StopAttending
 from workers.offload.config import AttentionOffloadConfig
 from workers.offload.heads import head_shards
+from workers.offload.kv_blocks import OffloadedKV
 from workers.offload.link import OffloadLink
+from workers.parallel.bundles import WorkerBundles
 from workers.parallel.executor import ended_loop
 from workers.parallel.group import join_group, open_store
 
 
 class OffloadExecutor:
     def __init__(self, config: AttentionOffloadConfig, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: str, timeout_s: float) -> None:
+                 device: str, timeout_s: float, group: Optional[PlacementGroup] = None,
+                 layout: Optional[WorkerBundles] = None) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
         self.shards = head_shards(cfg.num_heads, cfg.num_kv_heads, config.workers)
-        bundles = [{"CPU": config.cpus_per_worker, **config.resources} for _ in self.shards]
-        self.placement = placement_group(bundles, strategy="PACK")
+        self.owns_placement = group is None
+        if self.owns_placement:
+            self.placement = placement_group(config.bundles(), strategy="PACK")
+            self.bundle_indexes = list(range(config.workers))
+        else:
+            self.placement = group
+            self.bundle_indexes = [layout.attention_bundle(j) for j in range(config.workers)]
         self.workers: list = []
         self.timeout_s = timeout_s
         try:
             try:
                 ray.get(self.placement.ready(), timeout=timeout_s)
             except ray.exceptions.GetTimeoutError:
-                raise RuntimeError(f"attention offloading could not place its {len(bundles)} workers within "
-                                   f"{timeout_s:g} s: it asks for bundles {bundles}") from None
+                raise RuntimeError(f"attention offloading could not place its {config.workers} workers within "
+                                   f"{timeout_s:g} s: it asks for bundles {config.bundles()}") from None
             self.link = self._start(config, cfg, num_blocks, block_size, device)
+            self.kv = OffloadedKV(self.workers, self.shards, timeout_s)
         except BaseException:
             self._release()
             raise
@@ -48,11 +59,13 @@ class OffloadExecutor:
         store = open_store(host, size, self.timeout_s)
         actor = ray.remote(max_concurrency=2)(AttentionWorker)  # a second thread for calls beside serve()
         dtype = str(cfg.dtype).removeprefix("torch.")
-        for j, (shard, bundle) in enumerate(zip(self.shards, self.placement.bundle_specs)):
+        for j, (shard, index) in enumerate(zip(self.shards, self.bundle_indexes)):
+            bundle = self.placement.bundle_specs[index]
             extra = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
             self.workers.append(actor.options(
                 num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0), resources=extra or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, placement_group_bundle_index=j)
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement,
+                                                                     placement_group_bundle_index=index)
             ).remote(j + 1, size, shard, cfg.num_layers, num_blocks, block_size, cfg.head_dim, dtype, device,
                      self.timeout_s))
         joined = [w.join.remote(host, store.port) for w in self.workers]
@@ -77,4 +90,5 @@ class OffloadExecutor:
     def _release(self) -> None:
         for worker in self.workers:
             ray.kill(worker)
-        remove_placement_group(self.placement)
+        if self.owns_placement:
+            remove_placement_group(self.placement)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import ray
-from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.experts.table import PlacementTable
@@ -30,20 +30,20 @@ FREE_CPUS_WAIT_S = 5.0
 class TPExecutor:
     def __init__(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
                  device: str, strategy: str, cpus_per_rank: float, timeout_s: float,
-                 placement: Optional[PlacementTable] = None) -> None:
+                 placement: Optional[PlacementTable] = None, group: Optional[PlacementGroup] = None) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
         # Bundle 0 is the leader's. A worker actor already sits in bundle 0 of the
-        # group the cluster manager made for it; anywhere else (the offline LLM's
+        # group the cluster manager made for it (`group`, workers/parallel/bundles.py:
+        # bundles 1..size-1 are the other ranks'); anywhere else (the offline LLM's
         # driver) this instance makes its own group and owns it.
-        current = get_current_placement_group()
-        self.owns_placement = current is None or len(current.bundle_specs) != size
+        self.owns_placement = group is None
         if self.owns_placement:
             bundles = [{"CPU": cpus_per_rank}] * size
             _wait_for_free_cpus(size * cpus_per_rank, bundles)
             self.placement = placement_group(bundles, strategy=strategy)
         else:
-            self.placement = current
+            self.placement = group
         self.ranks: list = []
         try:
             self._wait_for_placement(timeout_s)
@@ -70,7 +70,7 @@ class TPExecutor:
                               self.placement, placement_group_bundle_index=rank)).remote(
                     str(model_dir), dtype, rank, size, num_blocks, block_size, device, timeout_s,
                     placement.to_dict() if placement is not None else None)
-            for rank, bundle in enumerate(self.placement.bundle_specs) if rank > 0
+            for rank, bundle in enumerate(self.placement.bundle_specs[:size]) if rank > 0
         ]
         joined = [r.join.remote(host, store.port) for r in self.ranks]
         self.group: TPGroup = join_group(store, host, store.port, 0, size, timeout_s)
