@@ -187,3 +187,35 @@ def test_a_worker_group_without_the_attention_bundles_is_refused(ray_local, make
             ray_local.get(build.remote(str(make_model(MODEL))))
     finally:
         remove_placement_group(group)
+
+
+@pytest.mark.parametrize("offloading", ["prefill", "decode"])
+def test_prefill_hands_off_to_decode_with_an_offloading_worker_on_either_side(ray_local, make_model, offloading):
+    """P/D: the prompt's KV streams layer by layer from the prefill worker to the
+    decode worker while the prefill computes; on an offloading side it is read from,
+    or written to, the attention workers. The client sees the undisturbed output."""
+    model = str(make_model(MODEL))
+    offload = {"attention_offload": {"workers": 2, "cpus_per_worker": 0.5}}
+    prefill = worker_streams.start(ray_local, f"pre-{offloading}", model, "prefill", max_num_batched_tokens=32,
+                                   **(offload if offloading == "prefill" else {}))
+    decode = worker_streams.start(ray_local, f"dec-{offloading}", model, "decode",
+                                  **(offload if offloading == "decode" else {}))
+    handles = {f"pre-{offloading}": prefill, f"dec-{offloading}": decode}
+    try:
+        busy = decode.generate.remote(WorkerRequest("busy", worker_streams.prompt(41, 50), PARAMS))
+        p, params = worker_streams.prompt(42, 300), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+        follower = worker_streams.Follower(handles, f"pre-{offloading}")
+        events, _ = worker_streams.run(follower.run(
+            WorkerRequest("pd", p, params, handoff_to=f"dec-{offloading}"), 1 << 30, [], f"pre-{offloading}"))
+        assert worker_streams.tokens(events) == worker_streams.undisturbed(model, p, params)
+        assert [(a.worker_id, a.moved_in) for a in follower.attempts] == [
+            (f"pre-{offloading}", False), (f"dec-{offloading}", True)]
+        result = ray_local.get(prefill.recent_handoffs.remote())[-1]
+        assert result.committed and result.stages >= 3, result  # streamed while the prefill computed
+        for ref in busy:
+            ray_local.get(ref)
+        worker_streams.assert_all_free(ray_local, prefill, decode)
+    finally:
+        for h in handles.values():
+            ray_local.get(h.shutdown.remote())
+            ray_local.kill(h)
