@@ -78,7 +78,7 @@ def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
             for worker in engine.offload.workers:
                 pin_actor(worker, 1)
         link = engine.runner.offload
-        before = (link.traffic.wait_s, link.traffic.bytes_out, link.traffic.bytes_in, link.traffic.tokens) \
+        before = (link.traffic.exchange_s, link.traffic.bytes_out, link.traffic.bytes_in, link.traffic.tokens) \
             if link else None
         steps = []
         while engine.has_unfinished_requests():
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, context: int, offload: Any) -> dict[str, Any]:
                "tokens_per_s": args.batch * len(steps) / sum(steps)}
         if link:
             t = link.traffic
-            row["wait_ms_per_step"] = (t.wait_s - before[0]) / len(steps) * 1000
+            row["wait_ms_per_step"] = (t.exchange_s - before[0]) / len(steps) * 1000
             tokens = t.tokens - before[3]
             row["bytes_out_per_token_layer"] = (t.bytes_out - before[1]) / tokens
             row["bytes_in_per_token_layer"] = (t.bytes_in - before[2]) / tokens

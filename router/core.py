@@ -96,6 +96,7 @@ class RouterCore:
                 await self.refresh()
             except Exception as e:  # noqa: BLE001 - keep serving on the last snapshot
                 log.warning("refreshing the worker snapshot failed: %s", e)
+            self.metrics.keep_alive()
             await asyncio.sleep(self.config.snapshot_interval_s)
 
     # -- requests ------------------------------------------------------------------------

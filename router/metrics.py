@@ -50,3 +50,8 @@ class RouterMetrics:
     def started(self, delta: int) -> None:
         self._in_flight += delta
         self.in_flight.set(self._in_flight, {"model": self.model})
+
+    def keep_alive(self) -> None:
+        """Set the gauges again: Ray stops exporting a gauge that is not set for a
+        while, and an idle router's in-flight count changes rarely."""
+        self.in_flight.set(self._in_flight, {"model": self.model})

@@ -7,6 +7,8 @@ from ray.util import metrics
 
 from workers.engine.outputs import EngineStats
 from workers.migration import MigrationResult
+from workers.offload.link import OffloadTraffic
+from workers.offload.stats import OffloadStats
 
 MIGRATION_DOWNTIME_BOUNDARIES = [0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5]
 STEP_TIME_BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
@@ -78,8 +80,59 @@ class WorkerMetrics:
             "yard_worker_expert_replacement_seconds", "a live expert re-placement, from its start to the swap "
             "(or the abort)", REPLACEMENT_BOUNDARIES, keys)
         self._last: EngineStats | None = None
+        self._offload_metrics(keys)
         # Running (count, seconds) per phase and of KV copies, for `Worker.phase_totals`.
         self.totals: dict[str, tuple[int, float]] = {}
+
+    def _offload_metrics(self, keys: tuple[str, ...]) -> None:
+        per_worker = keys + ("attention_worker",)
+        self.offload_bytes = metrics.Counter(
+            "yard_worker_offload_bytes", "attention offloading: bytes sent to the attention workers (direction "
+            "out: q, k, v) and received from them (in: attention outputs)", keys + ("direction",))
+        self.offload_forwards = metrics.Counter(
+            "yard_worker_offload_forwards", "attention offloading: forwards that ran their attention on the "
+            "attention workers", keys)
+        self.offload_layer_calls = metrics.Counter(
+            "yard_worker_offload_layer_calls", "attention offloading: micro-batch-layers exchanged with the "
+            "attention workers", keys)
+        self.offload_seconds = metrics.Counter(
+            "yard_worker_offload_seconds", "attention offloading, seconds: forward (whole forwards), blocked "
+            "(waiting for attention outputs), exchange (from sending q, k, v to having the outputs, per "
+            "micro-batch-layer); dense compute is forward - blocked, the hidden share 1 - blocked / exchange",
+            keys + ("part",))
+        self.offload_attention_seconds = metrics.Counter(
+            "yard_worker_offload_attention_seconds", "attention offloading: seconds each attention worker spent "
+            "computing attention", per_worker)
+        self.offload_kv_bytes = metrics.Gauge(
+            "yard_worker_offload_kv_bytes", "attention offloading: each attention worker's shard of the KV blocks "
+            "in use", per_worker)
+        self.offload_kv_capacity_bytes = metrics.Gauge(
+            "yard_worker_offload_kv_capacity_bytes", "attention offloading: each attention worker's shard of the "
+            "whole KV cache", per_worker)
+        self._last_offload: OffloadStats | None = None
+
+    def offload(self, stats: OffloadStats) -> None:
+        """Counters advanced and gauges set from an offloading worker's stats."""
+        t, now, last = self.tags, stats.traffic, self._last_offload
+        before = last.traffic if last is not None else OffloadTraffic()
+        for counter, tags, field in (
+                (self.offload_bytes, {**t, "direction": "out"}, "bytes_out"),
+                (self.offload_bytes, {**t, "direction": "in"}, "bytes_in"),
+                (self.offload_forwards, t, "steps"),
+                (self.offload_layer_calls, t, "layer_calls"),
+                (self.offload_seconds, {**t, "part": "forward"}, "forward_s"),
+                (self.offload_seconds, {**t, "part": "blocked"}, "blocked_s"),
+                (self.offload_seconds, {**t, "part": "exchange"}, "exchange_s")):
+            if getattr(now, field) > getattr(before, field):
+                counter.inc(getattr(now, field) - getattr(before, field), tags)
+        for j, seconds in enumerate(stats.attention_s):
+            tags = {**t, "attention_worker": str(j)}
+            previous = last.attention_s[j] if last is not None else 0.0
+            if seconds > previous:
+                self.offload_attention_seconds.inc(seconds - previous, tags)
+            self.offload_kv_bytes.set(stats.kv_bytes_used[j], tags)
+            self.offload_kv_capacity_bytes.set(stats.kv_bytes_total[j], tags)
+        self._last_offload = stats
 
     def update(self, stats: EngineStats) -> None:
         """Gauges and counters from the engine's stats; step times are observed per step."""

@@ -495,6 +495,9 @@ class Worker:
     def _report(self, now: float) -> None:
         self._load = self._build_report()
         self._metrics.update(self.engine.stats())
+        offload = self.engine.offload_stats()
+        if offload is not None:
+            self._metrics.offload(offload)
         if self._experts is not None:
             self._experts.maybe_take(now)
             self._maybe_replace_experts()

@@ -285,8 +285,32 @@ def expert_parallel_worker(ray_local: Any, make_model: Any, prometheus: "Prometh
         ray_local.kill(worker)
 
 
+@contextlib.contextmanager
+def offloading_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
+    """A worker with two attention workers beside the app, decoding in two
+    micro-batches, alive while the queries run: the offloading row has data."""
+    config = WorkerConfig("w-offload", EngineConfig(
+        model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
+        attention_offload={"workers": 2, "micro_batches": 2, "cpus_per_worker": 0.25}))
+    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-offload"),
+                                              namespace=ACTOR_NAMESPACE).remote(config)
+    try:
+        requests = [worker.generate.remote(WorkerRequest(f"off-{i}", tuple(range(10 + i, 40 + i)),
+                                                         SamplingParams(max_tokens=16))) for i in range(4)]
+        for stream in requests:
+            for ref in stream:
+                ray_local.get(ref)
+        assert prometheus.wait_for('ray_yard_worker_offload_bytes_total{direction="in"}', 60)
+        assert prometheus.wait_for("ray_yard_worker_offload_attention_seconds_total", 60)
+        yield
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+
+
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus, make_model):
-    with expert_parallel_worker(ray_local, make_model, prometheus):
+    with expert_parallel_worker(ray_local, make_model, prometheus), \
+            offloading_worker(ray_local, make_model, prometheus):
         every_query_returns_data(serve_app, ray_local, prometheus)
 
 

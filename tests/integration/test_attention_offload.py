@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 import worker_streams
+from conditions import wait_until
 from test_migration_engine import Run, busy_destination, migrate, undisturbed
 from test_migration_engine import prompt as migration_prompt
 
@@ -42,6 +43,12 @@ def run_twice(llm: LLM) -> list:
     return outs
 
 
+def timed_stats(engine: LLMEngine):
+    """The offload stats once every attention worker's compute time has been polled."""
+    stats = engine.offload_stats()
+    return stats if min(stats.attention_s) > 0 else None
+
+
 @pytest.fixture(scope="module")
 def reference(make_model):
     with LLM(model=str(make_model(MODEL)), **ENGINE_ARGS) as llm:
@@ -56,6 +63,12 @@ def test_offloaded_attention_matches_the_plain_engine(ray_local, make_model, ref
         runner = llm.engine.runner
         assert runner.kv_caches.numel() == 0  # no KV on the model worker
         traffic = runner.offload.traffic
+        # Metrics: every attention worker computed; each holds its KV heads' shard of
+        # all 40 blocks (4 layers, K and V, 8 slots, 4 / workers heads of 32 floats).
+        stats = wait_until(lambda: timed_stats(llm.engine), 10, "the attention workers' compute times")
+        assert stats.kv_bytes_total == (40 * 4 * 2 * 8 * (4 // workers) * 32 * 4,) * workers
+        assert stats.kv_bytes_used == (0,) * workers  # all requests ended
+        assert 0 < traffic.blocked_s < traffic.forward_s and traffic.blocked_s <= traffic.exchange_s
     for a, b in zip(got, reference, strict=True):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):

@@ -39,6 +39,7 @@ from workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from workers.offload.executor import OffloadExecutor
+    from workers.offload.stats import OffloadStats
     from workers.parallel.executor import TPExecutor
 
 _RECENT_STEPS = 64  # window of the step-time averages
@@ -387,6 +388,12 @@ class LLMEngine:
             queued_prefill_tokens=self.scheduler.queued_prefill_tokens,
             num_migrated_out=self._migrated_out,
         )
+
+    def offload_stats(self) -> Optional["OffloadStats"]:
+        """The attention workers' traffic, timings and KV (None without offloading)."""
+        if self.offload is None:
+            return None
+        return self.offload.stats(self.blocks.num_blocks - self.blocks.num_free_blocks)
 
     # -- live migration (handoff.py has the protocol's engine side) ------------------------
     # Source: start → advance* (stages, then the pause) → complete (or resume). Destination: reserve →

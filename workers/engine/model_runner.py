@@ -7,6 +7,7 @@ Owns the KV cache tensor: [layers, 2 (K, V), num_blocks, block_size, kv_heads, h
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
@@ -101,13 +102,17 @@ class ModelRunner:
 
     def _offloaded_forward(self, inputs: StepInputs) -> torch.Tensor:
         """Attention on the attention workers; a decode step in micro-batches that take turns."""
+        start = time.perf_counter()
         parts = micro_batches(inputs.attention, self.offload_micro_batches)
         self.offload.begin([rows_of(inputs.attention, p) for p in parts])
         if len(parts) == 1:
-            return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
-                              on_layer=self._layer_done)
-        return forward_in_turns(self.model, self.offload, inputs.input_ids, inputs.positions, parts,
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.attention,
                                 on_layer=self._layer_done)
+        else:
+            hidden = forward_in_turns(self.model, self.offload, inputs.input_ids, inputs.positions, parts,
+                                      on_layer=self._layer_done)
+        self.offload.traffic.forward_s += time.perf_counter() - start
+        return hidden
 
     def _layer_done(self, layer: int) -> None:
         event = None

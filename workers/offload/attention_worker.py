@@ -5,6 +5,7 @@ tables; this worker only holds the blocks, at the ids the step's batch names."""
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -25,6 +26,7 @@ class AttentionWorker:
         self.dtype, self.device = getattr(torch, dtype) if dtype in DTYPES else torch.float32, torch.device(device)
         self.num_blocks, self.timeout_s = num_blocks, timeout_s
         self.scale = head_dim ** -0.5
+        self.attention_s = 0.0  # computing attention (writing k, v included), read by metrics
         self.group: Optional[TPGroup] = None
         self.kv_caches: Optional[torch.Tensor] = None
         use_kernel = self.device.type == "cpu" and self.dtype == torch.float32
@@ -47,6 +49,9 @@ class AttentionWorker:
             if not isinstance(command, AttendStep):
                 raise ValueError(f"unknown attention command {command!r}")
             self._attend([self._attach(b) for b in command.batches])
+
+    def attention_seconds(self) -> float:
+        return self.attention_s
 
     def read_blocks(self, block_ids: list[int], layers: Optional[tuple[int, int]]) -> torch.Tensor:
         """This shard of some blocks, for migration (kv_blocks.py): [layers, 2, n,
@@ -75,10 +80,13 @@ class AttentionWorker:
                 tokens, tag = batch.slot_mapping.shape[0], layer * len(batches) + i
                 packed = torch.empty(tokens, sum(split), dtype=self.dtype, device=self.device)
                 pg.recv([packed], 0, tag).wait()
+                start = time.perf_counter()
                 q, k, v = packed.split(split, dim=1)
                 o = paged_attention(q.view(tokens, s.q_heads, d), k.reshape(tokens, s.kv_heads, d),
                                     v.reshape(tokens, s.kv_heads, d), self.kv_caches[layer], batch, self.scale)
-                pg.send([o.flatten(1).contiguous()], 0, tag).wait()
+                out = o.flatten(1).contiguous()
+                self.attention_s += time.perf_counter() - start
+                pg.send([out], 0, tag).wait()
 
     def _attach(self, batch: AttentionBatch) -> AttentionBatch:
         batch.decode_kernel = self.decode_kernel

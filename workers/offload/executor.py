@@ -6,12 +6,15 @@ the last ones of the worker's placement group when the cluster manager made it
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from typing import Optional
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from workers.engine.model_runner import kv_block_bytes
 from workers.models.config import ModelConfig
 from workers.offload.attention_worker import AttentionWorker
 from workers.offload.commands import StopAttending
@@ -19,9 +22,13 @@ from workers.offload.config import AttentionOffloadConfig
 from workers.offload.heads import head_shards
 from workers.offload.kv_blocks import OffloadedKV
 from workers.offload.link import OffloadLink
+from workers.offload.stats import OffloadStats
 from workers.parallel.bundles import WorkerBundles
 from workers.parallel.executor import ended_loop
 from workers.parallel.group import join_group, open_store
+
+
+ATTENTION_POLL_S = 1.0
 
 
 class OffloadExecutor:
@@ -48,6 +55,11 @@ class OffloadExecutor:
                                    f"{timeout_s:g} s: it asks for bundles {config.bundles()}") from None
             self.link = self._start(config, cfg, num_blocks, block_size, device)
             self.kv = OffloadedKV(self.workers, self.shards, timeout_s)
+            self.shard_block_bytes = [kv_block_bytes(cfg, block_size, s.kv_heads) for s in self.shards]
+            self.num_blocks = num_blocks
+            self._attention_s = tuple(0.0 for _ in self.workers)
+            self._asked: Optional[list] = None  # attention-time calls under way
+            self._asked_at = float("-inf")
         except BaseException:
             self._release()
             raise
@@ -77,6 +89,29 @@ class OffloadExecutor:
     def check_workers(self) -> Optional[str]:
         """None while every attention worker's loop runs; else what ended one."""
         return ended_loop(self.loops, "attention worker")
+
+    def stats(self, used_blocks: int) -> OffloadStats:
+        """Never waits: the attention workers' compute times are those of the last
+        poll, asked at most once per ATTENTION_POLL_S (a Ray call beside their loop)."""
+        self._poll_attention_times()
+        return OffloadStats(dataclasses.replace(self.link.traffic), self._attention_s,
+                            tuple(used_blocks * b for b in self.shard_block_bytes),
+                            tuple(self.num_blocks * b for b in self.shard_block_bytes))
+
+    def _poll_attention_times(self) -> None:
+        if self._asked is not None:
+            ready, _ = ray.wait(self._asked, num_returns=len(self._asked), timeout=0)
+            if len(ready) < len(self._asked):
+                return
+            try:
+                self._attention_s = tuple(ray.get(self._asked))
+            except ray.exceptions.RayError:
+                pass  # a dead attention worker: the step path fails the instance
+            self._asked = None
+        now = time.monotonic()
+        if now - self._asked_at >= ATTENTION_POLL_S:
+            self._asked = [w.attention_seconds.remote() for w in self.workers]
+            self._asked_at = now
 
     def shutdown(self) -> None:
         try:

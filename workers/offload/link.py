@@ -26,7 +26,16 @@ class OffloadTraffic:
     bytes_out: int = 0  # q, k, v sent
     bytes_in: int = 0  # attention outputs received
     tokens: int = 0  # token-layers sent (a token counts once per layer)
-    wait_s: float = 0.0  # from sending a micro-batch's q, k, v to its outputs, summed (overlaps count twice)
+    # Per micro-batch and layer, from sending q, k, v to having the outputs: attention
+    # plus transfer, summed (micro-batches in flight together count each).
+    exchange_s: float = 0.0
+    blocked_s: float = 0.0  # of that, the time the model worker sat waiting for outputs (none hidden)
+    forward_s: float = 0.0  # whole offloaded forwards; forward_s - blocked_s is the dense compute here
+
+    @property
+    def overlap(self) -> float:
+        """The share of attention and transfer time hidden behind dense compute."""
+        return 1.0 - self.blocked_s / self.exchange_s if self.exchange_s else 0.0
 
 
 class OffloadLink:
@@ -67,16 +76,19 @@ class OffloadLink:
 
     def receive(self, exchange: Exchange) -> torch.Tensor:
         """The outputs of an exchange sent earlier, once every worker has answered."""
+        waited = time.perf_counter()
         try:
             for work in exchange.works:
                 work.wait()
         except RuntimeError as e:
             raise RankFailure(f"attention worker failed at layer {exchange.layer}: {e}") from e
+        done = time.perf_counter()
+        self.traffic.blocked_s += done - waited
+        self.traffic.exchange_s += done - exchange.sent_at
         outs = exchange.outputs
         self.traffic.bytes_in += sum(o.numel() * o.element_size() for o in outs)
         self.traffic.layer_calls += 1
         self.traffic.tokens += exchange.tokens
-        self.traffic.wait_s += time.perf_counter() - exchange.sent_at
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
 
 
