@@ -55,10 +55,12 @@ def reference(make_model):
         return run_twice(llm)
 
 
-@pytest.mark.parametrize("workers, micro_batches", [(1, 2), (2, 1), (2, 2)])
-def test_offloaded_attention_matches_the_plain_engine(ray_local, make_model, reference, workers, micro_batches):
+@pytest.mark.parametrize("workers, micro_batches, tp", [(1, 2, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2)])
+def test_offloaded_attention_matches_the_plain_engine(ray_local, make_model, reference, workers, micro_batches, tp):
+    """With tp = 2, each rank sends its heads to one attention worker of its own."""
     offload = {"workers": workers, "micro_batches": micro_batches, "cpus_per_worker": 0.5}
-    with LLM(model=str(make_model(MODEL)), attention_offload=offload, **ENGINE_ARGS) as llm:
+    with LLM(model=str(make_model(MODEL)), attention_offload=offload, tensor_parallel_size=tp,
+             tp_cpus_per_rank=0.5, **ENGINE_ARGS) as llm:
         got = run_twice(llm)
         runner = llm.engine.runner
         assert runner.kv_caches.numel() == 0  # no KV on the model worker
@@ -66,16 +68,17 @@ def test_offloaded_attention_matches_the_plain_engine(ray_local, make_model, ref
         # Metrics: every attention worker computed; each holds its KV heads' shard of
         # all 40 blocks (4 layers, K and V, 8 slots, 4 / workers heads of 32 floats).
         stats = wait_until(lambda: timed_stats(llm.engine), 10, "the attention workers' compute times")
-        assert stats.kv_bytes_total == (40 * 4 * 2 * 8 * (4 // workers) * 32 * 4,) * workers
-        assert stats.kv_bytes_used == (0,) * workers  # all requests ended
+        assert stats.kv_bytes_total == (40 * 4 * 2 * 8 * (4 // workers) * 32 * 4,) * (workers // tp)
+        assert stats.kv_bytes_used == (0,) * (workers // tp)  # all requests ended
         assert 0 < traffic.blocked_s < traffic.forward_s and traffic.blocked_s <= traffic.exchange_s
     for a, b in zip(got, reference, strict=True):
         assert a.token_ids == b.token_ids
         for x, y in zip(a.logprobs, b.logprobs, strict=True):
             assert [t for t, _ in x.top_logprobs] == [t for t, _ in y.top_logprobs]
             assert max(abs(p - q) for (_, p), (_, q) in zip(x.top_logprobs, y.top_logprobs)) <= 1e-4
-    # Per token and layer: q and the new k, v out; the attention output back (float32).
-    hidden, kv = 256, 4 * 32
+    # Per token and layer: q and the new k, v out; the attention output back (float32);
+    # rank 0's heads with tp = 2.
+    hidden, kv = 256 // tp, 4 * 32 // tp
     assert traffic.bytes_out == traffic.tokens * (hidden + 2 * kv) * 4
     assert traffic.bytes_in == traffic.tokens * hidden * 4
     if micro_batches == 1:
@@ -110,7 +113,10 @@ def test_a_dead_attention_worker_fails_the_requests_clearly(ray_local, make_mode
     ({"workers": 2, "micro_batches": 0}, {}, r"attention_offload.micro_batches must be an integer >= 1, got 0"),
     ({"workers": 0}, {}, r"attention_offload.workers must be an integer >= 1, got 0"),
     ({"workers": 1, "gpus": 1}, {}, r"attention_offload has unknown keys \['gpus'\]"),
-    ({"workers": 1}, {"tensor_parallel_size": 2}, r"attention_offload with tensor_parallel_size 2"),
+    ({"workers": 1}, {"tensor_parallel_size": 2}, r"attention_offload.workers 1 must be a multiple of "
+                                                  r"tensor_parallel_size 2"),
+    ({"workers": 2}, {"tensor_parallel_size": 2, "expert_parallel_size": 2},
+     r"attention_offload with expert_parallel_size 2"),
 ])
 def test_bad_offload_settings_are_refused_naming_the_value(ray_local, make_model, offload, others, match):
     with pytest.raises(ValueError, match=match):

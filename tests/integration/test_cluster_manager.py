@@ -144,13 +144,15 @@ def test_tensor_parallel_worker_is_rank_0_in_its_own_placement_group(ray_local, 
 
 def test_attention_workers_sit_in_the_worker_group_and_their_death_replaces_it(ray_local, make_model):
     """An offloading worker's attention workers take the last bundles of the worker's
-    own group (no second group); when one dies, the running request fails with a code
-    routers retry elsewhere, and the manager replaces the whole instance."""
+    own group (no second group), after its tensor-parallel ranks': one per rank here.
+    When one dies, the running request fails with a code routers retry elsewhere, and
+    the manager replaces the whole instance."""
     model = str(make_model("tiny-llama"))
-    engine = EngineConfig(model=model, tp_timeout_s=20.0, attention_offload={"workers": 2, "cpus_per_worker": 0.5})
+    engine = EngineConfig(model=model, tp_timeout_s=20.0, tensor_parallel_size=2, tp_cpus_per_rank=0.5,
+                          attention_offload={"workers": 2, "cpus_per_worker": 0.5})
     config = ClusterConfig(name="t-off", engine=engine, num_workers=1, worker_cpus=0.5, load_poll_interval_s=0.2,
                            health_timeout_s=10.0)
-    assert config.worker_bundles() == [{"CPU": 0.5}] * 3
+    assert config.worker_bundles() == [{"CPU": 0.5}] * 4
     groups_before = set(ray_local.util.placement_group_table())
     manager = ray_local.remote(ClusterManager).remote(config)
     try:
@@ -158,10 +160,10 @@ def test_attention_workers_sit_in_the_worker_group_and_their_death_replaces_it(r
         (worker,) = ray_local.get(manager.snapshot.remote())
         made = [g for pg, g in ray_local.util.placement_group_table().items()
                 if pg not in groups_before and g["state"] == "CREATED"]
-        assert [(g["name"], len(g["bundles"])) for g in made] == [("yard-t-off-w0", 3)]
+        assert [(g["name"], len(g["bundles"])) for g in made] == [("yard-t-off-w0", 4)]
         pg = made[0]["placement_group_id"]
         free = ray_local.available_resources()
-        assert [free.get(f"CPU_group_{i}_{pg}", 0.0) for i in range(3)] == [0.0] * 3  # every bundle taken
+        assert [free.get(f"CPU_group_{i}_{pg}", 0.0) for i in range(4)] == [0.0] * 4  # every bundle taken
 
         expected = LLM(model=model).generate([[5, 6, 7, 8]], GREEDY)[0].token_ids
         events = [e for ref in worker.handle.generate.remote(WorkerRequest("off", (5, 6, 7, 8), GREEDY))
@@ -171,8 +173,9 @@ def test_attention_workers_sit_in_the_worker_group_and_their_death_replaces_it(r
         long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
         running = worker.handle.generate.remote(WorkerRequest("cut", (5, 6, 7), long))
         first = ray_local.get(next(running))
-        attention_worker = ray_local.get(worker.handle.__ray_call__.remote(lambda w: w.engine.offload.workers[1]))
-        ray_local.kill(attention_worker)
+        # Rank 1's attention worker: rank 1's exchange breaks, and with it the step.
+        rank_1 = ray_local.get(worker.handle.__ray_call__.remote(lambda w: w.engine.executor.ranks[0]))
+        ray_local.kill(ray_local.get(rank_1.__ray_call__.remote(lambda r: r.offload.workers[0])))
         events = first + [e for ref in running for e in ray_local.get(ref)]
         assert isinstance(events[-1], Failed) and events[-1].code == "worker_unhealthy", events[-1]
         assert "attention worker" in events[-1].message
@@ -180,8 +183,8 @@ def test_attention_workers_sit_in_the_worker_group_and_their_death_replaces_it(r
         groups = {g["name"]: g["state"] for g in ray_local.util.placement_group_table().values()}
         assert groups["yard-t-off-w0"] == "REMOVED" and groups["yard-t-off-w1"] == "CREATED"
 
-        # An idle instance whose attention worker dies is replaced too: no step notices
-        # it, the worker's idle check does.
+        # An idle instance whose (rank 0's) attention worker dies is replaced too: no
+        # step notices it, the worker's idle check does.
         (worker,) = ray_local.get(manager.snapshot.remote())
         ray_local.kill(ray_local.get(worker.handle.__ray_call__.remote(lambda w: w.engine.offload.workers[0])))
         wait_for_workers(ray_local, manager, {"t-off-w2": True})

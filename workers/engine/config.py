@@ -52,10 +52,14 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_offload", AttentionOffloadConfig.parse(self.attention_offload))
-        if self.attention_offload is not None and (self.tensor_parallel_size > 1 or self.expert_parallel_size > 1):
-            raise ValueError(f"attention_offload with tensor_parallel_size {self.tensor_parallel_size} and "
-                             f"expert_parallel_size {self.expert_parallel_size}: offloading runs with one model "
-                             f"rank so far")
+        offload = self.attention_offload
+        if offload is not None and self.expert_parallel_size > 1:
+            raise ValueError(f"attention_offload with expert_parallel_size {self.expert_parallel_size}: offloading "
+                             f"and expert parallelism do not run together yet")
+        if offload is not None and offload.workers % self.tensor_parallel_size:
+            raise ValueError(f"attention_offload.workers {offload.workers} must be a multiple of "
+                             f"tensor_parallel_size {self.tensor_parallel_size}: each rank sends its heads to "
+                             f"attention workers of its own")
         if self.attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}")
         if self.dtype is not None and self.dtype not in DTYPES:

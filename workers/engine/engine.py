@@ -32,6 +32,7 @@ from workers.models.mixtral import check_placement
 from workers.models.registry import load_model
 from workers.models.tiny import resolve_model
 from workers.models.tokenizer import load_tokenizer
+from workers.offload.heads import rank_shards
 from workers.parallel.bundles import WorkerBundles, adopt_worker_group
 from workers.parallel.group import RankFailure
 from workers.parallel.shards import ShardPlan
@@ -65,7 +66,10 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gib={config.kv_cache_memory_gib} holds no KV block")
         placement = self._expert_placement(mc)
-        bundles = WorkerBundles(tp_size, config.attention_offload.workers if config.attention_offload else 0)
+        offload = config.attention_offload
+        if offload is not None:
+            rank_shards(mc.num_heads, mc.num_kv_heads, offload.workers, tp_size)  # checks the split
+        bundles = WorkerBundles(tp_size, offload.workers if offload else 0)
         # The group the deployment made for this worker, if any (Ray only when needed).
         group = adopt_worker_group(bundles) if bundles.count > 1 else None
         self.executor = self._start_ranks(num_blocks, placement, group) if tp_size > 1 else None
@@ -73,8 +77,9 @@ class LLMEngine:
         try:
             _, model = load_model(self.model_dir, config.dtype, config.device,
                                   tp=self.executor.group if self.executor else None, placement=placement)
-            if config.attention_offload is not None:
-                self.offload = self._start_attention_workers(mc, num_blocks, group, bundles)
+            if offload is not None:  # rank 0's attention workers (the other ranks start theirs)
+                self.offload = self._start_attention_workers(
+                    mc, num_blocks, self.executor.placement if self.executor else group, bundles)
         except BaseException:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
@@ -126,7 +131,8 @@ class LLMEngine:
 
         c = self.config
         return TPExecutor(self.model_dir, c.dtype, c.tensor_parallel_size, num_blocks, c.block_size, c.device,
-                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement, group)
+                          c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement, group,
+                          c.attention_offload)
 
     def _start_attention_workers(self, mc: ModelConfig, num_blocks: int, group,
                                  bundles: WorkerBundles) -> "OffloadExecutor":
@@ -134,7 +140,7 @@ class LLMEngine:
 
         c = self.config
         return OffloadExecutor(c.attention_offload, mc, num_blocks, c.block_size, c.device, c.tp_timeout_s,
-                               group, bundles)
+                               group, 0, bundles)
 
     @property
     def healthy(self) -> bool:
@@ -253,7 +259,7 @@ class LLMEngine:
         try:
             sampling, logits = self.runner.execute(chunks)
         except RankFailure as e:
-            return outputs + self.fail(str(e))
+            return outputs + self.fail(self._failure(e))
         model_time = time.perf_counter() - model_start
         for seq, n in chunks:
             seq.num_computed_tokens += n
@@ -285,7 +291,7 @@ class LLMEngine:
         try:
             self.expert_moves.advance(stepping)
         except RankFailure as e:
-            return self.fail(str(e))
+            return self.fail(self._failure(e))
         return []
 
     def _append_token(self, seq: Sequence, token: SampledToken) -> StepOutput:
@@ -344,9 +350,18 @@ class LLMEngine:
         not wait."""
         if not self.healthy:
             return []
-        ended = (self.executor.check_ranks() if self.executor is not None else None) or \
-            (self.offload.check_workers() if self.offload is not None else None)
+        ended = self._ended_helper()
         return self.fail(ended) if ended else []
+
+    def _ended_helper(self) -> Optional[str]:
+        return (self.executor.check_ranks() if self.executor is not None else None) or \
+            (self.offload.check_workers() if self.offload is not None else None)
+
+    def _failure(self, e: RankFailure) -> str:
+        """A failed step's error, with the rank or attention worker that ended, when one
+        did: a timed-out collective alone does not say which, or why."""
+        ended = self._ended_helper()
+        return f"{e}; {ended}" if ended else str(e)
 
     def fail(self, error: str) -> list[StepOutput]:
         """The instance cannot step again (a rank is gone, or a step failed in a way

@@ -72,6 +72,11 @@ class Attention(nn.Module):
         q, k = rotary(positions, q, k)
         return q, k, v
 
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """Attention outputs [tokens, heads, head_dim] through o_proj, summed over the
+        ranks (the offloaded forward's second half of a layer's attention)."""
+        return self.tp.all_reduce(self.o(o.flatten(1)))
+
     def partial(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
         """This rank's heads' share of the output, before the ranks are summed."""

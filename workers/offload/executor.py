@@ -19,12 +19,12 @@ from workers.models.config import ModelConfig
 from workers.offload.attention_worker import AttentionWorker
 from workers.offload.commands import StopAttending
 from workers.offload.config import AttentionOffloadConfig
-from workers.offload.heads import head_shards
+from workers.offload.heads import rank_shards
 from workers.offload.kv_blocks import OffloadedKV
 from workers.offload.link import OffloadLink
 from workers.offload.stats import OffloadStats
 from workers.parallel.bundles import WorkerBundles
-from workers.parallel.executor import ended_loop
+from workers.parallel.loops import ended_loop
 from workers.parallel.group import join_group, open_store
 
 
@@ -33,18 +33,23 @@ ATTENTION_POLL_S = 1.0
 
 class OffloadExecutor:
     def __init__(self, config: AttentionOffloadConfig, cfg: ModelConfig, num_blocks: int, block_size: int,
-                 device: str, timeout_s: float, group: Optional[PlacementGroup] = None,
+                 device: str, timeout_s: float, group: Optional[PlacementGroup] = None, rank: int = 0,
                  layout: Optional[WorkerBundles] = None) -> None:
+        """The attention workers of tensor-parallel rank `rank` (K / tp_size of them),
+        in their bundles of `group` (laid out as `layout`); without a group, in one
+        of their own."""
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
-        self.shards = head_shards(cfg.num_heads, cfg.num_kv_heads, config.workers)
+        layout = layout or WorkerBundles(1, config.workers)
+        self.shards = rank_shards(cfg.num_heads, cfg.num_kv_heads, config.workers, layout.tp_size)
         self.owns_placement = group is None
         if self.owns_placement:
-            self.placement = placement_group(config.bundles(), strategy="PACK")
-            self.bundle_indexes = list(range(config.workers))
+            self.placement = placement_group(config.bundles()[:len(self.shards)], strategy="PACK")
+            self.bundle_indexes = list(range(len(self.shards)))
         else:
             self.placement = group
-            self.bundle_indexes = [layout.attention_bundle(j) for j in range(config.workers)]
+            first = rank * len(self.shards)
+            self.bundle_indexes = [layout.attention_bundle(first + j) for j in range(len(self.shards))]
         self.workers: list = []
         self.timeout_s = timeout_s
         try:
@@ -52,7 +57,7 @@ class OffloadExecutor:
                 ray.get(self.placement.ready(), timeout=timeout_s)
             except ray.exceptions.GetTimeoutError:
                 raise RuntimeError(f"attention offloading could not place its {config.workers} workers within "
-                                   f"{timeout_s:g} s: it asks for bundles {config.bundles()}") from None
+                                   f"{timeout_s:g} s: they ask for bundles {config.bundles()}") from None
             self.link = self._start(config, cfg, num_blocks, block_size, device)
             self.kv = OffloadedKV(self.workers, self.shards, timeout_s)
             self.shard_block_bytes = [kv_block_bytes(cfg, block_size, s.kv_heads) for s in self.shards]

@@ -52,7 +52,7 @@ def forward_in_turns(model: LlamaForCausalLM, link: OffloadLink, input_ids: torc
     for i, layer in enumerate(layers):
         for mb in range(len(parts)):
             o = link.receive(pending[mb])
-            x = xs[mb] + layer.self_attn.o(o.flatten(1))
+            x = xs[mb] + layer.self_attn.output(o)
             xs[mb] = x + layer.mlp(layer.post_attention_layernorm(x))
             if i + 1 < len(layers):
                 pending[mb] = send(i + 1, mb)

@@ -19,8 +19,10 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from workers.experts.table import PlacementTable
+from workers.offload.config import AttentionOffloadConfig
 from workers.parallel.commands import Stop
 from workers.parallel.group import TPGroup, join_group, open_store
+from workers.parallel.loops import ended_loop
 from workers.parallel.rank_worker import RankWorker
 
 STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
@@ -30,24 +32,26 @@ FREE_CPUS_WAIT_S = 5.0
 class TPExecutor:
     def __init__(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
                  device: str, strategy: str, cpus_per_rank: float, timeout_s: float,
-                 placement: Optional[PlacementTable] = None, group: Optional[PlacementGroup] = None) -> None:
+                 placement: Optional[PlacementTable] = None, group: Optional[PlacementGroup] = None,
+                 offload: Optional[AttentionOffloadConfig] = None) -> None:
         if not ray.is_initialized():
             ray.init(log_to_driver=False)
         # Bundle 0 is the leader's. A worker actor already sits in bundle 0 of the
         # group the cluster manager made for it (`group`, workers/parallel/bundles.py:
-        # bundles 1..size-1 are the other ranks'); anywhere else (the offline LLM's
-        # driver) this instance makes its own group and owns it.
+        # bundles 1..size-1 are the other ranks', then the attention workers');
+        # anywhere else (the offline LLM's driver) this instance makes its own group
+        # with the same layout and owns it.
         self.owns_placement = group is None
         if self.owns_placement:
-            bundles = [{"CPU": cpus_per_rank}] * size
-            _wait_for_free_cpus(size * cpus_per_rank, bundles)
+            bundles = [{"CPU": cpus_per_rank}] * size + (offload.bundles() if offload else [])
+            _wait_for_free_cpus(sum(b["CPU"] for b in bundles), bundles)
             self.placement = placement_group(bundles, strategy=strategy)
         else:
             self.placement = group
         self.ranks: list = []
         try:
             self._wait_for_placement(timeout_s)
-            self._start(model_dir, dtype, size, num_blocks, block_size, device, timeout_s, placement)
+            self._start(model_dir, dtype, size, num_blocks, block_size, device, timeout_s, placement, offload)
         except BaseException:
             self._release()  # no rank or bundle outlives a failed start
             raise
@@ -60,7 +64,8 @@ class TPExecutor:
                                                 self.placement.bundle_specs)) from None
 
     def _start(self, model_dir: Path, dtype: Optional[str], size: int, num_blocks: int, block_size: int,
-               device: str, timeout_s: float, placement: Optional[PlacementTable]) -> None:
+               device: str, timeout_s: float, placement: Optional[PlacementTable],
+               offload: Optional[AttentionOffloadConfig]) -> None:
         host = ray.util.get_node_ip_address()
         store = open_store(host, size, timeout_s)
         actor = ray.remote(max_concurrency=2)(RankWorker)
@@ -69,7 +74,7 @@ class TPExecutor:
                           scheduling_strategy=PlacementGroupSchedulingStrategy(
                               self.placement, placement_group_bundle_index=rank)).remote(
                     str(model_dir), dtype, rank, size, num_blocks, block_size, device, timeout_s,
-                    placement.to_dict() if placement is not None else None)
+                    placement.to_dict() if placement is not None else None, offload)
             for rank, bundle in enumerate(self.placement.bundle_specs[:size]) if rank > 0
         ]
         joined = [r.join.remote(host, store.port) for r in self.ranks]
@@ -96,18 +101,6 @@ class TPExecutor:
             ray.kill(rank)
         if self.owns_placement:
             remove_placement_group(self.placement)
-
-
-def ended_loop(loops: list, what: str) -> Optional[str]:
-    """None while every actor's loop (`loops[i]` the ref of actor i + 1's) runs; else
-    what ended the first one that ended."""
-    done, _ = ray.wait(loops, num_returns=len(loops), timeout=0)
-    for ref in done:
-        try:
-            return f"{what} {loops.index(ref) + 1} stopped: {ray.get(ref)}"
-        except Exception as e:  # a dead actor or a failed collective
-            return f"{what} {loops.index(ref) + 1} failed: {e}"
-    return None
 
 
 def _wait_for_free_cpus(cpus: float, bundles: list[dict[str, float]]) -> None:

@@ -1,5 +1,7 @@
 """A tensor-parallel rank other than 0: a Ray actor that holds its shard of the model
-and of the KV cache, and follows the leader's commands over the process group.
+and of the KV cache, and follows the leader's commands over the process group. With
+attention offloading its attention workers hold its KV heads instead, and it starts
+them itself, as the leader does its own.
 
 The leader (rank 0) owns the scheduler. Each step it broadcasts the step's inputs
 through the group; every rank runs the same forward, joining the all-reduces. No Ray
@@ -17,14 +19,20 @@ from workers.engine.model_runner import ModelRunner
 from workers.experts.table import PlacementTable
 from workers.models.registry import load_model
 from workers.models.expert_mover import follow
+from workers.offload.config import AttentionOffloadConfig
+from workers.offload.executor import OffloadExecutor
+from workers.parallel.bundles import WorkerBundles, adopt_worker_group
 from workers.parallel.commands import RankCommand, RunStep, StageExperts, Stop, SwapExperts
 from workers.parallel.group import TPGroup, join_group
 
 
 class RankWorker:
     def __init__(self, model_dir: str, dtype: Optional[str], rank: int, size: int, num_blocks: int,
-                 block_size: int, device: str, timeout_s: float, placement: Optional[dict] = None) -> None:
+                 block_size: int, device: str, timeout_s: float, placement: Optional[dict] = None,
+                 offload: Optional[AttentionOffloadConfig] = None) -> None:
         self.args = (Path(model_dir), dtype, device)
+        self.offload_config = offload
+        self.offload: Optional[OffloadExecutor] = None  # this rank's attention workers
         self.placement = PlacementTable.from_dict(placement) if placement is not None else None
         self.rank, self.size = rank, size
         self.num_blocks, self.block_size = num_blocks, block_size
@@ -37,7 +45,17 @@ class RankWorker:
         self.group = join_group(None, host, port, self.rank, self.size, self.timeout_s)
         model_dir, dtype, device = self.args
         cfg, model = load_model(model_dir, dtype, device, tp=self.group, placement=self.placement)
-        self.runner = ModelRunner(cfg, model, self.num_blocks, self.block_size, device, tp=self.group)
+        offload = self.offload_config
+        if offload is not None:
+            # This rank's heads go to attention workers of its own, in their bundles of
+            # the group this rank sits in (workers/parallel/bundles.py).
+            layout = WorkerBundles(self.size, offload.workers)
+            self.offload = OffloadExecutor(offload, cfg, self.num_blocks, self.block_size, device, self.timeout_s,
+                                           adopt_worker_group(layout), self.rank, layout)
+        self.runner = ModelRunner(cfg, model, self.num_blocks, self.block_size, device, tp=self.group,
+                                  offload=self.offload.link if self.offload else None,
+                                  offload_micro_batches=offload.micro_batches if offload else 1,
+                                  offloaded_kv=self.offload.kv if self.offload else None)
         return self.rank
 
     def serve(self) -> str:
@@ -48,6 +66,8 @@ class RankWorker:
             if isinstance(command, RunStep):
                 runner.run(runner.attach(command.inputs), command.forward_id)
             elif isinstance(command, Stop):
+                if self.offload is not None:
+                    self.offload.shutdown()
                 return "stopped"
             elif isinstance(command, (StageExperts, SwapExperts)):
                 follow(runner.model, command)
