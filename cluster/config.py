@@ -52,6 +52,9 @@ class ClusterConfig:
     pools: dict[str, PoolConfig] = field(default_factory=dict)  # "prefill" and "decode", both or neither
     worker_cpus: float = 1.0  # Ray CPUs each worker actor asks for
     gpus_per_rank: float = 0.0  # Ray GPUs of each tensor-parallel rank (the worker is rank 0)
+    # Extra Ray resources each rank's bundle asks for: a label that keeps the model's
+    # ranks on their node kind when attention workers run on another one.
+    rank_resources: dict[str, float] = field(default_factory=dict)
     load_poll_interval_s: float = 0.5
     health_timeout_s: float = 5.0
     failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
@@ -82,6 +85,10 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         if not self.gpus_per_rank >= 0:
             raise ValueError(f"gpus_per_rank must be >= 0, got {self.gpus_per_rank!r}")
+        for key, amount in self.rank_resources.items():
+            if key in ("CPU", "GPU") or isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0:
+                raise ValueError(f"rank_resources[{key!r}] must be a custom resource with a number > 0 (CPUs and "
+                                 f"GPUs are worker_cpus and gpus_per_rank), got {amount!r}")
         if not self.handoff_wait_s >= 0:
             raise ValueError(f"handoff_wait_s must be >= 0, got {self.handoff_wait_s!r}")
         if not isinstance(self.handoff_streaming, bool):
@@ -125,7 +132,7 @@ class ClusterConfig:
         engine = self.engine_for(role)
 
         def bundle(cpus: float) -> dict[str, float]:
-            return {"CPU": cpus, "GPU": gpus} if gpus else {"CPU": cpus}
+            return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **self.rank_resources}
         ranks = [bundle(cpus)] + [bundle(engine.tp_cpus_per_rank)] * (engine.tensor_parallel_size - 1)
         offload = engine.attention_offload
         return ranks + (offload.bundles() if offload is not None else [])

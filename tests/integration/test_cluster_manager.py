@@ -199,3 +199,11 @@ def test_config_errors_name_the_setting():
     with pytest.raises(ValueError, match=r"unknown engine settings \['blok_size'\]"):
         ClusterConfig.from_dict({"engine": {"blok_size": 8}})
     assert ClusterConfig.from_dict({"num_workers": 3, "engine": {"block_size": 8}}).engine.block_size == 8
+    with pytest.raises(ValueError, match=r"rank_resources\['GPU'\] must be a custom resource"):
+        ClusterConfig(rank_resources={"GPU": 1})
+    with pytest.raises(ValueError, match=r"rank_resources\['model-gpu'\] must be a custom resource with a number "
+                                         r"> 0 \(CPUs and GPUs are worker_cpus and gpus_per_rank\), got 0"):
+        ClusterConfig(rank_resources={"model-gpu": 0})
+    labelled = ClusterConfig(gpus_per_rank=1, rank_resources={"model-gpu": 1},
+                             engine=EngineConfig(attention_offload={"workers": 1, "resources": {"GPU": 1, "kv": 1}}))
+    assert labelled.worker_bundles() == [{"CPU": 1.0, "GPU": 1, "model-gpu": 1}, {"CPU": 1.0, "GPU": 1, "kv": 1}]

@@ -119,20 +119,35 @@ def test_values_make_a_valid_cluster_that_fits_the_pods(overlay):
     merged = merge({k: v for k, v in args.items() if k != "values_file"}, values_of(docs))
     cluster = ClusterConfig.from_dict(merged["cluster"])
     RouterConfig(cluster_name=cluster.name, **merged["router"])
-    (group,) = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    offered = {g["groupName"]: advertised(g) for g in groups}  # what each group's pods give Ray
+    used = {name: 0.0 for name in offered}  # GPUs the workers take from each group
+    for role, count in cluster.role_counts():  # mixed workers, or prefill and decode pools
+        engine = cluster.engine_for(role)
+        bundles = cluster.worker_bundles(role)
+        assert any(b.get("GPU", 0) for b in bundles) == (engine.device == "cuda")
+        rank_gpus = sum(b.get("GPU", 0) for b in bundles[:engine.tensor_parallel_size])
+        for bundle in bundles:  # each bundle fits one group's pods: its GPUs and resource labels
+            fits = [name for name, pod in offered.items()
+                    if all(pod.get(k, 0) >= v for k, v in bundle.items() if k != "CPU")]
+            assert len(fits) == 1, f"{role} bundle {bundle}: fits groups {fits}, not exactly one"
+            used[fits[0]] += count * bundle.get("GPU", 0)
+            if bundle in bundles[:engine.tensor_parallel_size] and engine.placement_strategy.startswith("STRICT"):
+                assert rank_gpus <= offered[fits[0]]["GPU"]  # the ranks of a worker share one pod
+    for group in groups:
+        assert used[group["groupName"]] <= group["replicas"] * offered[group["groupName"]]["GPU"], group["groupName"]
+
+
+def advertised(group: dict[str, Any]) -> dict[str, float]:
+    """A worker group's pods to Ray: GPUs (matching the pod's nvidia.com/gpu) and the
+    custom resources of rayStartParams (KubeRay's quoted JSON string)."""
     (container,) = group["template"]["spec"]["containers"]
     pod_gpus = int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
     assert int(group["rayStartParams"]["num-gpus"]) == pod_gpus  # Ray's count matches the pod's
     assert int(container["resources"]["requests"].get("nvidia.com/gpu", 0)) == pod_gpus
-    total_gpus = 0
-    for role, count in cluster.role_counts():  # mixed workers, or prefill and decode pools
-        worker_gpus = sum(b.get("GPU", 0) for b in cluster.worker_bundles(role))
-        engine = cluster.engine_for(role)
-        assert (worker_gpus > 0) == (pod_gpus > 0) == (engine.device == "cuda")
-        if worker_gpus:
-            assert worker_gpus <= pod_gpus or engine.placement_strategy in ("PACK", "SPREAD")
-        total_gpus += count * worker_gpus
-    assert total_gpus <= group["replicas"] * pod_gpus
+    labels = json.loads(json.loads(group["rayStartParams"]["resources"])) if "resources" in group["rayStartParams"] \
+        else {}
+    return {"GPU": pod_gpus, **labels}
 
 
 def test_pod_monitor_finds_the_metrics_port():
