@@ -38,10 +38,8 @@ sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))
 
 from environment import environment, write_results  # noqa: E402
+from long_context_model import POSITIONS, long_context_model  # noqa: E402
 from pinning import pin, pin_actor  # noqa: E402
-
-POSITIONS = 8192
-
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,16 +49,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-steps", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args()
-
-
-def long_context_model() -> Path:
-    """llama-100m with POSITIONS positions, made once in the model cache."""
-    from workers.models.tiny import FORMAT_VERSION, cache_root, make_tiny_model
-
-    path = cache_root() / f"llama-100m-{POSITIONS}pos-seed0-v{FORMAT_VERSION}"
-    if not (path / "config.json").is_file():
-        make_tiny_model("llama-100m", path, overrides={"max_position_embeddings": POSITIONS})
-    return path
 
 
 def weights_gib(model: Path) -> float:

@@ -39,6 +39,8 @@ from workers.parallel.shards import ShardPlan
 from workers.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
     from workers.offload.executor import OffloadExecutor
     from workers.offload.stats import OffloadStats
     from workers.parallel.executor import TPExecutor
@@ -126,7 +128,8 @@ class LLMEngine:
             check_placement(table, mc, c.expert_parallel_size)
         return table
 
-    def _start_ranks(self, num_blocks: int, placement: Optional[PlacementTable], group) -> "TPExecutor":
+    def _start_ranks(self, num_blocks: int, placement: Optional[PlacementTable],
+                     group: Optional["PlacementGroup"]) -> "TPExecutor":
         from workers.parallel.executor import TPExecutor  # imports Ray: only when needed
 
         c = self.config
@@ -134,7 +137,7 @@ class LLMEngine:
                           c.placement_strategy, c.tp_cpus_per_rank, c.tp_timeout_s, placement, group,
                           c.attention_offload)
 
-    def _start_attention_workers(self, mc: ModelConfig, num_blocks: int, group,
+    def _start_attention_workers(self, mc: ModelConfig, num_blocks: int, group: Optional["PlacementGroup"],
                                  bundles: WorkerBundles) -> "OffloadExecutor":
         from workers.offload.executor import OffloadExecutor  # imports Ray: only when needed
 

@@ -24,8 +24,8 @@ from workers.offload.kv_blocks import OffloadedKV
 from workers.offload.link import OffloadLink
 from workers.offload.stats import OffloadStats
 from workers.parallel.bundles import WorkerBundles
-from workers.parallel.loops import ended_loop
 from workers.parallel.group import join_group, open_store
+from workers.parallel.loops import ended_loop
 
 
 ATTENTION_POLL_S = 1.0

@@ -32,11 +32,6 @@ class OffloadTraffic:
     blocked_s: float = 0.0  # of that, the time the model worker sat waiting for outputs (none hidden)
     forward_s: float = 0.0  # whole offloaded forwards; forward_s - blocked_s is the dense compute here
 
-    @property
-    def overlap(self) -> float:
-        """The share of attention and transfer time hidden behind dense compute."""
-        return 1.0 - self.blocked_s / self.exchange_s if self.exchange_s else 0.0
-
 
 class OffloadLink:
     def __init__(self, group: TPGroup, shards: list[HeadShard]) -> None:

@@ -6,6 +6,11 @@ executors find their bundles in it by the same layout."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from ray.util.placement_group import PlacementGroup
+
 
 @dataclass(frozen=True)
 class WorkerBundles:
@@ -21,7 +26,7 @@ class WorkerBundles:
         return self.tp_size + worker
 
 
-def adopt_worker_group(layout: WorkerBundles):
+def adopt_worker_group(layout: WorkerBundles) -> Optional["PlacementGroup"]:
     """The placement group this process sits in, when there is one: it must have the
     layout's bundles, or the engine would place its ranks and attention workers
     beside the group the deployment made for them. None outside any group (the
@@ -41,4 +46,3 @@ def adopt_worker_group(layout: WorkerBundles):
                            f"{layout.attention_workers} for attention_offload.workers; the group must be made "
                            f"from the same engine settings (ClusterConfig.worker_bundles)")
     return current
-
