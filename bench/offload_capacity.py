@@ -41,6 +41,7 @@ from environment import environment, write_results  # noqa: E402
 from long_context_model import POSITIONS, long_context_model  # noqa: E402
 from pinning import pin, pin_actor  # noqa: E402
 
+
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--contexts", default="1024,4096,8000")
