@@ -78,13 +78,13 @@ class AttentionWorker:
         for layer in range(self.num_layers):
             for i, batch in enumerate(batches):
                 tokens, tag = batch.slot_mapping.shape[0], layer * len(batches) + i
-                packed = torch.empty(tokens, sum(split), dtype=self.dtype, device=self.device)
-                pg.recv([packed], 0, tag).wait()
+                wire = torch.empty(tokens, sum(split), dtype=self.dtype)  # gloo moves host memory
+                pg.recv([wire], 0, tag).wait()
                 start = time.perf_counter()
-                q, k, v = packed.split(split, dim=1)
+                q, k, v = wire.to(self.device).split(split, dim=1)
                 o = paged_attention(q.view(tokens, s.q_heads, d), k.reshape(tokens, s.kv_heads, d),
                                     v.reshape(tokens, s.kv_heads, d), self.kv_caches[layer], batch, self.scale)
-                out = o.flatten(1).contiguous()
+                out = o.flatten(1).contiguous().cpu()
                 self.attention_s += time.perf_counter() - start
                 pg.send([out], 0, tag).wait()
 

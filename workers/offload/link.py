@@ -1,7 +1,11 @@
 """The model worker's end of attention offloading. Once per step it broadcasts the
 batch's layout; per layer it sends each attention worker the q, k and v of its heads
 and receives that worker's attention output, point to point over the group made for
-the worker (gloo on CPU, NCCL on CUDA). No KV block crosses: only per-token vectors."""
+the worker. No KV block crosses: only per-token vectors.
+
+The group is gloo, which moves host memory only: on CUDA the vectors are staged
+through the host on both sides (a device-to-device transport, NCCL, is still to
+come)."""
 
 from __future__ import annotations
 
@@ -56,15 +60,16 @@ class OffloadLink:
         """Send a micro-batch's q, k, v of `layer` to every attention worker and post the
         receives of their outputs; nothing waits yet."""
         pg, tag = self.group.pg, layer * self.micro_batches + micro_batch
-        exchange = Exchange(layer, time.perf_counter(), q.shape[0])
+        exchange = Exchange(layer, time.perf_counter(), q.shape[0], q.device)
         for j, s in enumerate(self.shards):
             packed = torch.cat([q[:, s.q_start:s.q_start + s.q_heads].flatten(1),
                                 k[:, s.kv_start:s.kv_start + s.kv_heads].flatten(1),
                                 v[:, s.kv_start:s.kv_start + s.kv_heads].flatten(1)], dim=1)
-            exchange.sent.append(packed)  # alive until the send completes
-            exchange.works.append(pg.send([packed], j + 1, tag))
-            self.traffic.bytes_out += packed.numel() * packed.element_size()
-            out = q.new_empty(q.shape[0], s.q_heads, q.shape[2])
+            wire = packed.cpu()  # gloo sends host memory (no copy on CPU)
+            exchange.sent.append(wire)  # alive until the send completes
+            exchange.works.append(pg.send([wire], j + 1, tag))
+            self.traffic.bytes_out += wire.numel() * wire.element_size()
+            out = torch.empty(q.shape[0], s.q_heads, q.shape[2], dtype=q.dtype)
             exchange.outputs.append(out)
             exchange.works.append(pg.recv([out], j + 1, tag))
         return exchange
@@ -84,7 +89,8 @@ class OffloadLink:
         self.traffic.bytes_in += sum(o.numel() * o.element_size() for o in outs)
         self.traffic.layer_calls += 1
         self.traffic.tokens += exchange.tokens
-        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+        return out.to(exchange.device)  # no copy on CPU
 
 
 @dataclass
@@ -94,6 +100,7 @@ class Exchange:
     layer: int
     sent_at: float
     tokens: int
+    device: torch.device  # where the model worker wants the outputs
     sent: list[torch.Tensor] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
     works: list = field(default_factory=list)
