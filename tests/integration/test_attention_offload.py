@@ -87,7 +87,10 @@ def test_offloaded_attention_matches_the_plain_engine(ray_local, make_model, ref
         assert traffic.steps * 4 < traffic.layer_calls <= traffic.steps * 4 * 2
 
 
-def test_a_dead_attention_worker_fails_the_requests_clearly(ray_local, make_model):
+@pytest.mark.parametrize("noticed", [False, True], ids=["at-once", "after-it-died"])
+def test_a_dead_attention_worker_fails_the_requests_clearly(ray_local, make_model, noticed):
+    """Killed just before a step (the step's layout or a layer's exchange fails), or
+    seen dead first (the layout's broadcast fails): either way the error names it."""
     engine = LLMEngine(EngineConfig(model=str(make_model(MODEL)), tp_timeout_s=10.0,
                                     attention_offload={"workers": 2, "cpus_per_worker": 0.5}, **ENGINE_ARGS))
     try:
@@ -95,6 +98,8 @@ def test_a_dead_attention_worker_fails_the_requests_clearly(ray_local, make_mode
             engine.add_request(f"r{i}", tokens, PARAMS)
         engine.step()
         ray_local.kill(engine.offload.workers[1])
+        if noticed:
+            wait_until(engine.offload.check_workers, 30, "the killed attention worker's loop to end")
         ended = {}
         while engine.has_unfinished_requests():
             for out in engine.step():

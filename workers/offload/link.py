@@ -47,7 +47,10 @@ class OffloadLink:
         """A forward begins, in these micro-batches; every layer of it then sends each
         micro-batch's q, k, v in order (send, receive, or attend for one)."""
         wires = [dataclasses.replace(b, decode_kernel=None, decode_mask=None) for b in batches]
-        self.group.broadcast_object(AttendStep(wires))
+        try:
+            self.group.broadcast_object(AttendStep(wires))
+        except RankFailure as e:  # a worker died between steps: name it as the exchange does
+            raise RankFailure(f"attention worker failed at the step's start: {e}") from e
         self.micro_batches = len(batches)
         self.traffic.steps += 1
 
@@ -59,8 +62,15 @@ class OffloadLink:
     def send(self, layer: int, micro_batch: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> Exchange:
         """Send a micro-batch's q, k, v of `layer` to every attention worker and post the
         receives of their outputs; nothing waits yet."""
-        pg, tag = self.group.pg, layer * self.micro_batches + micro_batch
         exchange = Exchange(layer, time.perf_counter(), q.shape[0], q.device)
+        try:
+            self._post(exchange, layer * self.micro_batches + micro_batch, q, k, v)
+        except RuntimeError as e:  # posting fails at once on a connection a dead worker closed
+            raise RankFailure(f"attention worker failed at layer {layer}: {e}") from e
+        return exchange
+
+    def _post(self, exchange: Exchange, tag: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        pg = self.group.pg
         for j, s in enumerate(self.shards):
             packed = torch.cat([q[:, s.q_start:s.q_start + s.q_heads].flatten(1),
                                 k[:, s.kv_start:s.kv_start + s.kv_heads].flatten(1),
@@ -72,7 +82,6 @@ class OffloadLink:
             out = torch.empty(q.shape[0], s.q_heads, q.shape[2], dtype=q.dtype)
             exchange.outputs.append(out)
             exchange.works.append(pg.recv([out], j + 1, tag))
-        return exchange
 
     def receive(self, exchange: Exchange) -> torch.Tensor:
         """The outputs of an exchange sent earlier, once every worker has answered."""

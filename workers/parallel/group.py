@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime
 import pickle
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -50,7 +50,7 @@ class TPGroup:
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum across ranks, in place."""
         if self.size > 1:
-            _wait(self.pg.allreduce([x]))
+            _run(lambda: self.pg.allreduce([x]))
             self.traffic.all_reduce_calls += 1
             self.traffic.all_reduce_bytes += x.numel() * x.element_size()
         return x
@@ -59,7 +59,7 @@ class TPGroup:
         if self.size == 1:
             return x
         parts = [torch.empty_like(x) for _ in range(self.size)]
-        _wait(self.pg.allgather([parts], [x.contiguous()]))
+        _run(lambda: self.pg.allgather([parts], [x.contiguous()]))
         return torch.cat(parts, dim=-1)
 
     # Expert parallelism (workers/models/expert_parallel.py): tokens resident on each
@@ -67,19 +67,19 @@ class TPGroup:
     def reduce_scatter(self, x: torch.Tensor) -> torch.Tensor:
         """x [size * m, ...] on every rank → the sum of block `rank` [m, ...]."""
         out = x.new_empty(x.shape[0] // self.size, *x.shape[1:])
-        _wait(self.pg._reduce_scatter_base(out, x.contiguous()))
+        _run(lambda: self.pg._reduce_scatter_base(out, x.contiguous()))
         return out
 
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """x [m, ...] on every rank → [size * m, ...], rank 0's block first."""
         out = x.new_empty(x.shape[0] * self.size, *x.shape[1:])
-        _wait(self.pg._allgather_base(out, x.contiguous()))
+        _run(lambda: self.pg._allgather_base(out, x.contiguous()))
         return out
 
     def all_to_all(self, x: torch.Tensor, send_rows: list[int], recv_rows: list[int]) -> torch.Tensor:
         """Rows send_rows[d] of x (in order) to rank d; recv_rows[s] rows from rank s."""
         out = x.new_empty(sum(recv_rows), *x.shape[1:])
-        _wait(self.pg.alltoall_base(out, x.contiguous(), recv_rows, send_rows, dist.AllToAllOptions()))
+        _run(lambda: self.pg.alltoall_base(out, x.contiguous(), recv_rows, send_rows, dist.AllToAllOptions()))
         row_bytes = x[0].numel() * x.element_size() if x.shape[0] else 0
         self.traffic.all_to_all_bytes += (sum(send_rows) - send_rows[self.rank]) * row_bytes
         return out
@@ -94,16 +94,18 @@ class TPGroup:
             size = torch.tensor([data.numel()], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
-        _wait(self.pg.broadcast(size, 0, timeout=IDLE_WAIT) if idle else self.pg.broadcast(size, 0))
+        _run(lambda: self.pg.broadcast(size, 0, timeout=IDLE_WAIT) if idle else self.pg.broadcast(size, 0))
         if not self.is_leader:
             data = torch.empty(int(size.item()), dtype=torch.uint8)
-        _wait(self.pg.broadcast(data, 0))
+        _run(lambda: self.pg.broadcast(data, 0))
         return obj if self.is_leader else pickle.loads(data.numpy().tobytes())
 
 
-def _wait(work: Any) -> None:
+def _run(start: Callable[[], Any]) -> None:
+    """Start a collective and wait for it: either can fail on a dead peer's closed
+    connection (starting it fails at once), and both say so as a RankFailure."""
     try:
-        work.wait()
+        start().wait()
     except RuntimeError as e:
         raise RankFailure(f"tensor-parallel collective failed: {e}") from e
 
