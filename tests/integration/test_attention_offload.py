@@ -2,7 +2,8 @@
 transformers): decode and prefill attention on K attention workers that hold the KV
 cache by KV head, the dense layers here. Same greedy tokens, logprobs within 1e-4,
 through chunked prefill, prefix-cache hits and preemption; exactly the traffic the
-theory gives; decode steps in ping-pong micro-batches; a dead attention worker fails
+theory gives; decode steps in ping-pong micro-batches; tensor parallelism; requests
+migrated and handed off to and from offloading workers; a dead attention worker fails
 the requests clearly."""
 
 from __future__ import annotations
