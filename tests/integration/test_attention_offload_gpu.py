@@ -55,7 +55,10 @@ class ProcessAttentionWorkers:
         for process in self.processes:
             process.start()
         self.link = OffloadLink(join_group(store, HOST, store.port, 0, size, TIMEOUT_S), self.shards)
-        self.kv = None  # migration is not exercised here
+        self.micro_batches = config.micro_batches
+
+    def runner_args(self) -> dict:
+        return {"offload": self.link, "offload_micro_batches": self.micro_batches}  # no migration here
 
     def check_workers(self) -> Optional[str]:
         ended = [p.pid for p in self.processes if not p.is_alive()]
@@ -68,6 +71,7 @@ class ProcessAttentionWorkers:
 
 
 def prompts() -> list[list[int]]:
+    # test_attention_offload.py's prompts, not imported: that module needs Ray.
     rng = random.Random(21)
     shared = [rng.randrange(4, 1000) for _ in range(34)]  # a prefix-cache hit on the second pass
     return [shared + [rng.randrange(4, 1000) for _ in range(n)] for n in (3, 45)] + \

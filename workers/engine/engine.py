@@ -94,10 +94,7 @@ class LLMEngine:
                                                    config.enable_chunked_prefill), self.blocks)
         self.runner = ModelRunner(mc, model, num_blocks, config.block_size, config.device,
                                   config.attention_backend, tp=model.tp,
-                                  offload=self.offload.link if self.offload is not None else None,
-                                  offload_micro_batches=config.attention_offload.micro_batches
-                                  if config.attention_offload is not None else 1,
-                                  offloaded_kv=self.offload.kv if self.offload is not None else None)
+                                  **(self.offload.runner_args() if self.offload is not None else {}))
         self.expert_moves = ExpertMoves(model, clock) if getattr(model, "mover", None) is not None else None
         self.sampler = Sampler(config.seed)
         self.eos_token_ids = frozenset(mc.eos_token_ids)

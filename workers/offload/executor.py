@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
@@ -60,6 +60,7 @@ class OffloadExecutor:
                                    f"{timeout_s:g} s: they ask for bundles {config.bundles()}") from None
             self.link = self._start(config, cfg, num_blocks, block_size, device)
             self.kv = OffloadedKV(self.workers, self.shards, timeout_s)
+            self.micro_batches = config.micro_batches
             self.shard_block_bytes = [kv_block_bytes(cfg, block_size, s.kv_heads) for s in self.shards]
             self.num_blocks = num_blocks
             self._attention_s = tuple(0.0 for _ in self.workers)
@@ -90,6 +91,10 @@ class OffloadExecutor:
         ray.get(joined, timeout=self.timeout_s * 4)
         self.loops = [w.serve.remote() for w in self.workers]
         return OffloadLink(group, self.shards)
+
+    def runner_args(self) -> dict[str, Any]:
+        """What the model runner of this rank takes to offload its attention here."""
+        return {"offload": self.link, "offload_micro_batches": self.micro_batches, "offloaded_kv": self.kv}
 
     def check_workers(self) -> Optional[str]:
         """None while every attention worker's loop runs; else what ended one."""

@@ -53,9 +53,7 @@ class RankWorker:
             self.offload = OffloadExecutor(offload, cfg, self.num_blocks, self.block_size, device, self.timeout_s,
                                            adopt_worker_group(layout), self.rank, layout)
         self.runner = ModelRunner(cfg, model, self.num_blocks, self.block_size, device, tp=self.group,
-                                  offload=self.offload.link if self.offload else None,
-                                  offload_micro_batches=offload.micro_batches if offload else 1,
-                                  offloaded_kv=self.offload.kv if self.offload else None)
+                                  **(self.offload.runner_args() if self.offload else {}))
         return self.rank
 
     def serve(self) -> str:
