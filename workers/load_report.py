@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:  # routers import freeness from here without pulling in torch
     from workers.engine.engine import LLMEngine
+    from workers.engine.interface import WorkerEngine
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +51,20 @@ class LoadReport:
     num_preemptions: int = 0  # since the worker started
     max_model_len: int = 0  # the longest sequence it can run (0: not told)
     queued_prefill_tokens: int = 0  # prompt tokens admitted here and not yet computed
+    backend: str = "yard"  # the engine inside (workers/engine/interface.py)
+    kv_migration: bool = True  # its requests can move with their KV, and others' can move here
+
+
+@dataclass(frozen=True, slots=True)
+class KVLoad:
+    """The part of a load report that an engine's stats do not hold: its queue's head,
+    its requests and its cached prefix blocks."""
+
+    block_size: int
+    head_of_line_blocks: int  # blocks the first waiting request needs (0: none waits)
+    head_of_line_priority: int
+    requests: tuple[RequestLoad, ...]  # running, then waiting
+    cached_block_hashes: frozenset[int]
 
 
 def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block_size: int) -> float:
@@ -72,30 +88,40 @@ def freeness(free_blocks: int, num_running: int, head_of_line_blocks: int, block
     return (free_blocks - head_of_line_blocks) * block_size / max(num_running, 1)
 
 
-def load_report(engine: "LLMEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
-                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
-                now: Optional[float] = None) -> LoadReport:
-    """Built by the thread that steps `engine` (LLMEngine, or the simulator's SimEngine,
-    which keeps the same attributes), between two steps. `now`: the report's
-    time (default: the wall clock; the simulator passes its own)."""
-    stats = engine.stats()
+def block_manager_load(engine: "LLMEngine", max_hashes: int) -> KVLoad:
+    """KVLoad of an engine with yard's block manager and scheduler (LLMEngine, or the
+    simulator's SimEngine, which keeps the same attributes)."""
     blocks = engine.blocks
     waiting = list(engine.scheduler.waiting)
     running = list(engine.scheduler.running)
     head = waiting[0] if waiting else None
-    head_demand = blocks.blocks_needed(head.num_tokens) if head is not None else 0
     requests = tuple(RequestLoad(s.request_id, s.priority, len(s.block_ids), s.arrival_time, i < len(running),
-                                 s.request_id in migrating_out) for i, s in enumerate(running + waiting))
+                                 False) for i, s in enumerate(running + waiting))
+    return KVLoad(blocks.block_size,
+                  blocks.blocks_needed(head.num_tokens) if head is not None else 0,
+                  head.priority if head is not None else 0, requests,
+                  frozenset(blocks.cached_block_hashes(max_hashes)))
+
+
+def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
+                migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
+                now: Optional[float] = None) -> LoadReport:
+    """Built by the thread that steps `engine`, between two steps. `now`: the report's
+    time (default: the wall clock; the simulator passes its own)."""
+    stats = engine.stats()
+    kv = engine.kv_load(max_hashes)
+    requests = tuple(dataclasses.replace(r, migrating=True) if r.request_id in migrating_out else r
+                     for r in kv.requests)
     return LoadReport(
         worker_id=worker_id, role=role, healthy=engine.healthy,
         num_running=stats.num_running, num_waiting=stats.num_waiting,
         free_blocks=stats.num_free_blocks, total_blocks=stats.num_total_blocks,
-        freeness=freeness(stats.num_free_blocks, stats.num_running, head_demand, blocks.block_size),
-        mean_step_time_s=stats.mean_step_time_s,
-        cached_block_hashes=frozenset(blocks.cached_block_hashes(max_hashes)),
-        reported_at=time.time() if now is None else now, block_size=blocks.block_size, draining=draining,
-        head_of_line_blocks=head_demand, head_of_line_priority=head.priority if head is not None else 0,
+        freeness=freeness(stats.num_free_blocks, stats.num_running, kv.head_of_line_blocks, kv.block_size),
+        mean_step_time_s=stats.mean_step_time_s, cached_block_hashes=kv.cached_block_hashes,
+        reported_at=time.time() if now is None else now, block_size=kv.block_size, draining=draining,
+        head_of_line_blocks=kv.head_of_line_blocks, head_of_line_priority=kv.head_of_line_priority,
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
         num_preemptions=stats.num_preemptions, max_model_len=engine.max_model_len,
-        queued_prefill_tokens=stats.queued_prefill_tokens,
+        queued_prefill_tokens=stats.queued_prefill_tokens, backend=engine.capabilities.backend,
+        kv_migration=engine.capabilities.kv_migration,
     )

@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Optional
 
 from workers.channel import ENDS_HERE, Channel, ChannelClosed, coalesce
-from workers.engine.engine import LLMEngine
 from workers.engine.handoff import MigratedRequest
+from workers.engine.interface import make_engine
 from workers.engine.outputs import StepOutput
 from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, TokenLogprob, Tokens, Usage,
                             WorkerRequest, worker_actor_name)
@@ -75,7 +75,8 @@ class _Parked:
 class Worker:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.engine = LLMEngine(config.engine)
+        self.engine = make_engine(config.engine)
+        self.capabilities = self.engine.capabilities
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._channels: dict[str, Channel] = {}  # channel id → its open stream
@@ -90,7 +91,7 @@ class Worker:
         # Live migration.
         # Two worker actors are two processes, often on two nodes: the object store.
         self._transport = ObjectStoreTransport()
-        self._layout = kv_layout(self.engine)
+        self._layout = kv_layout(self.engine) if self.capabilities.kv_migration else None
         self._outgoing: collections.Counter[str] = collections.Counter()  # request id → migrations out running
         self._incoming: dict[str, _Incoming] = {}  # migration id → before its commit
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
@@ -109,7 +110,8 @@ class Worker:
         self._node_ip = _node_ip()
         self._load = self._build_report()
         self._metrics = WorkerMetrics(config.worker_id, config.engine.model, config.role)
-        self._experts = ExpertStatistics.of(self.engine.runner.model, self._metrics, self.engine.expert_moves)
+        self._experts = (ExpertStatistics.of(self.engine.runner.model, self._metrics, self.engine.expert_moves)
+                         if self.capabilities.expert_placement else None)
         self._replaced_at_step = 0  # with expert_replacement_every_steps: the last automatic one's step
         self._reported_at = 0.0
 
@@ -284,6 +286,9 @@ class Worker:
     async def migrate(self, order: MigrationOrder) -> MigrationResult:
         """Move a request to order.destination with its KV (workers/migration.py); the
         request's router follows it there through the Moved event."""
+        if not self.capabilities.kv_migration:
+            return MigrationResult(order.migration_id, order.request_id, self.config.worker_id, order.destination_id,
+                                   order.reason, "failed", f"unsupported: {self._no_kv_migration()}")
         self._ensure_thread()
         self._outgoing[order.request_id] += 1
         try:
@@ -299,6 +304,10 @@ class Worker:
             if not self._outgoing[order.request_id]:
                 del self._outgoing[order.request_id]
 
+    def _no_kv_migration(self) -> str:
+        return (f"worker {self.config.worker_id}'s engine ({self.capabilities.backend}) cannot move a request's KV "
+                f"cache in or out")
+
     def _moved(self, order: MigrationOrder, next_index: int) -> None:
         """Committed at the destination: the router follows the request there, and so
         does any abort that comes here late."""
@@ -311,6 +320,8 @@ class Worker:
     async def accept_migration(self, offer: MigrationOffer) -> None:
         """Reserve room for a request the source is about to copy here. Raises
         ValueError, naming what differs, if its KV cannot fit this instance as it is."""
+        if not self.capabilities.kv_migration:
+            raise ValueError(self._no_kv_migration())
         mismatch = self._layout.mismatch(offer.layout)
         if mismatch is not None:
             raise ValueError(f"worker {self.config.worker_id} cannot take KV from {offer.source_id}: {mismatch}")

@@ -42,6 +42,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ("mixed", "prefill", "decode"):
             raise ValueError(f"role must be mixed, prefill or decode, got {self.role!r}")
+        if self.role != "mixed" and self.engine.backend != "yard":
+            raise ValueError(f"role {self.role!r} needs KV handoff, which backend {self.engine.backend!r} does not "
+                             f"have: only role 'mixed' runs it")
         if not 0 <= self.stream_interval_s <= 1:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s}")
         if not isinstance(self.migration_pause_blocks, int) or self.migration_pause_blocks < 1:

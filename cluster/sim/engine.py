@@ -20,9 +20,11 @@ from cluster.sim.step_time import StepTimeModel, batch_shape
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig, max_model_len
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
+from workers.engine.interface import YARD_CAPABILITIES
 from workers.engine.outputs import EngineStats
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
+from workers.load_report import KVLoad, block_manager_load
 from workers.sampling_params import SamplingParams
 
 _RECENT_STEPS = 64  # as LLMEngine's window of step times
@@ -60,6 +62,8 @@ class Produced:
 
 
 class SimEngine:
+    capabilities = YARD_CAPABILITIES
+
     def __init__(self, config: EngineConfig, timing: StepTimeModel, clock: Callable[[], float]) -> None:
         if config.block_size != timing.block_size:
             raise ValueError(f"engine block_size {config.block_size} differs from the step-time model's "
@@ -158,6 +162,9 @@ class SimEngine:
         return Produced(seq.request_id, index, finished)
 
     # -- what the load report reads ------------------------------------------------------
+    def kv_load(self, max_hashes: int) -> KVLoad:
+        return block_manager_load(self, max_hashes)
+
     def stats(self) -> EngineStats:
         recent = self._recent
         return EngineStats(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
+from workers.engine.interface import BACKENDS
 from workers.experts.policies import POLICIES as EXPERT_POLICIES
 from workers.models.config import DTYPES
 from workers.offload.config import AttentionOffloadConfig
@@ -15,6 +16,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class EngineConfig:
+    # The engine inside the worker: "yard" (ours) or "vllm" (vLLM's V1 engine, with
+    # the `vllm` extra installed; workers/vllm/engine.py says what it supports).
+    backend: str = "yard"
     model: str = "tiny-llama"  # a Hugging Face model directory or a tiny preset name
     dtype: Optional[str] = None  # None: the checkpoint's own
     device: str = "cpu"
@@ -52,6 +56,10 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_offload", AttentionOffloadConfig.parse(self.attention_offload))
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "vllm":
+            self._check_vllm()
         offload = self.attention_offload
         if offload is not None and self.expert_parallel_size > 1:
             raise ValueError(f"attention_offload with expert_parallel_size {self.expert_parallel_size}: offloading "
@@ -93,6 +101,18 @@ class EngineConfig:
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
                 f"({self.max_model_len}) when enable_chunked_prefill is off")
+
+    def _check_vllm(self) -> None:
+        """Settings that only yard's engine has are refused by name, not ignored."""
+        defaults = EngineConfig()
+        for name in VLLM_UNSUPPORTED:
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"{name} is not supported with backend 'vllm' (got {getattr(self, name)!r})")
+
+
+# What a vLLM worker cannot honour: yard's own mechanisms.
+VLLM_UNSUPPORTED = ("num_kv_blocks", "attention_backend", "expert_parallel_size", "expert_placement",
+                    "expert_slots_per_rank", "expert_replacement_every_steps", "attention_offload")
 
 
 def _positive_int(name: str, value: object) -> None:

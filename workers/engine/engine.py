@@ -21,11 +21,14 @@ from workers.engine.detokenizer import IncrementalDetokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
 from workers.engine.expert_moves import ExpertMoves
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
+from workers.engine.interface import YARD_CAPABILITIES
 from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
+from workers.engine.request_checks import check_prompt, check_tokens, output_room
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
 from workers.experts.initial import initial_table
+from workers.load_report import KVLoad, block_manager_load
 from workers.experts.table import PlacementTable
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.mixtral import check_placement
@@ -55,6 +58,8 @@ class _Request:
 
 
 class LLMEngine:
+    capabilities = YARD_CAPABILITIES
+
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
@@ -169,7 +174,7 @@ class LLMEngine:
         seq = self._new_sequence(request_id, list(prompt_token_ids) + list(output_token_ids),
                                  len(prompt_token_ids), params, priority, arrival_time)
         if output_token_ids:
-            self._check_tokens("output_token_ids", seq.output_token_ids)
+            check_tokens("output_token_ids", seq.output_token_ids, self.model_config.vocab_size)
             if seq.num_output_tokens >= seq.max_tokens:
                 raise ValueError(f"output_token_ids already holds {seq.num_output_tokens} of "
                                  f"max_tokens={seq.max_tokens} tokens")
@@ -185,26 +190,13 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in this engine")
         if check_tokens:
-            self._check_prompt(token_ids[:num_prompt])
-        room = self.max_model_len - num_prompt
-        if room < 1:
-            raise ValueError(f"prompt has {num_prompt} tokens; it must be shorter than max_model_len "
-                             f"({self.max_model_len}), set by {self.max_model_len_bound}")
+            check_prompt(token_ids[:num_prompt], self.model_config.vocab_size)
+        room = output_room(num_prompt, self.max_model_len, self.max_model_len_bound)
         return Sequence(request_id=request_id, token_ids=token_ids, num_prompt_tokens=num_prompt,
                         params=params, max_tokens=min(params.max_tokens, room), priority=priority,
                         arrival_time=self.clock() if arrival_time is None else arrival_time,
                         added_at=self.clock())
 
-    def _check_prompt(self, prompt: list[int]) -> None:
-        if not prompt:
-            raise ValueError("prompt_token_ids must not be empty")
-        self._check_tokens("prompt_token_ids", prompt)
-
-    def _check_tokens(self, field: str, tokens: list[int]) -> None:
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < vocab), None)
-        if bad is not None:
-            raise ValueError(f"{field} holds {bad!r}, not a token id in [0, {vocab})")
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         """A detokenizer in the state the request's own would be in now. Output tokens
@@ -379,6 +371,9 @@ class LLMEngine:
     def _check_healthy(self) -> None:
         if self.health_error is not None:
             raise RuntimeError(f"engine is unhealthy: {self.health_error}")
+
+    def kv_load(self, max_hashes: int) -> KVLoad:
+        return block_manager_load(self, max_hashes)
 
     def stats(self) -> EngineStats:
         steps = self._step_times

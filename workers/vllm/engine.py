@@ -1,0 +1,243 @@
+"""vLLM's V1 engine as a yard WorkerEngine (workers/engine/interface.py).
+
+The worker's stepping thread drives vLLM's synchronous `LLMEngine` exactly as it
+drives ours: add, abort, step. Its engine core runs in-process, on that thread, as
+ours does (vLLM's tensor parallelism still starts its own rank processes). Each step's
+outputs are deltas, turned into StepOutputs with absolute token indexes, so the
+worker streams the same typed events.
+
+What vLLM 0.32 does not let us do, the capabilities say: no KV migration or
+handoff (its KV cache is not reachable from outside; see docs/vllm-backend.md), no
+prefix block hashes in yard's hashing, no per-request KV view. Resuming a request
+(failover) resubmits prompt + the tokens already sent as vLLM's prompt: greedy
+output continues exactly; a seeded request restarts its random sequence, and
+presence/frequency penalties no longer count the resumed tokens.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence as Seq
+
+from workers.engine.config import EngineConfig
+from workers.engine.interface import EngineCapabilities
+from workers.engine.outputs import EngineStats, StepOutput
+from workers.engine.request_checks import check_prompt, check_tokens, output_room
+from workers.load_report import KVLoad
+from workers.models.tiny import resolve_model
+from workers.sampling_params import SamplingParams
+
+VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, exact_resume=False, prefix_block_hashes=False,
+                                       request_view=False, expert_placement=False)
+_RECENT_STEPS = 64  # window of the step-time average
+
+
+@dataclass(slots=True)
+class _Tracked:
+    """A request inside vLLM, as yard counts it."""
+
+    num_prompt_tokens: int  # the client's prompt (resumed tokens are not part of it)
+    num_resumed: int  # output tokens produced elsewhere, handed to vLLM as prompt
+    num_logprobs: Optional[int]
+    arrival_time: float
+    priority: int
+    produced: int = 0  # output tokens produced here
+
+    @property
+    def next_index(self) -> int:
+        return self.num_resumed + self.produced
+
+
+class VLLMEngine:
+    capabilities = VLLM_CAPABILITIES
+    expert_moves = None  # no live expert re-placement (capabilities.expert_placement)
+
+    def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        # The engine core steps on the caller's thread, like ours: no second process
+        # per worker competing for its cores, and no IPC per step.
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
+
+        from workers.vllm.stats_tap import StatsTap
+
+        self.config = config
+        self.clock = clock
+        self.model_dir = resolve_model(config.model)
+        args = EngineArgs(
+            model=str(self.model_dir), dtype=config.dtype or "auto", seed=config.seed,
+            block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
+            max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill,
+            enable_prefix_caching=config.enable_prefix_caching,
+            tensor_parallel_size=config.tensor_parallel_size,
+            # yard runs higher priorities first, then earlier arrivals; vLLM's
+            # priority policy runs lower values first: priorities go over negated.
+            scheduling_policy="priority",
+            enforce_eager=config.device == "cpu")  # vLLM's CPU build compiles nothing useful here
+        self._tap = StatsTap()
+        loggers = [self._tap.factory, *_ray_metrics_logger()]
+        self.engine = VLLMLLMEngine.from_engine_args(args, stat_loggers=loggers, enable_multiprocessing=False)
+        model_config = self.engine.model_config
+        self.max_model_len = model_config.max_model_len
+        self._vocab_size = model_config.get_vocab_size()
+        cache = self.engine.vllm_config.cache_config
+        self.block_size = cache.block_size
+        self._total_blocks = int(cache.num_gpu_blocks or 0)
+        self._requests: dict[str, _Tracked] = {}
+        self._healthy = True
+        self._health_error: Optional[str] = None
+        self._num_steps = 0
+        self._step_times: collections.deque[float] = collections.deque(maxlen=_RECENT_STEPS)
+        self._busy_s = 0.0
+
+    # -- health ---------------------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    @property
+    def health_error(self) -> Optional[str]:
+        return self._health_error
+
+    def check_helpers(self) -> list[StepOutput]:
+        return []  # vLLM's own rank processes are watched by vLLM: a death fails the next step
+
+    def fail(self, error: str) -> list[StepOutput]:
+        self._healthy, self._health_error = False, error
+        failed = [StepOutput(rid, t.next_index, (), None, "", finish_reason="error", error=error,
+                             num_prompt_tokens=t.num_prompt_tokens) for rid, t in self._requests.items()]
+        try:
+            self.engine.abort_request(list(self._requests))
+        except Exception:  # noqa: BLE001 - the engine is already broken; the requests end anyway
+            pass
+        self._requests.clear()
+        return failed
+
+    def shutdown(self) -> None:
+        self._requests.clear()
+        self.engine.engine_core.shutdown()
+
+    # -- requests ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
+                    priority: int = 0, arrival_time: Optional[float] = None,
+                    output_token_ids: Seq[int] = ()) -> None:
+        if not self._healthy:
+            raise RuntimeError(f"engine is unhealthy: {self._health_error}")
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be SamplingParams, got {type(params).__name__}")
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in this engine")
+        check_prompt(list(prompt_token_ids), self._vocab_size)
+        check_tokens("output_token_ids", list(output_token_ids), self._vocab_size)
+        tokens = list(prompt_token_ids) + list(output_token_ids)
+        room = output_room(len(prompt_token_ids), self.max_model_len, "vLLM's max_model_len")
+        max_tokens = min(params.max_tokens, room)
+        if len(output_token_ids) >= max_tokens:
+            raise ValueError(f"output_token_ids already holds {len(output_token_ids)} of "
+                             f"max_tokens={max_tokens} tokens")
+        from workers.vllm.convert import vllm_params
+
+        self.engine.add_request(request_id, {"prompt_token_ids": tokens},
+                                vllm_params(params, max_tokens - len(output_token_ids)),
+                                arrival_time=arrival_time, priority=-priority)
+        self._requests[request_id] = _Tracked(len(prompt_token_ids), len(output_token_ids), params.logprobs,
+                                              self.clock() if arrival_time is None else arrival_time, priority)
+
+    def abort(self, request_id: str) -> bool:
+        if self._requests.pop(request_id, None) is None:
+            return False
+        self.engine.abort_request([request_id])
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # -- stepping ------------------------------------------------------------------------------
+    @property
+    def num_steps(self) -> int:
+        return self._num_steps
+
+    @property
+    def stepped(self) -> bool:
+        # A step that returns nothing may still have run a prefill chunk: never idle
+        # while requests are in.
+        return bool(self._requests)
+
+    def step(self, before_forward: Optional[Callable[[], None]] = None) -> list[StepOutput]:
+        from workers.vllm.convert import step_output
+
+        if before_forward is not None:
+            before_forward()
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        elapsed = time.perf_counter() - start
+        self._num_steps += 1
+        self._step_times.append(elapsed)
+        self._busy_s += elapsed
+        steps = []
+        for output in outputs:
+            tracked = self._requests.get(output.request_id)
+            if tracked is None:
+                continue  # aborted after this step was scheduled
+            out = step_output(output, tracked.next_index, tracked.num_prompt_tokens, tracked.num_logprobs)
+            tracked.produced += len(out.new_token_ids)
+            if out.finished:
+                del self._requests[output.request_id]
+            steps.append(out)
+        return steps
+
+    def expire_reservations(self) -> list[str]:
+        return []  # nothing is reserved: no migration comes in
+
+    # -- what the load report reads -------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        t = self._tap.totals
+        used = min(self._total_blocks, math.ceil(t.kv_cache_usage * self._total_blocks))
+        recent = self._step_times
+        mean_step = sum(recent) / len(recent) if recent else 0.0
+        return EngineStats(
+            num_running=t.num_running, num_waiting=t.num_waiting,
+            num_free_blocks=self._total_blocks - used, num_total_blocks=self._total_blocks,
+            prefix_cache_hit_rate=t.prefix_hits / t.prefix_queries if t.prefix_queries else 0.0,
+            num_preemptions=t.preemptions, num_steps=self._num_steps,
+            # vLLM does not split its step: all of it counts as model time.
+            mean_step_time_s=mean_step, mean_model_time_s=mean_step,
+            total_step_time_s=self._busy_s, total_model_time_s=self._busy_s,
+            prompt_tokens=t.prompt_tokens, generation_tokens=t.generation_tokens,
+            computed_tokens=t.computed_prompt_tokens + t.generation_tokens,
+            queued_prefill_tokens=sum(r.num_prompt_tokens + r.num_resumed for r in self._requests.values()
+                                      if not r.produced))
+
+    def kv_load(self, max_hashes: int) -> KVLoad:
+        """The head of the queue from what yard tracks (in vLLM's order, which is
+        ours: priority, then arrival); no per-request view and no prefix hashes."""
+        waiting = [r for r in self._requests.values() if not r.produced]
+        head = min(waiting, key=lambda r: (-r.priority, r.arrival_time), default=None)
+        head_blocks = 0 if head is None else -(-(head.num_prompt_tokens + head.num_resumed) // self.block_size)
+        return KVLoad(self.block_size, head_blocks, head.priority if head is not None else 0, (), frozenset())
+
+    def offload_stats(self) -> None:
+        return None
+
+
+def _block_size(config: EngineConfig) -> Optional[int]:
+    """yard's default block size (16) means vLLM's own default for its platform: its
+    CPU attention needs a multiple of 32. Any other value goes to vLLM as it is."""
+    return None if config.block_size == EngineConfig.block_size else config.block_size
+
+
+def _ray_metrics_logger() -> list:
+    """vLLM's own metrics, exported through Ray's metrics agent beside yard's (as
+    `ray_vllm:*`) when the engine runs in a Ray actor."""
+    import ray
+
+    if not ray.is_initialized():
+        return []
+    from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+    return [RayPrometheusStatLogger]
