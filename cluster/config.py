@@ -111,6 +111,10 @@ class ClusterConfig:
             raise ValueError(f"num_workers must be an integer >= {least}, got {self.num_workers!r}")
         if self.pools:
             prefill, decode = self.engine_for("prefill"), self.engine_for("decode")
+            for role, engine in (("prefill", prefill), ("decode", decode)):
+                if engine.backend != "yard":
+                    raise ValueError(f"pools.{role}: backend {engine.backend!r} cannot hand KV from prefill to "
+                                     f"decode workers; prefill and decode pools run backend 'yard'")
             differ = [f"{k}: prefill {getattr(prefill, k)!r}, decode {getattr(decode, k)!r}"
                       for k in KV_SETTINGS if getattr(prefill, k) != getattr(decode, k)]
             if differ:
@@ -151,6 +155,8 @@ class ClusterConfig:
         """From parsed YAML/JSON: unknown keys fail with the list of known ones."""
         raw = dict(raw)
         engine = raw.pop("engine", {}) or {}
+        if isinstance(engine, str):  # `engine: vllm`, short for `engine: {backend: vllm}`
+            engine = {"backend": engine}
         migration = raw.pop("migration", {}) or {}
         pools = raw.pop("pools", {}) or {}
         _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration", "pools"})

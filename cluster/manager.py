@@ -347,10 +347,11 @@ class ClusterManager:
         if not self._policy.has_work(any(e.draining or (e.load is not None and e.load.draining)
                                          for e in self.workers.values())):
             return []
-        # Prefill workers hand their requests to decode workers themselves: the policy
-        # neither moves their requests nor sends any there.
+        # Prefill workers hand their requests to decode workers themselves, and an
+        # engine that cannot move KV (vLLM's) can neither give nor take a request: the
+        # policy neither moves their requests nor sends any there.
         views = [self._view(e) for e in self.workers.values()
-                 if e.load is not None and e.booting is None and e.role != "prefill"]
+                 if e.load is not None and e.booting is None and e.role != "prefill" and e.load.kv_migration]
         orders = self._policy.plan(views)
         for order in orders:
             self._launch(order)

@@ -73,14 +73,24 @@ class ModelConfig:
 
 def load_model_config(model_dir: Path, dtype: Optional[str] = None) -> ModelConfig:
     """Read `model_dir/config.json`; `dtype` overrides the checkpoint's own."""
+    raw, path = _read_config(model_dir)
+    return parse_model_config(raw, dtype, source=str(path))
+
+
+def checkpoint_dtype(model_dir: Path) -> str:
+    """The dtype the checkpoint declares (one of DTYPES), whatever its architecture."""
+    raw, path = _read_config(model_dir)
+    return _dtype(raw.get("dtype") or raw.get("torch_dtype") or "float32", str(path))
+
+
+def _read_config(model_dir: Path) -> tuple[dict[str, Any], Path]:
     path = Path(model_dir) / "config.json"
     try:
-        raw = json.loads(path.read_text())
+        return json.loads(path.read_text()), path
     except FileNotFoundError:
         raise ModelConfigError(f"no config.json in model directory {model_dir}") from None
     except json.JSONDecodeError as e:
         raise ModelConfigError(f"{path} is not valid JSON: {e}") from None
-    return parse_model_config(raw, dtype, source=str(path))
 
 
 def parse_model_config(raw: dict[str, Any], dtype: Optional[str], source: str) -> ModelConfig:

@@ -28,6 +28,7 @@ from workers.engine.interface import EngineCapabilities
 from workers.engine.outputs import EngineStats, StepOutput
 from workers.engine.request_checks import check_prompt, check_tokens, output_room
 from workers.load_report import KVLoad
+from workers.models.config import checkpoint_dtype
 from workers.models.tiny import resolve_model
 from workers.sampling_params import SamplingParams
 
@@ -69,7 +70,9 @@ class VLLMEngine:
         self.clock = clock
         self.model_dir = resolve_model(config.model)
         args = EngineArgs(
-            model=str(self.model_dir), dtype=config.dtype or "auto", seed=config.seed,
+            # vLLM's "auto" runs a float32 checkpoint in a lower precision on CPU;
+            # yard's default is the checkpoint's own dtype.
+            model=str(self.model_dir), dtype=config.dtype or checkpoint_dtype(self.model_dir), seed=config.seed,
             block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
             max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
             max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill,
