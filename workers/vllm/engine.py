@@ -92,6 +92,7 @@ class VLLMEngine:
         self.block_size = cache.block_size
         self._total_blocks = int(cache.num_gpu_blocks or 0)
         self._requests: dict[str, _Tracked] = {}
+        self._pending: list[StepOutput] = []  # ends of aborted requests, for the next step
         self._healthy = True
         self._health_error: Optional[str] = None
         self._num_steps = 0
@@ -119,7 +120,8 @@ class VLLMEngine:
         except Exception:  # noqa: BLE001 - the engine is already broken; the requests end anyway
             pass
         self._requests.clear()
-        return failed
+        pending, self._pending = self._pending, []
+        return pending + failed
 
     def shutdown(self) -> None:
         self._requests.clear()
@@ -152,13 +154,17 @@ class VLLMEngine:
                                               self.clock() if arrival_time is None else arrival_time, priority)
 
     def abort(self, request_id: str) -> bool:
-        if self._requests.pop(request_id, None) is None:
+        """Stop a request; its end (finish_reason "abort") comes out of the next step."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
             return False
         self.engine.abort_request([request_id])
+        self._pending.append(StepOutput(request_id, tracked.next_index, (), None, "", finish_reason="abort",
+                                        num_prompt_tokens=tracked.num_prompt_tokens))
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests)
+        return bool(self._requests) or bool(self._pending)
 
     # -- stepping ------------------------------------------------------------------------------
     @property
@@ -176,13 +182,15 @@ class VLLMEngine:
 
         if before_forward is not None:
             before_forward()
+        steps, self._pending = self._pending, []
+        if not self._requests:
+            return steps
         start = time.perf_counter()
         outputs = self.engine.step()
         elapsed = time.perf_counter() - start
         self._num_steps += 1
         self._step_times.append(elapsed)
         self._busy_s += elapsed
-        steps = []
         for output in outputs:
             tracked = self._requests.get(output.request_id)
             if tracked is None:

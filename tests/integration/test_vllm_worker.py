@@ -1,0 +1,178 @@
+"""A worker with vLLM's engine inside (EngineConfig.backend "vllm"), on a local Ray:
+the same events as vLLM's own offline LLM, failover both ways between a yard worker
+and a vLLM worker, load reports and metrics that match the traffic, migration
+refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conditions import wait_until
+from tests.e2e.test_metrics import scrape, total
+from worker_streams import Follower, prompt, run, start, tokens, undisturbed
+from workers import LLM, SamplingParams
+from workers.events import Failed, Finished, Tokens, WorkerRequest
+from workers.migration import MigrationOrder
+
+REPO = Path(__file__).resolve().parents[2]
+REFERENCE = Path(__file__).with_name("vllm_reference.py")
+PROMPTS = [prompt(seed, n) for seed, n in ((1, 7), (2, 30), (3, 65), (4, 140))]
+GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_model):
+    return str(make_model("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def vllm_offline(model_dir, tmp_path_factory):
+    """vLLM's offline LLM.generate, greedy, in a process of its own: one dict per prompt."""
+    def generate(prompts: list[tuple[int, ...]], max_tokens: int, logprobs: int | None = None) -> list[dict]:
+        tmp = tmp_path_factory.mktemp("vllm-reference")
+        request, out = tmp / "request.json", tmp / "out.json"
+        request.write_text(json.dumps({"prompts": [list(p) for p in prompts], "max_tokens": max_tokens,
+                                       "logprobs": logprobs}))
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run([sys.executable, str(REFERENCE), model_dir, str(request), str(out)], check=True, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+        return json.loads(out.read_text())
+    return generate
+
+
+@pytest.fixture(scope="module")
+def vllm_worker(ray_local, model_dir):
+    handle = start(ray_local, "vllm-w0", model_dir, backend="vllm")
+    yield handle
+    ray_local.get(handle.shutdown.remote())
+    ray_local.kill(handle)
+
+
+def stream(ray, worker, request: WorkerRequest) -> list:
+    return [e for ref in worker.generate.remote(request) for e in ray.get(ref)]
+
+
+def test_events_match_vllm_offline(ray_local, vllm_worker, vllm_offline):
+    expected = vllm_offline(PROMPTS, GREEDY.max_tokens, GREEDY.logprobs)
+    refs = [vllm_worker.generate.remote(WorkerRequest(f"parity-{i}", p, GREEDY)) for i, p in enumerate(PROMPTS)]
+    for i, (gen, want) in enumerate(zip(refs, expected)):
+        events = [e for ref in gen for e in ray_local.get(ref)]
+        assert tokens(events) == want["token_ids"]  # absolute indexes, no gap, no repeat
+        assert "".join(e.text for e in events if isinstance(e, Tokens)) == want["text"]
+        logprobs = [lp for e in events if isinstance(e, Tokens) for lp in e.logprobs]
+        assert [lp.token_id for lp in logprobs] == want["token_ids"]
+        assert max(abs(lp.logprob - w) for lp, w in zip(logprobs, want["logprobs"])) < 1e-4
+        assert all(len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1] for lp in logprobs)
+        end = events[-1]
+        assert isinstance(end, Finished) and end.reason == "length"
+        assert (end.usage.prompt_tokens, end.usage.completion_tokens) == (len(PROMPTS[i]), GREEDY.max_tokens)
+
+
+def test_vllm_and_yard_agree_on_the_model(model_dir, vllm_offline):
+    """What failover between the two engines relies on: the same greedy tokens."""
+    ours = LLM(model=model_dir, kv_cache_memory_gib=0.25).generate([list(p) for p in PROMPTS],
+                                                                    SamplingParams(temperature=0, max_tokens=64,
+                                                                                   ignore_eos=True))
+    theirs = vllm_offline(PROMPTS, 64)
+    assert [o.token_ids for o in ours] == [t["token_ids"] for t in theirs]
+
+
+def test_abort_and_bad_input_as_with_our_engine(ray_local, vllm_worker, model_dir):
+    long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
+    gen = vllm_worker.generate.remote(WorkerRequest("long", prompt(5, 10), long))
+    assert isinstance(ray_local.get(next(gen))[0], Tokens)
+    bad = stream(ray_local, vllm_worker, WorkerRequest("bad", (1, 99999), GREEDY))
+    ray_local.get(vllm_worker.abort.remote("long"))
+    rest = [e for ref in gen for e in ray_local.get(ref)]
+    assert isinstance(rest[-1], Finished) and rest[-1].reason == "abort"
+    yard_engine = LLM(model=model_dir, kv_cache_memory_gib=0.25).engine
+    with pytest.raises(ValueError) as ours:
+        yard_engine.add_request("bad", (1, 99999), GREEDY)
+    assert bad == [Failed("bad", "invalid_request", str(ours.value))]
+    too_long = stream(ray_local, vllm_worker, WorkerRequest("too-long", prompt(6, 2048), GREEDY))
+    assert too_long[0].code == "invalid_request" and "max_model_len (2048)" in too_long[0].message
+    resumed_past_end = stream(ray_local, vllm_worker, WorkerRequest(
+        "past-end", prompt(7, 5), SamplingParams(temperature=0, max_tokens=3), resume_token_ids=(5, 6, 7)))
+    assert resumed_past_end[0].code == "invalid_request" and "output_token_ids" in resumed_past_end[0].message
+
+
+@pytest.mark.parametrize("victim", ["vllm", "yard"])
+def test_killed_worker_resumes_on_the_other_engine(ray_local, model_dir, victim):
+    """One yard worker and one vLLM worker: the one serving a stream dies mid-way, and
+    the router's request state machine resumes it on the other, with no gap and no
+    repeated token, equal to an undisturbed run."""
+    backends = {"vllm": {"backend": "vllm"}, "yard": {}}
+    survivor = "yard" if victim == "vllm" else "vllm"
+    handles = {name: start(ray_local, f"mixed-{victim}-{name}", model_dir, **backends[name])
+               for name in (victim, survivor)}
+    p, params = prompt(8, 20), SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+    follower = Follower(handles, first=victim, fallback=survivor)
+
+    async def kill() -> None:
+        ray_local.kill(handles[victim], no_restart=True)
+
+    try:
+        events, _ = run(follower.run(WorkerRequest(f"mixed-{victim}", p, params), 10, [], victim, then=kill))
+        assert follower.failures == [victim]
+        assert tokens(events) == undisturbed(model_dir, p, params)
+        assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 160
+    finally:
+        ray_local.get(handles[survivor].shutdown.remote())
+        for handle in handles.values():
+            ray_local.kill(handle)
+
+
+def test_load_reports_and_metrics_match_traffic(ray_local, model_dir, metrics_port):
+    worker = start(ray_local, "vllm-load", model_dir, backend="vllm")
+    try:
+        idle = ray_local.get(worker.load.remote())
+        assert (idle.backend, idle.kv_migration, idle.num_running, idle.requests) == ("vllm", False, 0, ())
+        assert idle.total_blocks > 0 and idle.free_blocks == idle.total_blocks and not idle.cached_block_hashes
+        params = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        gens = [worker.generate.remote(WorkerRequest(f"load-{i}", p, params)) for i, p in enumerate(PROMPTS)]
+        busy = wait_until(lambda: (r := ray_local.get(worker.load.remote())).num_running == len(PROMPTS) and r,
+                          60, "the vLLM worker reports its four requests running")
+        assert busy.free_blocks < busy.total_blocks and busy.mean_step_time_s > 0
+        for gen in gens:
+            assert tokens([e for ref in gen for e in ray_local.get(ref)]) != []
+        done = wait_until(lambda: (r := ray_local.get(worker.load.remote())).num_running == 0 and r, 30,
+                          "the vLLM worker reports nothing running")
+        assert done.free_blocks == done.total_blocks
+
+        def counted() -> dict:
+            samples = scrape(metrics_port)
+            return {"prompt": total(samples, "ray_yard_worker_prompt_tokens_total", worker="vllm-load"),
+                    "generated": total(samples, "ray_yard_worker_generation_tokens_total", worker="vllm-load"),
+                    "vllm_generated": total(samples, "ray_vllm_generation_tokens_total")}
+        want = {"prompt": sum(map(len, PROMPTS)), "generated": 400 * len(PROMPTS)}
+        got = wait_until(lambda: (c := counted())["prompt"] == want["prompt"] and c["generated"] == want["generated"]
+                         and c["vllm_generated"] >= want["generated"] and c, 40,
+                         "yard's and vLLM's token counters to reach the traffic sent")
+        assert got["prompt"] == want["prompt"]
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+
+
+def test_migration_to_or_from_vllm_is_refused_by_name(ray_local, vllm_worker, model_dir):
+    yard = start(ray_local, "yard-beside-vllm", model_dir)
+    try:
+        handles = {"yard": yard, "vllm": vllm_worker}
+        out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard, "manual")))
+        assert out.outcome == "failed" and out.error.startswith("unsupported: worker vllm-w0's engine (vllm)")
+        params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+        p = prompt(9, 12)
+        events, results = run(Follower(handles, first="yard").run(
+            WorkerRequest("stays", p, params), 5, [MigrationOrder("m-in", "stays", "vllm", vllm_worker, "manual")],
+            "yard"))
+        assert results[0].outcome != "committed" and "cannot move a request's KV" in results[0].error
+        assert tokens(events) == undisturbed(model_dir, p, params)  # it went on at the source
+    finally:
+        ray_local.get(yard.shutdown.remote())
+        ray_local.kill(yard)

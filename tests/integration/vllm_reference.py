@@ -1,0 +1,40 @@
+"""vLLM's own offline `LLM.generate` on token-id prompts, in a process of its own
+(vLLM binds its threads to cores and spawns workers: not in the test process).
+
+    python tests/integration/vllm_reference.py MODEL_DIR REQUEST.json OUT.json
+
+REQUEST.json: {"prompts": [[ids]...], "max_tokens": n, "logprobs": k or null}; greedy,
+ignore_eos. OUT.json: per prompt {"token_ids", "text", "logprobs"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def main() -> None:
+    model, request_file, out_file = sys.argv[1:4]
+    request = json.loads(open(request_file).read())
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    from vllm import LLM, SamplingParams
+
+    from workers.models.config import checkpoint_dtype
+
+    llm = LLM(model=model, dtype=checkpoint_dtype(model), enforce_eager=True, seed=0,
+              kv_cache_memory_bytes=2**28)
+    params = SamplingParams(temperature=0, max_tokens=request["max_tokens"], ignore_eos=True,
+                            logprobs=request["logprobs"])
+    outputs = llm.generate([{"prompt_token_ids": p} for p in request["prompts"]], params, use_tqdm=False)
+    result = []
+    for o in outputs:
+        c = o.outputs[0]
+        logprobs = None if c.logprobs is None else [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
+        result.append({"token_ids": list(c.token_ids), "text": c.text, "logprobs": logprobs})
+    with open(out_file, "w") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
