@@ -5,23 +5,16 @@ refused by name."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from conditions import wait_until
 from tests.e2e.test_metrics import scrape, total
+from vllm_reference import vllm_generate
 from worker_streams import Follower, prompt, run, start, tokens, undisturbed
 from workers import LLM, SamplingParams
 from workers.events import Failed, Finished, Tokens, WorkerRequest
 from workers.migration import MigrationOrder
 
-REPO = Path(__file__).resolve().parents[2]
-REFERENCE = Path(__file__).with_name("vllm_reference.py")
 PROMPTS = [prompt(seed, n) for seed, n in ((1, 7), (2, 30), (3, 65), (4, 140))]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
 
@@ -35,14 +28,7 @@ def model_dir(make_model):
 def vllm_offline(model_dir, tmp_path_factory):
     """vLLM's offline LLM.generate, greedy, in a process of its own: one dict per prompt."""
     def generate(prompts: list[tuple[int, ...]], max_tokens: int, logprobs: int | None = None) -> list[dict]:
-        tmp = tmp_path_factory.mktemp("vllm-reference")
-        request, out = tmp / "request.json", tmp / "out.json"
-        request.write_text(json.dumps({"prompts": [list(p) for p in prompts], "max_tokens": max_tokens,
-                                       "logprobs": logprobs}))
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        subprocess.run([sys.executable, str(REFERENCE), model_dir, str(request), str(out)], check=True, env=env,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
-        return json.loads(out.read_text())
+        return vllm_generate(model_dir, prompts, max_tokens, logprobs, tmp_path_factory.mktemp("vllm-reference"))
     return generate
 
 

@@ -11,7 +11,22 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def vllm_generate(model_dir: str, prompts: list, max_tokens: int, logprobs: int | None, tmp: Path) -> list[dict]:
+    """Run this script on `prompts` (token-id lists) and return its output."""
+    request, out = tmp / "request.json", tmp / "out.json"
+    request.write_text(json.dumps({"prompts": [list(p) for p in prompts], "max_tokens": max_tokens,
+                                   "logprobs": logprobs}))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    subprocess.run([sys.executable, __file__, model_dir, str(request), str(out)], check=True, env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
+    return json.loads(out.read_text())
 
 
 def main() -> None:
