@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from workers.engine.interface import BACKENDS
+
 MODEL_KINDS = ("tiny-llama", "tiny-moe", "tiny-moe-affinity", "tiny-qwen2", "llama-100m")  # workers.models.tiny.PRESETS
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -96,6 +98,8 @@ def _add_serving(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--ingress", choices=("proxy", "direct"),
                        help="proxy: Serve's proxies take the traffic (default); direct: the router replica "
                        "listens itself, one hop fewer (docs/config.md)")
+        p.add_argument("--backend", choices=BACKENDS,
+                       help="the engine inside each worker: yard (default) or vllm (docs/vllm-backend.md)")
     serve.set_defaults(func=_serve)
     demo.set_defaults(func=_demo)
     status = sub.add_parser("status", help="workers of a running cluster: role, health, load")
@@ -131,7 +135,7 @@ def _serve_config(args: argparse.Namespace) -> dict:
     from cluster.serving import load_serve_config
 
     return load_serve_config(args.config, args.model, args.workers, args.http_port, args.grpc_port, args.host,
-                             args.ingress)
+                             args.ingress, args.backend)
 
 
 def _serve(args: argparse.Namespace) -> int:

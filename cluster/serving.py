@@ -32,7 +32,7 @@ DEPLOY_TIMEOUT_S = 300.0  # the router replicas start in seconds; longer means R
 
 def load_serve_config(path: Optional[str], model: Optional[str], workers: Optional[int],
                       http_port: Optional[int], grpc_port: Optional[int], host: Optional[str],
-                      ingress: Optional[str] = None) -> dict[str, Any]:
+                      ingress: Optional[str] = None, backend: Optional[str] = None) -> dict[str, Any]:
     """The YAML file (if any) with the command line's overrides applied."""
     raw: dict[str, Any] = {}
     if path:
@@ -41,8 +41,12 @@ def load_serve_config(path: Optional[str], model: Optional[str], workers: Option
             raise ValueError(f"{path}: a serve config must be a mapping, got {type(loaded).__name__}")
         raw = loaded
     cluster = raw.setdefault("cluster", {})
+    engine = cluster.get("engine") or {}
+    engine = cluster["engine"] = {"backend": engine} if isinstance(engine, str) else engine  # `engine: vllm`
     if model:
-        cluster.setdefault("engine", {})["model"] = model
+        engine["model"] = model
+    if backend:
+        engine["backend"] = backend
     if workers:
         cluster["num_workers"] = workers
     http = raw.setdefault("http", {})
