@@ -90,9 +90,10 @@ $(PEERS_STAMP):
 	test -x $(PEERS_PY) || $(PYTHON) -m venv $(PEERS_VENV)
 	$(PEERS_PY) -m pip install -q '$(TORCH_SPEC)'
 	$(PEERS_PY) -m pip install -q '$(VLLM_SPEC)'
+	$(PEERS_PY) -m pip install -q 'ray[serve]==2.60.0' pyarrow  # Ray Serve LLM (ray.serve.llm), the same vLLM inside
 	$(PEERS_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	$(PEERS_PY) -m pip install -q --no-deps -e .
-	$(PEERS_PY) -c 'import vllm, transformers; print("vllm", vllm.__version__)'
+	$(PEERS_PY) -c 'import vllm, transformers, ray.serve.llm; print("vllm", vllm.__version__)'
 	touch $@
 
 bench-peers: install peers

@@ -17,10 +17,16 @@ run, not across runs):
    throughput lost; the throughput target is judged on `saturate`, where the
    throughput is the system's, not the arrival rate's).
 3. Peers, where `.venv-peers` exists (`make peers`): the same model under
-   `vllm serve` and `vllm bench serve` as the client, with the same flags against
-   vLLM's server and ours (random dataset at this workload's mean lengths,
-   --random-range-ratio 0.5, ignore_eos, the same arrivals); the summaries side by
-   side with ratios. Skipped with a message when the venv is missing.
+   `vllm serve` (and, with --peers vllm,ray-serve-llm, Ray Serve LLM with the same
+   vLLM inside) and `vllm bench serve` as the client, with the same flags against
+   every server and ours (random dataset at this workload's mean lengths or
+   --peer-input-len/--peer-output-len, --random-range-ratio 0.5, ignore_eos, the same
+   arrivals); the summaries side by side with ratios, and the CPU seconds each
+   server's processes spent in each run. Skipped with a message when the venv is
+   missing.
+
+`--backend vllm` runs vLLM's engine inside our workers (docs/vllm-backend.md): then
+ours against `vllm serve` is the relay's cost over vLLM's own server.
 
 Workload: lengths from the Azure 2023 conversation trace scaled down (bench/load_client.py
 says how; the run prints it), random token-id prompts, greedy, EOS ignored.
@@ -28,6 +34,8 @@ says how; the run prints it), random token-id prompts, greedy, EOS ignored.
     python bench/serving.py                       # everything, a few minutes on 2 cores
     python bench/serving.py --num-requests 32 --rate 2 --scenarios poisson
     python bench/serving.py --no-peers            # skip vLLM
+    python bench/serving.py --backend vllm --paths serve --scenarios saturate \\
+        --peers vllm,ray-serve-llm --peer-num-requests 200 --peer-input-len 256 --peer-output-len 128
 
 Prints tables; writes JSON to bench/results/serving-<timestamp>.json (vLLM's logs
 next to it).
@@ -66,6 +74,7 @@ from cluster.serving import free_port  # noqa: E402
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
 PATHS = ("direct", "serve")
+PEER_SERVERS = ("vllm", "ray-serve-llm")
 TARGET_ADDED_MS = 2.0
 TARGET_THROUGHPUT_LOSS = 0.05
 
@@ -107,7 +116,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="how HTTP reaches the router replica: through Serve's proxy, or straight (docs/config.md)")
     p.add_argument("--stream-interval-s", type=float, default=None,
                    help="worker stream interval (WorkerConfig.stream_interval_s; default: its default)")
+    p.add_argument("--backend", choices=("yard", "vllm"), default="yard",
+                   help="the engine inside our workers (EngineConfig.backend)")
     p.add_argument("--no-peers", action="store_true", help="skip vllm serve / vllm bench serve")
+    p.add_argument("--peers", default="vllm", help=f"servers beside ours, from {','.join(PEER_SERVERS)}")
+    p.add_argument("--peer-input-len", type=int, default=None, help="default: the workload's mean prompt length")
+    p.add_argument("--peer-output-len", type=int, default=None, help="default: the workload's mean output length")
     p.add_argument("--peer-scenarios", default="poisson,saturate",
                    help="arrivals for vllm bench serve against both servers")
     p.add_argument("--peer-num-requests", type=int, default=None, help="default: --num-requests")
@@ -123,6 +137,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     args.scenarios = _names(p, "--scenarios", args.scenarios, lc.ARRIVALS)
     args.peer_scenarios = _names(p, "--peer-scenarios", args.peer_scenarios, lc.ARRIVALS)
     args.paths = _names(p, "--paths", args.paths, PATHS)
+    args.peers = _names(p, "--peers", args.peers, PEER_SERVERS)
     for name in ("num_requests", "max_prompt_len", "max_output_len", "ray_cpus"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -216,7 +231,7 @@ class Ours:
         t0 = time.perf_counter()
         serve_env = apply_serve_env(STREAMING_SERVE_ENV) if self.args.serve_env == "streaming" else {}
         config = load_serve_config(None, str(self.model_dir), 1, free_port(), free_port(), "127.0.0.1",
-                                   self.args.ingress)
+                                   self.args.ingress, self.args.backend)
         if self.args.ingress == "direct":
             serve_env.update(direct_ingress_env(config["http"]["port"], config["grpc"]["port"]))
             os.environ.update(serve_env)
@@ -360,8 +375,8 @@ def vllm_flags(kind: str, args: argparse.Namespace, workload: dict[str, Any]) ->
     """The same `vllm bench serve` flags for both servers."""
     rate = "inf" if kind == "saturate" else f"{args.rate:g}"
     flags = ["--dataset-name", "random",
-             "--random-input-len", str(round(workload["mean_prompt_len"])),
-             "--random-output-len", str(round(workload["mean_output_len"])),
+             "--random-input-len", str(args.peer_input_len or round(workload["mean_prompt_len"])),
+             "--random-output-len", str(args.peer_output_len or round(workload["mean_output_len"])),
              "--random-range-ratio", "0.5",
              "--num-prompts", str(args.peer_num_requests), "--request-rate", rate,
              "--ignore-eos", "--temperature", "0", "--seed", str(args.seed),
@@ -374,13 +389,17 @@ def vllm_flags(kind: str, args: argparse.Namespace, workload: dict[str, Any]) ->
 
 
 def run_peer_bench(server: str, base_url: str, model_dir: Path, args: argparse.Namespace,
-                   workload: dict[str, Any], stamp: str) -> dict[str, Any]:
+                   workload: dict[str, Any], stamp: str, cpu_root: int, with_root: bool = True) -> dict[str, Any]:
+    """`vllm bench serve` against one server, per peer scenario, with the CPU seconds
+    that the server's processes (cpu_root's tree; the root itself only with_root) spent."""
+    from cpu_time import spent
     from peers.vllm_serve import bench_serve
 
     out: dict[str, Any] = {}
     for kind in args.peer_scenarios:
         say(f"[vllm bench serve -> {server}] {kind} ...")
         log = args.results_dir / f"serving-{stamp}-bench-{server}-{kind}.log"
+        before = _server_cpu(cpu_root, with_root)
         try:
             r = bench_serve(args.peers_python, base_url, args.served_model_name, model_dir,
                             vllm_flags(kind, args, workload), log)
@@ -388,26 +407,41 @@ def run_peer_bench(server: str, base_url: str, model_dir: Path, args: argparse.N
             say(f"[vllm bench serve -> {server}] {kind}: FAILED: {e}")
             out[kind] = {"error": str(e)}
             continue
+        r["server_cpu_s"] = spent(before, _server_cpu(cpu_root, with_root))
         r["log"] = _rel(log)
         r["loadavg_1m"] = os.getloadavg()[0]
         say(f"[vllm bench serve -> {server}] {kind}: {r.get('completed')} done, "
-            f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms")
+            f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms, "
+            f"server CPU {r['server_cpu_s']:.1f} s")
         out[kind] = r
     return out
 
 
-def run_vllm_server(model_dir: Path, args: argparse.Namespace, workload: dict[str, Any],
-                    stamp: str) -> dict[str, Any]:
-    from peers.vllm_serve import VllmServer
+def _server_cpu(root: int, with_root: bool) -> dict[int, float]:
+    """CPU so far of root's process tree; without the root (this benchmark's own
+    process, whose children are our Ray cluster), only its descendants."""
+    from cpu_time import tree_cpu
 
-    log = args.results_dir / f"serving-{stamp}-vllm-serve.log"
+    sample = tree_cpu(root)
+    if not with_root:
+        sample.pop(root, None)
+    return sample
+
+
+def run_peer_server(name: str, model_dir: Path, args: argparse.Namespace, workload: dict[str, Any],
+                    stamp: str) -> dict[str, Any]:
+    """One peer server (`vllm serve`, or Ray Serve LLM with the same vLLM), started,
+    benchmarked with the same flags as ours, and stopped."""
+    from peers.vllm_serve import RayServeLLMServer, VllmServer
+
+    log = args.results_dir / f"serving-{stamp}-{name}-server.log"
     reserved = None if args.vllm_reserved_cpus < 0 else args.vllm_reserved_cpus
-    server = VllmServer(args.peers_python, model_dir, args.served_model_name, free_port(), log,
-                        args.vllm_kv_gib, reserved)
-    say(f"starting vllm serve (log {_rel(log)}) ...")
+    kind = VllmServer if name == "vllm" else RayServeLLMServer
+    server = kind(args.peers_python, model_dir, args.served_model_name, free_port(), log, args.vllm_kv_gib, reserved)
+    say(f"starting {name} (log {_rel(log)}) ...")
     with server.start(args.vllm_startup_timeout_s):
-        say(f"vllm serve ready in {server.startup_s:.0f} s")
-        results = run_peer_bench("vllm", server.base_url, model_dir, args, workload, stamp)
+        say(f"{name} ready in {server.startup_s:.0f} s")
+        results = run_peer_bench(name, server.base_url, model_dir, args, workload, stamp, server.proc.pid)
     return {"server_log": _rel(log), "startup_s": server.startup_s, "kv_cache_gib": args.vllm_kv_gib,
             "reserved_cpus": reserved, "results": results}
 
@@ -467,24 +501,27 @@ def overhead_table(over: dict[str, Any]) -> str:
     return format_table(head, rows, left=1)
 
 
-def peers_table(vllm: dict[str, Any], ours: dict[str, Any]) -> str:
+def peers_table(servers: dict[str, dict[str, Any]]) -> str:
+    """One row per figure; per scenario, each server's value, then ours over each peer."""
     from peers.vllm_serve import SUMMARY_KEYS
 
-    kinds = [k for k in vllm if k in ours]
+    peers = [n for n in servers if n != "ours"]
+    kinds = [k for k in servers["ours"] if all(k in servers[n] for n in peers)]
     head = ["metric"]
     for k in kinds:
-        head += [f"{k}: vllm", "ours", "ours/vllm"]
+        head += [f"{k}: {n}" for n in servers] + [f"ours/{n}" for n in peers]
     rows = []
-    for key in SUMMARY_KEYS:
+    for key in SUMMARY_KEYS + ("server_cpu_s",):
         row = [key]
         for k in kinds:
-            a, b = vllm[k].get(key), ours[k].get(key)
+            values = {n: servers[n][k].get(key) for n in servers}
             digits = 0 if key in ("completed", "failed") else 2
-            # No ratio against (near) zero: vLLM's median ITL is 0 when tokens arrive bunched.
-            ratio = (f"{b / a:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float))
-                     and abs(a) >= 0.05 else "-")
-            row += [_f(a, digits) if a is not None else "-", _f(b, digits) if b is not None else "-",
-                    ratio if key not in ("completed", "failed") else ""]
+            row += [_f(v, digits) for v in values.values()]
+            for n in peers:
+                a, b = values[n], values["ours"]
+                # No ratio against (near) zero: vLLM's median ITL is 0 when tokens arrive bunched.
+                usable = isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a) >= 0.05
+                row.append(f"{b / a:.2f}x" if usable and key not in ("completed", "failed") else "")
         rows.append(row)
     return format_table(head, rows, left=1)
 
@@ -540,7 +577,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         report["router_overhead"] = router_overhead(results)
         if peers_ok:
             ours.stop_direct()  # idle, but it should not share the cores with the peer runs
-            peer_ours = run_peer_bench("ours", ours.base_url, model_dir, args, workload, stamp)
+            # Our cluster is this process's children (the local Ray), this process not included.
+            peer_ours = run_peer_bench("ours", ours.base_url, model_dir, args, workload, stamp, os.getpid(),
+                                       with_root=False)
     except Exception as e:  # noqa: BLE001 - still write what we have
         traceback.print_exc()
         report["error"] = f"{type(e).__name__}: {e}"
@@ -550,9 +589,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     if peers_ok and not failed:
         try:
-            vllm = run_vllm_server(model_dir, args, workload, stamp)
-            report["peers"] = {"vllm": vllm, "ours": {"results": peer_ours},
+            report["peers"] = {"ours": {"results": peer_ours, "backend": args.backend},
                                "flags": {k: vllm_flags(k, args, workload) for k in args.peer_scenarios}}
+            for name in args.peers:
+                report["peers"][name] = run_peer_server(name, model_dir, args, workload, stamp)
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
             report["peers"] = {"error": f"{type(e).__name__}: {e}", "ours": {"results": peer_ours}}
@@ -581,12 +621,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(overhead_table(report["router_overhead"]))
         verdict(report["router_overhead"])
     peers = report.get("peers", {})
-    if "vllm" in peers:
-        print(f"\nvllm bench serve against both servers, same flags (random dataset, "
-              f"{round(workload['mean_prompt_len'])} in / {round(workload['mean_output_len'])} out, range "
-              f"ratio 0.5, {args.peer_num_requests} prompts; poisson = {args.rate:g} req/s, saturate = inf); "
-              f"ratios ours/vllm: > 1 is better for throughput, worse for latency")
-        print(peers_table(peers["vllm"]["results"], peers["ours"]["results"]))
+    if any(name in peers for name in PEER_SERVERS):
+        flags = vllm_flags("saturate", args, workload)
+        print(f"\nvllm bench serve against every server, same flags (random dataset, "
+              f"{flags[flags.index('--random-input-len') + 1]} in / {flags[flags.index('--random-output-len') + 1]} "
+              f"out, range ratio 0.5, {args.peer_num_requests} prompts; poisson = {args.rate:g} req/s, "
+              f"saturate = inf); ours runs backend {args.backend}; ratios ours/peer: > 1 is better for "
+              f"throughput, worse for latency and CPU")
+        servers = {"ours": peers["ours"]["results"]} | {n: peers[n]["results"] for n in PEER_SERVERS if n in peers}
+        print(peers_table(servers))
         print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours sends "
               "a request's tokens at most every stream_interval_s, its first and last at once); "
               "TPOT is the per-token figure to compare")

@@ -181,3 +181,15 @@ def bench_serve(python: Path, base_url: str, model_name: str, tokenizer_dir: Pat
         raw = json.loads(out.read_text())
     # Per-request arrays (ttfts, itls, generated texts...) stay in the log's summary only.
     return {k: v for k, v in raw.items() if not isinstance(v, list)}
+
+
+class RayServeLLMServer(VllmServer):
+    """Ray Serve LLM (bench/peers/ray_serve_llm.py) with VllmServer's lifecycle:
+    started in a session of its own, ready when /v1/models answers, stopped by its
+    process group."""
+
+    def __init__(self, python: Path, model_dir: Path, served_model_name: str, port: int,
+                 log_path: Path, kv_cache_gib: int = 4, reserved_cpus: Optional[int] = 0) -> None:
+        super().__init__(python, model_dir, served_model_name, port, log_path, kv_cache_gib, reserved_cpus)
+        script = Path(__file__).resolve().with_name("ray_serve_llm.py")
+        self.cmd = [str(python), str(script), str(model_dir), served_model_name, str(port)]
