@@ -39,6 +39,7 @@ from cluster.adoption import Orphans, find_orphans, placement_name, remove_orpha
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, WorkerView, worker_view
+from cluster.recompute_drain import DrainCandidate, recompute_drain_orders
 from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker, pool_worker
 from router.config import MANAGER_NAMESPACE
 from workers.events import worker_actor_name
@@ -352,10 +353,20 @@ class ClusterManager:
         # policy neither moves their requests nor sends any there.
         views = [self._view(e) for e in self.workers.values()
                  if e.load is not None and e.booting is None and e.role != "prefill" and e.load.kv_migration]
-        orders = self._policy.plan(views)
+        orders = self._policy.plan(views) + self._recompute_drains()
         for order in orders:
             self._launch(order)
         return orders
+
+    def _recompute_drains(self) -> list[MigrationOrder]:
+        """Draining workers that cannot move KV move their requests by recompute."""
+        flights = [f.order for f in self._in_flight.values()]
+        candidates = [DrainCandidate(e.load, e.healthy and e.booting is None and not e.draining and not e.load.draining
+                                     and e.role == "mixed", e.draining or e.load.draining,
+                                     sum(o.source == e.worker_id for o in flights),
+                                     sum(o.destination == e.worker_id for o in flights))
+                      for e in self.workers.values() if e.load is not None]
+        return recompute_drain_orders(candidates, {o.request_id for o in flights}, self.config.migration)
 
     def _view(self, entry: WorkerEntry) -> WorkerView:
         flights = self._in_flight.values()

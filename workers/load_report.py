@@ -22,6 +22,9 @@ class RequestLoad:
     arrival_time: float
     running: bool  # in the batch (else waiting for it)
     migrating: bool  # a migration of it is in flight
+    # It may move by recompute (workers/recompute_move.py): what a worker that cannot
+    # move KV drains by.
+    recomputable: bool = True
 
 
 @dataclass(frozen=True, slots=True)

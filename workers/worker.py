@@ -37,6 +37,7 @@ from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
                                kv_layout)
+from workers.recompute_move import move_by_recompute
 from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
                                      EngineCall, GrowReservation, ReplaceExperts, ReserveMigration)
 from workers.worker_config import WorkerConfig
@@ -81,6 +82,7 @@ class Worker:
         self._wake = threading.Event()
         self._channels: dict[str, Channel] = {}  # channel id → its open stream
         self._channel_of: dict[str, Channel] = {}  # running request id → its channel
+        self._admitted: dict[str, WorkerRequest] = {}  # running request id → as it came (to move by recompute)
         self._closed_channels: dict[str, None] = {}  # recent ones, oldest first
         self._generate_ids = itertools.count()
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -186,6 +188,7 @@ class Worker:
         self._channel_of[rid] = channel
         if request.arrival_time is None:  # FCFS order is by arrival at the router, kept across moves
             request = _with_arrival(request, time.time())
+        self._admitted[rid] = request
         self._send(AddRequest(request))
         # A request that ends with its first token has nothing to decode elsewhere.
         last_token_here = len(request.resume_token_ids) + 1 >= request.params.max_tokens
@@ -287,8 +290,7 @@ class Worker:
         """Move a request to order.destination with its KV (workers/migration.py); the
         request's router follows it there through the Moved event."""
         if not self.capabilities.kv_migration:
-            return MigrationResult(order.migration_id, order.request_id, self.config.worker_id, order.destination_id,
-                                   order.reason, "failed", f"unsupported: {self._no_kv_migration()}")
+            return await self._move_by_recompute(order)
         self._ensure_thread()
         self._outgoing[order.request_id] += 1
         try:
@@ -303,6 +305,41 @@ class Worker:
             self._outgoing[order.request_id] -= 1
             if not self._outgoing[order.request_id]:
                 del self._outgoing[order.request_id]
+
+    async def _move_by_recompute(self, order: MigrationOrder) -> MigrationResult:
+        """An engine that cannot move KV moves a request by recompute
+        (workers/recompute_move.py), if its kind allows."""
+        request = self._admitted.get(order.request_id)
+        if request is None or order.request_id in self._outgoing:
+            return MigrationResult(order.migration_id, order.request_id, self.config.worker_id, order.destination_id,
+                                   order.reason, "failed",
+                                   f"not_here: request {order.request_id!r} is not running on {self.config.worker_id}"
+                                   f" (or is already moving)")
+        self._outgoing[order.request_id] += 1
+        try:
+            result = await move_by_recompute(order, self.config.worker_id, request, self._call,
+                                             lambda r: self._send(AddRequest(r)), self._moved,
+                                             self.config.migration_call_timeout_s)
+        finally:
+            del self._outgoing[order.request_id]
+        self._metrics.observe_transfer(result)
+        return result
+
+    async def adopt(self, request: WorkerRequest, source_id: str) -> None:
+        """Destination of a move by recompute: compute `request` (prompt + the tokens
+        already sent) here; its events wait for its router to attach, as after a
+        live migration. Raises ValueError if this worker cannot take it."""
+        rid = request.request_id
+        if self._draining or not self.health()[0]:
+            raise ValueError(f"worker {self.config.worker_id} is not taking requests from {source_id} "
+                             f"({'draining' if self._draining else 'unhealthy'})")
+        if rid in self._channel_of or rid in self._parked:
+            raise ValueError(f"request {rid!r} is already on worker {self.config.worker_id}")
+        self._ensure_thread()
+        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s)
+        self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
+        self._admitted[rid] = request
+        self._send(AddRequest(request))
 
     def _no_kv_migration(self) -> str:
         return (f"worker {self.config.worker_id}'s engine ({self.capabilities.backend}) cannot move a request's KV "
@@ -590,6 +627,8 @@ class Worker:
     def _deliver(self, events: list[Event]) -> None:
         for event in events:
             rid = event.request_id
+            if isinstance(event, ENDS_HERE):
+                self._admitted.pop(rid, None)
             if rid in self._arrived_paused_at and isinstance(event, (Tokens, *ENDS_HERE)):
                 paused_at = self._arrived_paused_at.pop(rid)
                 if isinstance(event, Tokens):

@@ -126,6 +126,17 @@ class CancelMigration:
 
 
 @dataclass(frozen=True, slots=True)
+class TakeForRecompute:
+    """Source of a move by recompute: the request leaves the engine, unended; answers
+    its output tokens so far."""
+
+    request_id: str
+
+    def apply(self, engine: Any) -> tuple[int, ...]:
+        return engine.take_for_recompute(self.request_id)
+
+
+@dataclass(frozen=True, slots=True)
 class ReplaceExperts:
     """Begin a live re-placement of the experts (expert parallelism)."""
 
@@ -136,7 +147,7 @@ class ReplaceExperts:
 
 
 EngineCall = Union[StartMigration, AdvanceMigration, StreamMigration, ResumeMigration, CompleteMigration,
-                   ReserveMigration, GrowReservation, CommitMigration, CancelMigration, ReplaceExperts]
+                   ReserveMigration, GrowReservation, CommitMigration, CancelMigration, ReplaceExperts, TakeForRecompute]
 
 
 @dataclass(frozen=True, slots=True)

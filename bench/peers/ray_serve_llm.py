@@ -24,9 +24,13 @@ def main() -> None:
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
 
-    ray.init(address="local", include_dashboard=False)
+    # Logical CPUs oversubscribed as for ours (bench/serving.py --ray-cpus): its ingress
+    # replica and its engine replica each ask for one.
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
+    # A CPU bundle: Ray Serve LLM asks for a GPU unless its placement says otherwise.
     config = LLMConfig(model_loading_config={"model_id": name, "model_source": model_dir},
                        engine_kwargs={"dtype": "float32", "enforce_eager": True},
+                       placement_group_config={"bundles": [{"CPU": 1}]},
                        deployment_config={"num_replicas": 1})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_openai_app({"llm_configs": [config]}), blocking=False)

@@ -193,3 +193,25 @@ class RayServeLLMServer(VllmServer):
         super().__init__(python, model_dir, served_model_name, port, log_path, kv_cache_gib, reserved_cpus)
         script = Path(__file__).resolve().with_name("ray_serve_llm.py")
         self.cmd = [str(python), str(script), str(model_dir), served_model_name, str(port)]
+        self.served_model_name = served_model_name
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        """Its ingress lists the model before the engine replica is up: ready once a
+        one-token completion comes back."""
+        deadline = time.monotonic() + timeout_s
+        super()._wait_ready(timeout_s)
+        body = json.dumps({"model": self.served_model_name, "prompt": "hi", "max_tokens": 1}).encode()
+        while time.monotonic() < deadline:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError(f"Ray Serve LLM exited while starting; {self.log_path} ends:\n"
+                                   f"{_tail(self.log_path)}")
+            request = urllib.request.Request(self.base_url + "/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=30) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(1.0)
+        raise RuntimeError(f"Ray Serve LLM did not complete a request within {timeout_s:g} s; see {self.log_path}")

@@ -84,18 +84,18 @@ def secure_app(ray_local, serve_app, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def vllm_app(ray_local, serve_app, tmp_path_factory):
-    """A second application over a cluster of its own ("e2e-vllm"): one worker with
+    """A second application over a cluster of its own ("e2e-vllm"): two workers with
     vLLM's engine inside, the same model and router settings as the e2e app."""
     from ray import serve
 
     from router.app import build_app
 
     values = test_values(serve_app["model_dir"])
-    values["cluster"].update(name="e2e-vllm", num_workers=1)
+    values["cluster"].update(name="e2e-vllm", num_workers=2)
     values["cluster"]["engine"]["backend"] = "vllm"
     serve.run(build_app(values), name="vllm", route_prefix="/vllm")
-    yield {"base_url": serve_app["base_url"] + "/vllm", "model_dir": serve_app["model_dir"]}
-    serve.delete("vllm")
     manager = ray_local.get_actor("yard-manager-e2e-vllm", namespace="yard")
+    yield {"base_url": serve_app["base_url"] + "/vllm", "model_dir": serve_app["model_dir"], "manager": manager}
+    serve.delete("vllm")
     ray_local.get(manager.shutdown.remote())
     ray_local.kill(manager)

@@ -1,18 +1,25 @@
-"""A cluster whose worker runs vLLM's engine, through the router with the official
-`openai` client: vLLM's own greedy output, streamed and not, and bad input answered
-exactly as by the cluster of yard's engine."""
+"""A cluster whose workers run vLLM's engine, through the router with the official
+`openai` client: vLLM's own greedy output, streamed and not; bad input answered
+exactly as by the cluster of yard's engine; a drain that moves streams by recompute
+and loses nothing."""
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import openai
 import pytest
 
+from conditions import wait_until
 from tests.e2e.test_load_and_bad_input import post
+from tests.e2e.test_migration import committed
 from tests.integration.vllm_reference import vllm_generate
 from workers.models.tokenizer import encode_prompt, load_tokenizer
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "KV"]
 TOKENS = 40
+DRAINED = [f"Drained vLLM stream {i} says" for i in range(8)]
+DRAIN_TOKENS = 300
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +30,13 @@ def client(vllm_app):
 @pytest.fixture(scope="module")
 def expected(vllm_app, tmp_path_factory):
     """vLLM's offline LLM on the prompts as the router tokenizes them."""
+    return offline(vllm_app, PROMPTS, TOKENS, tmp_path_factory)
+
+
+def offline(vllm_app, prompts: list[str], tokens: int, tmp_path_factory) -> list[dict]:
     tokenizer = load_tokenizer(vllm_app["model_dir"])
-    ids = [encode_prompt(tokenizer, p) for p in PROMPTS]
-    return vllm_generate(vllm_app["model_dir"], ids, TOKENS, None, tmp_path_factory.mktemp("vllm-e2e"))
+    ids = [encode_prompt(tokenizer, p) for p in prompts]
+    return vllm_generate(vllm_app["model_dir"], ids, tokens, None, tmp_path_factory.mktemp("vllm-e2e"))
 
 
 def test_completions_equal_vllm_offline(client, expected):
@@ -61,3 +72,27 @@ def test_bad_input_is_answered_as_by_yards_engine(serve_app, vllm_app):
         want_code, _, yard_error = post(serve_app["base_url"], body)
         assert code == want_code and code >= 400, body
         assert vllm_error == yard_error, body
+
+
+def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm_app, client, tmp_path_factory):
+    manager = vllm_app["manager"]
+    expected = offline(vllm_app, DRAINED, DRAIN_TOKENS, tmp_path_factory)
+
+    def stream(prompt: str) -> str:
+        chunks = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=DRAIN_TOKENS,
+                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
+        return "".join(c.choices[0].text for c in chunks if c.choices)
+
+    def busiest() -> str:
+        loads = [s.load for s in ray_local.get(manager.snapshot.remote()) if s.load is not None]
+        top = max(loads, key=lambda l: l.num_running)
+        return top.num_running >= 2 and top.worker_id
+
+    with ThreadPoolExecutor(len(DRAINED)) as pool:
+        futures = [pool.submit(stream, p) for p in DRAINED]
+        source = wait_until(busiest, 60, "streams running on a vLLM worker")
+        drained = ray_local.get(manager.drain.remote(source, 120.0))
+        texts = [f.result() for f in futures]
+    assert drained == {"worker": source, "drained": True, "remaining": 0}
+    assert texts == [e["text"] for e in expected]
+    assert committed(ray_local, manager, "drain") >= 1

@@ -1,7 +1,7 @@
 """A worker with vLLM's engine inside (EngineConfig.backend "vllm"), on a local Ray:
 the same events as vLLM's own offline LLM, failover both ways between a yard worker
-and a vLLM worker, load reports and metrics that match the traffic, migration
-refused by name."""
+and a vLLM worker, load reports and metrics that match the traffic, KV migration
+refused by name and moves by recompute instead."""
 
 from __future__ import annotations
 
@@ -146,12 +146,10 @@ def test_load_reports_and_metrics_match_traffic(ray_local, model_dir, metrics_po
         ray_local.kill(worker)
 
 
-def test_migration_to_or_from_vllm_is_refused_by_name(ray_local, vllm_worker, model_dir):
+def test_kv_migration_into_vllm_is_refused_by_name(ray_local, vllm_worker, model_dir):
     yard = start(ray_local, "yard-beside-vllm", model_dir)
     try:
         handles = {"yard": yard, "vllm": vllm_worker}
-        out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard, "manual")))
-        assert out.outcome == "failed" and out.error.startswith("unsupported: worker vllm-w0's engine (vllm)")
         params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
         p = prompt(9, 12)
         events, results = run(Follower(handles, first="yard").run(
@@ -159,6 +157,51 @@ def test_migration_to_or_from_vllm_is_refused_by_name(ray_local, vllm_worker, mo
             "yard"))
         assert results[0].outcome != "committed" and "cannot move a request's KV" in results[0].error
         assert tokens(events) == undisturbed(model_dir, p, params)  # it went on at the source
+        out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard, "manual")))
+        assert out.outcome == "failed" and out.error.startswith("not_here: request 'nobody'")
+    finally:
+        ray_local.get(yard.shutdown.remote())
+        ray_local.kill(yard)
+
+
+@pytest.mark.parametrize("destination", ["yard", "vllm"])
+def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
+    """A vLLM worker cannot move KV: a running request moves by recompute instead, to
+    either engine; its router follows the Moved event, and nothing is lost or repeated."""
+    source_id, destination_id = "rc-src-" + destination, "rc-dst-" + destination
+    handles = {source_id: start(ray_local, source_id, model_dir, backend="vllm"),
+               destination_id: start(ray_local, destination_id, model_dir,
+                                     **({"backend": "vllm"} if destination == "vllm" else {}))}
+    p, params = prompt(10, 25), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    order = MigrationOrder("rc-1", "moves", destination_id, handles[destination_id], "manual")
+    try:
+        events, results = run(Follower(handles, first=source_id).run(
+            WorkerRequest("moves", p, params), 10, [order], source_id))
+        assert results[0].outcome == "committed", results[0]
+        assert 10 <= results[0].next_index < 120
+        assert tokens(events) == undisturbed(model_dir, p, params)
+        assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 120
+        wait_until(lambda: (r := ray_local.get(handles[source_id].load.remote())).requests == ()
+                   and r.num_running == 0 and r.free_blocks == r.total_blocks, 10,
+                   "the source to report the moved request gone and its blocks free")
+    finally:
+        for handle in handles.values():
+            ray_local.get(handle.shutdown.remote())
+            ray_local.kill(handle)
+
+
+def test_seeded_request_is_not_moved_by_recompute(ray_local, vllm_worker, model_dir):
+    yard = start(ray_local, "yard-seeded", model_dir)
+    try:
+        handles = {"vllm-w0": vllm_worker, "yard-seeded": yard}
+        seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=60, ignore_eos=True)
+        order = MigrationOrder("rc-seeded", "seeded", "yard-seeded", yard, "manual")
+        events, results = run(Follower(handles, first="vllm-w0").run(
+            WorkerRequest("seeded", prompt(11, 9), seeded), 5, [order], "vllm-w0"))
+        assert results[0].outcome == "failed" and "seeded sampling (seed 7)" in results[0].error
+        assert len(tokens(events)) == 60 and isinstance(events[-1], Finished)  # it went on where it was
+        report = ray_local.get(vllm_worker.load.remote())
+        assert report.requests == ()
     finally:
         ray_local.get(yard.shutdown.remote())
         ray_local.kill(yard)

@@ -33,14 +33,11 @@ class EngineCapabilities:
     # Load reports carry the hashes of cached prefix blocks, in yard's hashing (what
     # the router's prefix policy matches prompts against).
     prefix_block_hashes: bool
-    # Load reports list each request with the KV blocks it holds (what the migration
-    # policies choose from).
-    request_view: bool
     expert_placement: bool  # live expert re-placement (expert parallelism)
 
 
 YARD_CAPABILITIES = EngineCapabilities("yard", kv_migration=True, exact_resume=True, prefix_block_hashes=True,
-                                       request_view=True, expert_placement=True)
+                                       expert_placement=True)
 
 
 class WorkerEngine(Protocol):

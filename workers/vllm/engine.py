@@ -7,8 +7,8 @@ outputs are deltas, turned into StepOutputs with absolute token indexes, so the
 worker streams the same typed events.
 
 What vLLM 0.32 does not let us do, the capabilities say: no KV migration or
-handoff (its KV cache is not reachable from outside; see docs/vllm-backend.md), no
-prefix block hashes in yard's hashing, no per-request KV view. Resuming a request
+handoff (its KV cache is not reachable from outside; see docs/vllm-backend.md), so
+requests move by recompute; no prefix block hashes in yard's hashing. Resuming a request
 (failover) resubmits prompt + the tokens already sent as vLLM's prompt: greedy
 output continues exactly; a seeded request restarts its random sequence, and
 presence/frequency penalties no longer count the resumed tokens.
@@ -27,13 +27,14 @@ from workers.engine.config import EngineConfig
 from workers.engine.interface import EngineCapabilities
 from workers.engine.outputs import EngineStats, StepOutput
 from workers.engine.request_checks import check_prompt, check_tokens, output_room
-from workers.load_report import KVLoad
+from workers.load_report import KVLoad, RequestLoad
 from workers.models.config import checkpoint_dtype
 from workers.models.tiny import resolve_model
+from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
 
 VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, exact_resume=False, prefix_block_hashes=False,
-                                       request_view=False, expert_placement=False)
+                                       expert_placement=False)
 _RECENT_STEPS = 64  # window of the step-time average
 
 
@@ -46,11 +47,16 @@ class _Tracked:
     num_logprobs: Optional[int]
     arrival_time: float
     priority: int
-    produced: int = 0  # output tokens produced here
+    output_token_ids: list[int]  # all of them: resumed, then produced here
+    recomputable: bool  # may move by recompute (workers/recompute_move.py)
+
+    @property
+    def produced(self) -> int:
+        return len(self.output_token_ids) - self.num_resumed
 
     @property
     def next_index(self) -> int:
-        return self.num_resumed + self.produced
+        return len(self.output_token_ids)
 
 
 class VLLMEngine:
@@ -151,7 +157,8 @@ class VLLMEngine:
                                 vllm_params(params, max_tokens - len(output_token_ids)),
                                 arrival_time=arrival_time, priority=-priority)
         self._requests[request_id] = _Tracked(len(prompt_token_ids), len(output_token_ids), params.logprobs,
-                                              self.clock() if arrival_time is None else arrival_time, priority)
+                                              self.clock() if arrival_time is None else arrival_time, priority,
+                                              list(output_token_ids), recompute_refusal(params) is None)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its end (finish_reason "abort") comes out of the next step."""
@@ -162,6 +169,15 @@ class VLLMEngine:
         self._pending.append(StepOutput(request_id, tracked.next_index, (), None, "", finish_reason="abort",
                                         num_prompt_tokens=tracked.num_prompt_tokens))
         return True
+
+    def take_for_recompute(self, request_id: str) -> tuple[int, ...]:
+        """Remove a request without ending it (it moves, to be computed again
+        elsewhere); its output tokens so far, which its events have all carried."""
+        tracked = self._requests.pop(request_id, None)
+        if tracked is None:
+            raise ValueError(f"request {request_id!r} is not in this engine")
+        self.engine.abort_request([request_id])
+        return tuple(tracked.output_token_ids)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -196,7 +212,7 @@ class VLLMEngine:
             if tracked is None:
                 continue  # aborted after this step was scheduled
             out = step_output(output, tracked.next_index, tracked.num_prompt_tokens, tracked.num_logprobs)
-            tracked.produced += len(out.new_token_ids)
+            tracked.output_token_ids.extend(out.new_token_ids)
             if out.finished:
                 del self._requests[output.request_id]
             steps.append(out)
@@ -208,11 +224,14 @@ class VLLMEngine:
     # -- what the load report reads -------------------------------------------------------------
     def stats(self) -> EngineStats:
         t = self._tap.totals
-        used = min(self._total_blocks, math.ceil(t.kv_cache_usage * self._total_blocks))
+        # vLLM reports after each step only: once the last request is aborted or moved
+        # away, no step runs to say that nothing runs and no block is in use.
+        idle = not self._requests
+        used = 0 if idle else min(self._total_blocks, math.ceil(t.kv_cache_usage * self._total_blocks))
         recent = self._step_times
         mean_step = sum(recent) / len(recent) if recent else 0.0
         return EngineStats(
-            num_running=t.num_running, num_waiting=t.num_waiting,
+            num_running=0 if idle else t.num_running, num_waiting=0 if idle else t.num_waiting,
             num_free_blocks=self._total_blocks - used, num_total_blocks=self._total_blocks,
             prefix_cache_hit_rate=t.prefix_hits / t.prefix_queries if t.prefix_queries else 0.0,
             num_preemptions=t.preemptions, num_steps=self._num_steps,
@@ -225,12 +244,20 @@ class VLLMEngine:
                                       if not r.produced))
 
     def kv_load(self, max_hashes: int) -> KVLoad:
-        """The head of the queue from what yard tracks (in vLLM's order, which is
-        ours: priority, then arrival); no per-request view and no prefix hashes."""
+        """From what yard tracks: a request runs once it has produced a token, and
+        holds the blocks its tokens fill (vLLM does not say); the queue's head in
+        vLLM's order, which is ours (priority, then arrival). No prefix hashes:
+        vLLM's are not yard's."""
+        def blocks(r: _Tracked) -> int:
+            return -(-(r.num_prompt_tokens + len(r.output_token_ids)) // self.block_size)
+
+        tracked = sorted(self._requests.items(), key=lambda item: not item[1].produced)  # running first
+        requests = tuple(RequestLoad(rid, r.priority, blocks(r) if r.produced else 0, r.arrival_time,
+                                     bool(r.produced), False, r.recomputable) for rid, r in tracked)
         waiting = [r for r in self._requests.values() if not r.produced]
         head = min(waiting, key=lambda r: (-r.priority, r.arrival_time), default=None)
-        head_blocks = 0 if head is None else -(-(head.num_prompt_tokens + head.num_resumed) // self.block_size)
-        return KVLoad(self.block_size, head_blocks, head.priority if head is not None else 0, (), frozenset())
+        return KVLoad(self.block_size, 0 if head is None else blocks(head), head.priority if head is not None else 0,
+                      requests, frozenset())
 
     def offload_stats(self) -> None:
         return None

@@ -1,0 +1,60 @@
+"""Moving a request without its KV cache: the source takes it out of its engine and
+the destination computes it again from the prompt plus the tokens already sent
+(as failover resumes), while the router follows the Moved event as for a live
+migration. What a worker whose engine cannot move KV (vLLM's) does instead, so that
+draining it does not wait for its requests to finish.
+
+A request moves this way only if the destination continues it as it would have gone
+on: greedy or unseeded sampling, no presence or frequency penalty (vLLM would count
+the resumed tokens as prompt, not output). Anything else stays where it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any, Awaitable, Callable, Optional
+
+from workers.events import WorkerRequest
+from workers.migration import MigrationOrder, MigrationResult
+from workers.sampling_params import SamplingParams
+from workers.worker_commands import TakeForRecompute
+
+
+def recompute_refusal(params: SamplingParams) -> Optional[str]:
+    """Why a request must not move by recompute, or None if it may."""
+    if params.seed is not None:
+        return f"seeded sampling (seed {params.seed}) would restart its random sequence"
+    if params.presence_penalty or params.frequency_penalty:
+        return "presence/frequency penalties would stop counting the tokens already sent"
+    return None
+
+
+async def move_by_recompute(order: MigrationOrder, source_id: str, request: WorkerRequest,
+                            call: Callable[[Any], Awaitable[Any]], take_back: Callable[[WorkerRequest], None],
+                            moved: Callable[[MigrationOrder, int], None], timeout_s: float) -> MigrationResult:
+    """Take `request` out of the source's engine (call), hand it to the destination
+    with its tokens so far, then tell its router (moved). If the destination refuses,
+    the request is computed again here (take_back) and its router never notices."""
+    def result(outcome: str, error: Optional[str] = None, **extra: Any) -> MigrationResult:
+        return MigrationResult(order.migration_id, order.request_id, source_id, order.destination_id,
+                               order.reason, outcome, error, **extra)
+
+    refusal = recompute_refusal(request.params)
+    if refusal is not None:
+        return result("failed", f"unsupported: request {request.request_id} cannot move by recompute: {refusal}")
+    paused = time.monotonic()
+    try:
+        tokens = await call(TakeForRecompute(request.request_id))
+    except ValueError as e:
+        return result("failed", f"not_here: {e}")
+    resumed = dataclasses.replace(request, resume_token_ids=tokens)
+    try:
+        await asyncio.wait_for(order.destination.adopt.remote(resumed, source_id), timeout_s)
+    except Exception as e:  # noqa: BLE001 - refused, unreachable or dead: it goes on here
+        take_back(resumed)
+        return result("aborted", f"refused: {type(e).__name__}: {e}")
+    moved(order, len(tokens))
+    now = time.monotonic()
+    return result("committed", paused_s=now - paused, next_index=len(tokens), committed_at=now)
