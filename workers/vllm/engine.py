@@ -21,7 +21,11 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence as Seq
+
+from vllm.engine.arg_utils import EngineArgs
+from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
 from workers.engine.config import EngineConfig
 from workers.engine.interface import EngineCapabilities
@@ -32,6 +36,8 @@ from workers.models.config import checkpoint_dtype
 from workers.models.tiny import resolve_model
 from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
+from workers.vllm.convert import step_output, vllm_params
+from workers.vllm.stats_tap import StatsTap
 
 VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, exact_resume=False, prefix_block_hashes=False,
                                        expert_placement=False)
@@ -66,31 +72,14 @@ class VLLMEngine:
     def __init__(self, config: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
         # The engine core steps on the caller's thread, like ours: no second process
         # per worker competing for its cores, and no IPC per step.
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm.engine.arg_utils import EngineArgs
-        from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
-
-        from workers.vllm.stats_tap import StatsTap
-
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when the engine is built
         self.config = config
         self.clock = clock
         self.model_dir = resolve_model(config.model)
-        args = EngineArgs(
-            # vLLM's "auto" runs a float32 checkpoint in a lower precision on CPU;
-            # yard's default is the checkpoint's own dtype.
-            model=str(self.model_dir), dtype=config.dtype or checkpoint_dtype(self.model_dir), seed=config.seed,
-            block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
-            max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill,
-            enable_prefix_caching=config.enable_prefix_caching,
-            tensor_parallel_size=config.tensor_parallel_size,
-            # yard runs higher priorities first, then earlier arrivals; vLLM's
-            # priority policy runs lower values first: priorities go over negated.
-            scheduling_policy="priority",
-            enforce_eager=config.device == "cpu")  # vLLM's CPU build compiles nothing useful here
         self._tap = StatsTap()
         loggers = [self._tap.factory, *_ray_metrics_logger()]
-        self.engine = VLLMLLMEngine.from_engine_args(args, stat_loggers=loggers, enable_multiprocessing=False)
+        self.engine = VLLMLLMEngine.from_engine_args(_engine_args(config, self.model_dir), stat_loggers=loggers,
+                                                     enable_multiprocessing=False)
         model_config = self.engine.model_config
         self.max_model_len = model_config.max_model_len
         self._vocab_size = model_config.get_vocab_size()
@@ -151,8 +140,6 @@ class VLLMEngine:
         if len(output_token_ids) >= max_tokens:
             raise ValueError(f"output_token_ids already holds {len(output_token_ids)} of "
                              f"max_tokens={max_tokens} tokens")
-        from workers.vllm.convert import vllm_params
-
         self.engine.add_request(request_id, {"prompt_token_ids": tokens},
                                 vllm_params(params, max_tokens - len(output_token_ids)),
                                 arrival_time=arrival_time, priority=-priority)
@@ -194,8 +181,6 @@ class VLLMEngine:
         return bool(self._requests)
 
     def step(self, before_forward: Optional[Callable[[], None]] = None) -> list[StepOutput]:
-        from workers.vllm.convert import step_output
-
         if before_forward is not None:
             before_forward()
         steps, self._pending = self._pending, []
@@ -261,6 +246,21 @@ class VLLMEngine:
 
     def offload_stats(self) -> None:
         return None
+
+
+def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
+    return EngineArgs(
+        # vLLM's "auto" runs a float32 checkpoint in a lower precision on CPU;
+        # yard's default is the checkpoint's own dtype.
+        model=str(model_dir), dtype=config.dtype or checkpoint_dtype(model_dir), seed=config.seed,
+        block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
+        max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
+        max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill,
+        enable_prefix_caching=config.enable_prefix_caching, tensor_parallel_size=config.tensor_parallel_size,
+        # yard runs higher priorities first, then earlier arrivals; vLLM's priority
+        # policy runs lower values first: priorities go over negated.
+        scheduling_policy="priority",
+        enforce_eager=config.device == "cpu")  # vLLM's CPU build compiles nothing useful here
 
 
 def _block_size(config: EngineConfig) -> Optional[int]:
