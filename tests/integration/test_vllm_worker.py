@@ -146,22 +146,26 @@ def test_load_reports_and_metrics_match_traffic(ray_local, model_dir, metrics_po
         ray_local.kill(worker)
 
 
-def test_kv_migration_into_vllm_is_refused_by_name(ray_local, vllm_worker, model_dir):
-    yard = start(ray_local, "yard-beside-vllm", model_dir)
-    try:
-        handles = {"yard": yard, "vllm": vllm_worker}
-        params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
-        p = prompt(9, 12)
-        events, results = run(Follower(handles, first="yard").run(
-            WorkerRequest("stays", p, params), 5, [MigrationOrder("m-in", "stays", "vllm", vllm_worker, "manual")],
-            "yard"))
-        assert results[0].outcome != "committed" and "cannot move a request's KV" in results[0].error
-        assert tokens(events) == undisturbed(model_dir, p, params)  # it went on at the source
-        out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard, "manual")))
-        assert out.outcome == "failed" and out.error.startswith("not_here: request 'nobody'")
-    finally:
-        ray_local.get(yard.shutdown.remote())
-        ray_local.kill(yard)
+@pytest.fixture(scope="module")
+def yard_worker(ray_local, model_dir):
+    """A worker with yard's engine beside the module's vLLM worker."""
+    handle = start(ray_local, "yard-beside-vllm", model_dir)
+    yield handle
+    ray_local.get(handle.shutdown.remote())
+    ray_local.kill(handle)
+
+
+def test_kv_migration_into_vllm_is_refused_by_name(ray_local, vllm_worker, yard_worker, model_dir):
+    handles = {"yard": yard_worker, "vllm": vllm_worker}
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    p = prompt(9, 12)
+    events, results = run(Follower(handles, first="yard").run(
+        WorkerRequest("stays", p, params), 5, [MigrationOrder("m-in", "stays", "vllm", vllm_worker, "manual")],
+        "yard"))
+    assert results[0].outcome != "committed" and "cannot move a request's KV" in results[0].error
+    assert tokens(events) == undisturbed(model_dir, p, params)  # it went on at the source
+    out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard_worker, "manual")))
+    assert out.outcome == "failed" and out.error.startswith("not_here: request 'nobody'")
 
 
 @pytest.mark.parametrize("destination", ["yard", "vllm"])
@@ -190,18 +194,12 @@ def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
             ray_local.kill(handle)
 
 
-def test_seeded_request_is_not_moved_by_recompute(ray_local, vllm_worker, model_dir):
-    yard = start(ray_local, "yard-seeded", model_dir)
-    try:
-        handles = {"vllm-w0": vllm_worker, "yard-seeded": yard}
-        seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=60, ignore_eos=True)
-        order = MigrationOrder("rc-seeded", "seeded", "yard-seeded", yard, "manual")
-        events, results = run(Follower(handles, first="vllm-w0").run(
-            WorkerRequest("seeded", prompt(11, 9), seeded), 5, [order], "vllm-w0"))
-        assert results[0].outcome == "failed" and "seeded sampling (seed 7)" in results[0].error
-        assert len(tokens(events)) == 60 and isinstance(events[-1], Finished)  # it went on where it was
-        report = ray_local.get(vllm_worker.load.remote())
-        assert report.requests == ()
-    finally:
-        ray_local.get(yard.shutdown.remote())
-        ray_local.kill(yard)
+def test_seeded_request_is_not_moved_by_recompute(ray_local, vllm_worker, yard_worker):
+    handles = {"vllm-w0": vllm_worker, "yard": yard_worker}
+    seeded = SamplingParams(temperature=0.8, seed=7, max_tokens=60, ignore_eos=True)
+    order = MigrationOrder("rc-seeded", "seeded", "yard", yard_worker, "manual")
+    events, results = run(Follower(handles, first="vllm-w0").run(
+        WorkerRequest("seeded", prompt(11, 9), seeded), 5, [order], "vllm-w0"))
+    assert results[0].outcome == "failed" and "seeded sampling (seed 7)" in results[0].error
+    assert len(tokens(events)) == 60 and isinstance(events[-1], Finished)  # it went on where it was
+    assert ray_local.get(vllm_worker.load.remote()).requests == ()
