@@ -39,8 +39,8 @@ from cluster.adoption import Orphans, find_orphans, placement_name, remove_orpha
 from cluster.config import ClusterConfig
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, WorkerView, worker_view
-from cluster.recompute_drain import DrainCandidate, recompute_drain_orders
 from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker, pool_worker
+from cluster.recompute_drain import DrainCandidate, recompute_drain_orders
 from router.config import MANAGER_NAMESPACE
 from workers.events import worker_actor_name
 from workers.load_report import LoadReport

@@ -23,13 +23,13 @@ from workers.engine.expert_moves import ExpertMoves
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
 from workers.engine.interface import YARD_CAPABILITIES
 from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
-from workers.engine.request_checks import check_prompt, check_tokens, output_room
+from workers.engine.request_checks import check_prompt, check_token_ids, output_room
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
 from workers.experts.initial import initial_table
-from workers.load_report import KVLoad, block_manager_load
 from workers.experts.table import PlacementTable
+from workers.load_report import KVLoad, block_manager_load
 from workers.models.config import ModelConfig, load_model_config
 from workers.models.mixtral import check_placement
 from workers.models.registry import load_model
@@ -174,7 +174,7 @@ class LLMEngine:
         seq = self._new_sequence(request_id, list(prompt_token_ids) + list(output_token_ids),
                                  len(prompt_token_ids), params, priority, arrival_time)
         if output_token_ids:
-            check_tokens("output_token_ids", seq.output_token_ids, self.model_config.vocab_size)
+            check_token_ids("output_token_ids", seq.output_token_ids, self.model_config.vocab_size)
             if seq.num_output_tokens >= seq.max_tokens:
                 raise ValueError(f"output_token_ids already holds {seq.num_output_tokens} of "
                                  f"max_tokens={seq.max_tokens} tokens")
@@ -196,7 +196,6 @@ class LLMEngine:
                         params=params, max_tokens=min(params.max_tokens, room), priority=priority,
                         arrival_time=self.clock() if arrival_time is None else arrival_time,
                         added_at=self.clock())
-
 
     def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
         """A detokenizer in the state the request's own would be in now. Output tokens

@@ -3,9 +3,9 @@
 
 The worker's stepping thread is the only caller. It adds and aborts requests,
 steps, turns each step's outputs into events, asks for a load report between
-steps, and checks health. What else an engine can do (move a request's KV, report
-its prefix blocks, place experts) it says in its capabilities, and the worker, the
-manager and the routers ask only what those allow.
+steps, and checks health. What else an engine can do (move a request's KV, place
+experts) it says in its capabilities, and the worker and the manager ask only what
+those allow.
 """
 
 from __future__ import annotations
@@ -27,17 +27,10 @@ class EngineCapabilities:
     backend: str  # one of BACKENDS
     # Live migration and prefill/decode handoff with the KV cache, in and out.
     kv_migration: bool
-    # A request resumed from its tokens (failover) continues its seed's random
-    # sequence where it stopped, and its penalties count the resumed tokens as output.
-    exact_resume: bool
-    # Load reports carry the hashes of cached prefix blocks, in yard's hashing (what
-    # the router's prefix policy matches prompts against).
-    prefix_block_hashes: bool
     expert_placement: bool  # live expert re-placement (expert parallelism)
 
 
-YARD_CAPABILITIES = EngineCapabilities("yard", kv_migration=True, exact_resume=True, prefix_block_hashes=True,
-                                       expert_placement=True)
+YARD_CAPABILITIES = EngineCapabilities("yard", kv_migration=True, expert_placement=True)
 
 
 class WorkerEngine(Protocol):

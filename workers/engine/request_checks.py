@@ -9,10 +9,10 @@ from typing import Sequence as Seq
 def check_prompt(prompt: Seq[int], vocab_size: int) -> None:
     if not prompt:
         raise ValueError("prompt_token_ids must not be empty")
-    check_tokens("prompt_token_ids", prompt, vocab_size)
+    check_token_ids("prompt_token_ids", prompt, vocab_size)
 
 
-def check_tokens(field: str, tokens: Seq[int], vocab_size: int) -> None:
+def check_token_ids(field: str, tokens: Seq[int], vocab_size: int) -> None:
     bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ValueError(f"{field} holds {bad!r}, not a token id in [0, {vocab_size})")

@@ -30,7 +30,7 @@ from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 from workers.engine.config import EngineConfig
 from workers.engine.interface import EngineCapabilities
 from workers.engine.outputs import EngineStats, StepOutput
-from workers.engine.request_checks import check_prompt, check_tokens, output_room
+from workers.engine.request_checks import check_prompt, check_token_ids, output_room
 from workers.load_report import KVLoad, RequestLoad
 from workers.models.config import checkpoint_dtype
 from workers.models.tiny import resolve_model
@@ -39,8 +39,7 @@ from workers.sampling_params import SamplingParams
 from workers.vllm.convert import step_output, vllm_params
 from workers.vllm.stats_tap import StatsTap
 
-VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, exact_resume=False, prefix_block_hashes=False,
-                                       expert_placement=False)
+VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, expert_placement=False)
 _RECENT_STEPS = 64  # window of the step-time average
 
 
@@ -133,7 +132,7 @@ class VLLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in this engine")
         check_prompt(list(prompt_token_ids), self._vocab_size)
-        check_tokens("output_token_ids", list(output_token_ids), self._vocab_size)
+        check_token_ids("output_token_ids", list(output_token_ids), self._vocab_size)
         tokens = list(prompt_token_ids) + list(output_token_ids)
         room = output_room(len(prompt_token_ids), self.max_model_len, "vLLM's max_model_len")
         max_tokens = min(params.max_tokens, room)
