@@ -55,7 +55,7 @@ import traceback
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -71,6 +71,9 @@ from environment import environment  # noqa: E402
 from workload import special_ids, vocab_size  # noqa: E402
 
 from cluster.serving import free_port  # noqa: E402
+
+if TYPE_CHECKING:
+    from cpu_time import ProcessCPU
 
 DEFAULT_TRACE = REPO.parent / "shared" / "traces" / "azure2023_conv.csv"
 PATHS = ("direct", "serve")
@@ -118,6 +121,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="worker stream interval (WorkerConfig.stream_interval_s; default: its default)")
     p.add_argument("--backend", choices=("yard", "vllm"), default="yard",
                    help="the engine inside our workers (EngineConfig.backend)")
+    p.add_argument("--engine-arg", action="append", default=[], metavar="NAME=VALUE",
+                   help="an EngineConfig setting for our workers, e.g. max_num_seqs=128 (repeatable; "
+                   "the value is read as YAML)")
     p.add_argument("--no-peers", action="store_true", help="skip vllm serve / vllm bench serve")
     p.add_argument("--peers", default="vllm", help=f"servers beside ours, from {','.join(PEER_SERVERS)}")
     p.add_argument("--peer-input-len", type=int, default=None, help="default: the workload's mean prompt length")
@@ -132,6 +138,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="VLLM_CPU_NUM_OF_RESERVED_CPU (0: the model gets both cores; -1: vLLM's default)")
     p.add_argument("--vllm-startup-timeout-s", type=float, default=300.0)
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
+    p.add_argument("--standard", action="store_true",
+                   help="only the standard comparison (bench/serving_standard.py): vllm bench serve, random "
+                   "200 x 256/128 at rate inf, Poisson 2 and 8, against vllm serve and ours with proxy and "
+                   "direct ingress")
+    p.add_argument("--repeat", type=int, default=3, help="with --standard: runs, each starting every server")
+    p.add_argument("--standard-rates", default="inf,2,8", help="with --standard: request rates (inf or req/s)")
     args = p.parse_args(argv)
 
     args.scenarios = _names(p, "--scenarios", args.scenarios, lc.ARRIVALS)
@@ -150,7 +162,33 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     if args.warmup_requests < 0:
         p.error("--warmup-requests must be >= 0")
     args.peer_num_requests = args.peer_num_requests or args.num_requests
+    args.engine_overrides = _engine_overrides(p, args.engine_arg)
+    args.standard_rates = [r.strip() for r in args.standard_rates.split(",") if r.strip()]
+    for rate in args.standard_rates:
+        if rate != "inf" and not _positive_number(rate):
+            p.error(f"--standard-rates takes inf or numbers > 0, got {rate!r}")
+    if args.repeat < 1:
+        p.error(f"--repeat must be >= 1, got {args.repeat}")
     return args
+
+
+def _positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
+
+
+def _engine_overrides(p: argparse.ArgumentParser, pairs: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            p.error(f"--engine-arg takes NAME=VALUE, got {pair!r}")
+        out[name.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _names(p: argparse.ArgumentParser, flag: str, value: str, known: tuple[str, ...]) -> list[str]:
@@ -237,6 +275,7 @@ class Ours:
             os.environ.update(serve_env)
         ray.init(address="local", num_cpus=self.args.ray_cpus, include_dashboard=False, log_to_driver=False)
         config["cluster"].update(name="bench", worker_cpus=self.args.worker_cpus)
+        config["cluster"]["engine"].update(self.args.engine_overrides)
         if self.args.stream_interval_s is not None:
             config["cluster"]["stream_interval_s"] = self.args.stream_interval_s
         # No load shedding: the direct path has none, and the bursts must be served, not refused.
@@ -392,32 +431,53 @@ def run_peer_bench(server: str, base_url: str, model_dir: Path, args: argparse.N
                    workload: dict[str, Any], stamp: str, cpu_root: int, with_root: bool = True) -> dict[str, Any]:
     """`vllm bench serve` against one server, per peer scenario, with the CPU seconds
     that the server's processes (cpu_root's tree; the root itself only with_root) spent."""
-    from cpu_time import spent
-    from peers.vllm_serve import bench_serve
-
     out: dict[str, Any] = {}
     for kind in args.peer_scenarios:
-        say(f"[vllm bench serve -> {server}] {kind} ...")
         log = args.results_dir / f"serving-{stamp}-bench-{server}-{kind}.log"
-        before = _server_cpu(cpu_root, with_root)
-        try:
-            r = bench_serve(args.peers_python, base_url, args.served_model_name, model_dir,
-                            vllm_flags(kind, args, workload), log)
-        except Exception as e:  # noqa: BLE001 - report it and carry on with the rest
-            say(f"[vllm bench serve -> {server}] {kind}: FAILED: {e}")
-            out[kind] = {"error": str(e)}
-            continue
-        r["server_cpu_s"] = spent(before, _server_cpu(cpu_root, with_root))
-        r["log"] = _rel(log)
-        r["loadavg_1m"] = os.getloadavg()[0]
-        say(f"[vllm bench serve -> {server}] {kind}: {r.get('completed')} done, "
-            f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms, "
-            f"server CPU {r['server_cpu_s']:.1f} s")
-        out[kind] = r
+        out[kind] = measure_bench(f"{server}] {kind}", base_url, model_dir, vllm_flags(kind, args, workload), log,
+                                  args, cpu_root, with_root)
     return out
 
 
-def _server_cpu(root: int, with_root: bool) -> dict[int, float]:
+def measure_bench(label: str, base_url: str, model_dir: Path, flags: list[str], log: Path,
+                  args: argparse.Namespace, cpu_root: int, with_root: bool) -> dict[str, Any]:
+    """One `vllm bench serve` run: its summary, the server's CPU seconds by process
+    role, and every role's (the client's too) CPU seconds per 1,000 output tokens;
+    {"error": ...} if the client failed."""
+    from cpu_time import by_role, per_1k_tokens
+    from peers.vllm_serve import bench_serve
+
+    say(f"[vllm bench serve -> {label} ...")
+    before = _server_cpu(cpu_root, with_root)
+    client_before = _children_cpu()
+    try:
+        r = bench_serve(args.peers_python, base_url, args.served_model_name, model_dir, flags, log)
+    except Exception as e:  # noqa: BLE001 - report it and carry on with the rest
+        say(f"[vllm bench serve -> {label}: FAILED: {e}")
+        return {"error": str(e)}
+    roles = by_role(before, _server_cpu(cpu_root, with_root))
+    r["server_cpu_s"] = sum(roles.values())
+    r["server_cpu_s_by_process"] = roles
+    r["cpu_s_per_1k_tokens"] = per_1k_tokens(
+        roles | {"client (vllm bench serve)": _children_cpu() - client_before}, r.get("total_output_tokens", 0))
+    r["log"] = _rel(log)
+    r["loadavg_1m"] = os.getloadavg()[0]
+    say(f"[vllm bench serve -> {label}: {r.get('completed')} done, "
+        f"{_f(r.get('output_throughput'), 0)} out tok/s, median TTFT {_f(r.get('median_ttft_ms'))} ms, "
+        f"server CPU {r['server_cpu_s']:.1f} s")
+    return r
+
+
+def _children_cpu() -> float:
+    """CPU seconds of this process's ended, waited-for children: the benchmark
+    client, whose run ends between two calls (servers still run then)."""
+    import resource
+
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _server_cpu(root: int, with_root: bool) -> dict[int, "ProcessCPU"]:
     """CPU so far of root's process tree; without the root (this benchmark's own
     process, whose children are our Ray cluster), only its descendants."""
     from cpu_time import tree_cpu
@@ -526,6 +586,21 @@ def peers_table(servers: dict[str, dict[str, Any]]) -> str:
     return format_table(head, rows, left=1)
 
 
+def cpu_table(servers: dict[str, dict[str, Any]]) -> str:
+    """Per server and scenario, each process role's CPU seconds per 1,000 output tokens."""
+    head = ["server", "scenario", "process", "CPU s / 1k tok"]
+    rows = []
+    for name, results in servers.items():
+        for kind, r in results.items():
+            per_role = r.get("cpu_s_per_1k_tokens") or {}
+            for role, s in per_role.items():
+                if s >= 0.005:  # Ray's idle helpers, a few milliseconds, would crowd the table
+                    rows.append([name, kind, role, f"{s:.3f}"])
+            if per_role:
+                rows.append([name, kind, "all", f"{sum(per_role.values()):.3f}"])
+    return format_table(head, rows, left=3)
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -536,6 +611,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from workers.models.tiny import resolve_model
 
     model_dir = Path(resolve_model(args.model)).resolve()
+    if args.standard:
+        return main_standard(args, model_dir, stamp)
     workload = make_workload(args, model_dir)
     say(f"workload: {args.num_requests} requests per scenario; {workload['source']}; "
         f"mean {workload['mean_prompt_len']:.0f} in / {workload['mean_output_len']:.0f} out "
@@ -630,6 +707,8 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"throughput, worse for latency and CPU")
         servers = {"ours": peers["ours"]["results"]} | {n: peers[n]["results"] for n in PEER_SERVERS if n in peers}
         print(peers_table(servers))
+        print("\nCPU seconds per 1,000 output tokens, per process (role), each run of vllm bench serve")
+        print(cpu_table(servers))
         print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours sends "
               "a request's tokens at most every stream_interval_s, its first and last at once); "
               "TPOT is the per-token figure to compare")
@@ -642,6 +721,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"\nwrote {_rel(out)}")
     return 1 if failed or "error" in report else 0
+
+
+def main_standard(args: argparse.Namespace, model_dir: Path, stamp: str) -> int:
+    import serving_standard as standard
+
+    if not args.peers_python.exists():
+        say(f"--standard needs vLLM: {_rel(args.peers_python)} not found; `make peers` builds it")
+        return 2
+    report: dict[str, Any] = {"benchmark": "serving --standard", "backend": args.backend,
+                              "environment": environment("torch", "ray"), "model": args.model}
+    failed = False
+    try:
+        report["standard"] = standard.run(args, model_dir, stamp)
+    except Exception as e:  # noqa: BLE001 - still write what we have
+        traceback.print_exc()
+        report["error"] = f"{type(e).__name__}: {e}"
+        failed = True
+    if "standard" in report:
+        print(f"\nstandard serving comparison ({args.model}, ours runs backend {args.backend}), "
+              f"{args.repeat} run(s), servers in rotated order; one worker, {args.worker_cpus:g} CPUs")
+        print(standard.report_tables(report["standard"]))
+    out = args.results_dir / f"serving-standard-{stamp}.json"
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\nwrote {_rel(out)}")
+    return 1 if failed else 0
 
 
 def verdict(over: dict[str, Any]) -> None:

@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 _IDLE_WAIT_S = 0.05  # how long the stepping thread sleeps with nothing to do
 _REPORT_INTERVAL_S = 0.02  # load report and metrics refresh, while busy
 _IDLE_REPORT_INTERVAL_S = 1.0  # ... and while idle
+# The cached block hashes in it, while busy: walking thousands of cached chains takes
+# milliseconds, and the manager polls reports every load_poll_interval_s (0.5 s).
+_HASHES_INTERVAL_S = 0.25
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 _MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
 _HANDOFF_RETRY_S = 0.05  # a decode worker without room is asked again after this long
@@ -116,6 +119,7 @@ class Worker:
                          if self.capabilities.expert_placement else None)
         self._replaced_at_step = 0  # with expert_replacement_every_steps: the last automatic one's step
         self._reported_at = 0.0
+        self._hashes_at = 0.0
 
     # -- calls from routers -----------------------------------------------------------------
     async def generate(self, request: WorkerRequest) -> AsyncIterator[list[Event]]:
@@ -491,7 +495,8 @@ class Worker:
                 # The report copies up to max_cached_hashes hashes: refresh it every few
                 # steps, and always when the worker falls idle, not on every token.
                 if start - self._reported_at >= _REPORT_INTERVAL_S or not engine.has_unfinished_requests():
-                    self._report(start)
+                    self._report(start, hashes=start - self._hashes_at >= _HASHES_INTERVAL_S
+                                 or not engine.has_unfinished_requests())
                 if engine.stepped:
                     continue
             elif engine.expert_moves is not None and engine.expert_moves.moving:
@@ -540,8 +545,10 @@ class Worker:
         except Exception as e:  # noqa: BLE001 - see above
             return self.engine.fail(f"engine step failed: {type(e).__name__}: {e}")
 
-    def _report(self, now: float) -> None:
-        self._load = self._build_report()
+    def _report(self, now: float, hashes: bool = True) -> None:
+        self._load = self._build_report(hashes)
+        if hashes:
+            self._hashes_at = now
         self._metrics.update(self.engine.stats())
         offload = self.engine.offload_stats()
         if offload is not None:
@@ -564,10 +571,13 @@ class Worker:
         future = asyncio.run_coroutine_threadsafe(self.replace_experts(), self._loop)
         future.add_done_callback(_log_replacement_error)
 
-    def _build_report(self) -> LoadReport:
-        return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
-                           draining=self._draining, migrating_out=frozenset(self._outgoing),
-                           migrations_in=len(self._incoming), node_ip=self._node_ip)
+    def _build_report(self, hashes: bool = True) -> LoadReport:
+        """hashes=False keeps the last report's cached block hashes."""
+        report = load_report(self.engine, self.config.worker_id, self.config.role,
+                             self.config.max_cached_hashes if hashes else 0, draining=self._draining,
+                             migrating_out=frozenset(self._outgoing), migrations_in=len(self._incoming),
+                             node_ip=self._node_ip)
+        return report if hashes else dataclasses.replace(report, cached_block_hashes=self._load.cached_block_hashes)
 
     def _apply_commands(self) -> int:
         applied = 0

@@ -20,13 +20,14 @@ def make_prompts(seed: int, lengths: list[int], shared_prefix: int = 0) -> list[
     return [prefix + [rng.randrange(4, 1000) for _ in range(n)] for n in lengths]
 
 
-def hf_greedy(model_dir, prompts: list[list[int]]) -> list[list[int]]:
+def hf_greedy(model_dir, prompts: list[list[int]], **generate_kwargs) -> list[list[int]]:
     hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     out = []
     for p in prompts:
         with torch.no_grad():
             ids = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+                              max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                              **generate_kwargs)
         out.append(ids[0, len(p):].tolist())
     return out
 
@@ -68,6 +69,19 @@ def test_mixed_batch_matches_transformers(llama_dir, prompts, expected, mode):
     assert all(o.finish_reason == "length" for o in outs)
     stats = llm.engine.stats()
     assert stats.num_free_blocks == stats.num_total_blocks
+
+
+def test_repetition_penalty_beside_plain_requests_matches_transformers(llama_dir, prompts, expected):
+    """The penalty counts every prompt and output token of its own request, while the
+    plain requests in the same batch are sampled without any (the engine hands the
+    sampler a request's tokens only where its parameters read them)."""
+    penalized = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, repetition_penalty=1.8)
+    picked = prompts[:4]
+    outs = LLM(model=str(llama_dir)).generate(prompts, [penalized] * 4 + [GREEDY] * (len(prompts) - 4))
+    want = hf_greedy(llama_dir, picked, repetition_penalty=1.8)
+    assert [o.token_ids for o in outs[:4]] == want
+    assert want != expected[0][:4]  # the penalty changed the tokens: the check above has teeth
+    assert [o.token_ids for o in outs[4:]] == expected[0][4:]
 
 
 def test_prefix_cache_hits_keep_tokens_exact(llama_dir, shared_prompts, expected):

@@ -24,7 +24,7 @@ from workers.engine.handoff import Destination, HandoffError, MigratedRequest, M
 from workers.engine.interface import YARD_CAPABILITIES
 from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
 from workers.engine.request_checks import check_prompt, check_token_ids, output_room
-from workers.engine.sampler import SampledToken, Sampler, SamplingRow
+from workers.engine.sampler import SampledToken, Sampler, SamplingRow, uses_token_history
 from workers.engine.scheduler import Scheduler, SchedulerConfig
 from workers.engine.sequence import Sequence
 from workers.experts.initial import initial_table
@@ -257,7 +257,7 @@ class LLMEngine:
             self._computed_tokens += n
             self.blocks.commit_computed(seq)
         if sampling:
-            rows = [SamplingRow(s.params, s.prompt_token_ids, s.output_token_ids) for s in sampling]
+            rows = [_sampling_row(s) for s in sampling]
             for seq, token in zip(sampling, self.sampler(logits, rows)):
                 outputs.append(self._append_token(seq, token))
         step_time = time.perf_counter() - start
@@ -517,3 +517,12 @@ class LLMEngine:
         bad = next((b for b in block_ids if not 0 <= b < self.blocks.num_blocks), None)
         if bad is not None:
             raise ValueError(f"block id {bad} is outside [0, {self.blocks.num_blocks})")
+
+
+def _sampling_row(seq: Sequence) -> SamplingRow:
+    """The row the sampler needs. Its token lists are copies, so they are made only
+    for requests whose sampling reads them: copying every request's prompt and output
+    on every step cost about half a millisecond at 200 requests."""
+    if uses_token_history(seq.params):
+        return SamplingRow(seq.params, seq.prompt_token_ids, seq.output_token_ids)
+    return SamplingRow(seq.params, (), ())

@@ -30,12 +30,19 @@ _MASK64 = (1 << 64) - 1
 
 @dataclass(frozen=True, slots=True)
 class SamplingRow:
-    """One row of a batch: its parameters and the tokens the penalties look at."""
+    """One row of a batch: its parameters and the tokens the penalties look at. The
+    token lists may be empty where the parameters use neither (`uses_token_history`)."""
 
     params: SamplingParams
     prompt_token_ids: Sequence[int]
     # Generated so far; len(...) is the output index of the token sampled now.
     output_token_ids: Sequence[int]
+
+
+def uses_token_history(params: SamplingParams) -> bool:
+    """Whether sampling looks at the request's tokens: penalties count them, a seed
+    takes the output index from them."""
+    return params.needs_penalties or params.seed is not None
 
 
 @dataclass(frozen=True, slots=True)
