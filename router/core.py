@@ -66,6 +66,7 @@ class RouterCore:
         self.links: dict[str, WorkerLink] = {}  # worker id → this replica's event stream from it
         self.book = LoadBook()  # the snapshot, corrected by this replica's own dispatches
         self._refresher: Optional[asyncio.Task] = None
+        self._snapshot_version: Optional[tuple] = None  # the manager's, of the snapshot held
         self.in_flight: set[str] = set()  # ids of this replica's requests being streamed
         self.placed: dict[str, str] = {}  # request id -> the worker it runs on now
         self.handoffs: dict[str, str] = {}  # request id -> its decode worker, until sent to a prefill worker
@@ -77,7 +78,10 @@ class RouterCore:
         return self.book.loads
 
     async def refresh(self) -> None:
-        snapshot = await self.manager.snapshot.remote()
+        version, snapshot = await self.manager.snapshot_if_changed.remote(self._snapshot_version)
+        if snapshot is None:
+            return  # the snapshot this replica holds is still the manager's
+        self._snapshot_version = version
         self.book.refresh({s.worker_id: worker_load(s.load, s.healthy) for s in snapshot if s.load is not None})
         self.handles = {s.worker_id: s.handle for s in snapshot}
         limits = [s.load.max_model_len for s in snapshot if s.load is not None and s.load.max_model_len]

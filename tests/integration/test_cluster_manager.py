@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from conditions import wait_until
 
 from cluster.config import ClusterConfig
 from cluster.manager import ClusterManager
@@ -24,6 +25,7 @@ def test_manager_registers_polls_and_replaces(ray_local, make_model):
         snapshot = ray_local.get(manager.snapshot.remote())
         assert sorted(s.worker_id for s in snapshot) == ["t-manager-w0", "t-manager-w1"]
         assert all(s.healthy and s.load.free_blocks == s.load.total_blocks for s in snapshot)
+        check_snapshot_versions(ray_local, manager)
         ray_local.kill(snapshot[0].handle)
         # Every router whose stream broke reports it, all at once: the worker is
         # replaced once, and polling goes on.
@@ -100,6 +102,29 @@ def test_a_restarted_manager_adopts_the_running_workers(ray_local, make_model):
     finally:
         ray_local.get(manager.shutdown.remote())
         ray_local.kill(manager)
+
+
+def check_snapshot_versions(ray, manager) -> None:
+    """What routers pull: the whole snapshot when its version moved, nothing while it
+    is the version they hold; a new load report (after a request) moves it."""
+    version, whole = ray.get(manager.snapshot_if_changed.remote(None))
+    assert sorted(s.worker_id for s in whole) == sorted(s.worker_id for s in ray.get(manager.snapshot.remote()))
+    held = {"version": version, "reported": max(s.load.reported_at for s in whole)}
+
+    def pull(want_unchanged: bool):
+        v, snapshot = ray.get(manager.snapshot_if_changed.remote(held["version"]))
+        assert (snapshot is None) == (v == held["version"])  # nothing comes only for the version held
+        if snapshot is not None:
+            held["version"] = v
+            return not want_unchanged and max(s.load.reported_at for s in snapshot) > held["reported"]
+        return want_unchanged
+
+    wait_until(lambda: pull(want_unchanged=True), 10, "a pull with the version held to bring nothing")
+    # Idle workers that never ran a request keep their first report: a request makes a new one.
+    events = [e for ref in whole[0].handle.generate.remote(WorkerRequest("versions", (5, 6, 7), GREEDY))
+              for e in ray.get(ref)]
+    assert any(isinstance(e, Tokens) for e in events)
+    wait_until(lambda: pull(want_unchanged=False), 10, "a new load report to bring a new version")
 
 
 def wait_for_workers(ray, manager, expected: dict[str, bool], timeout_s: float = 60) -> None:
