@@ -151,7 +151,7 @@ class ClusterManager:
     def _start_worker(self, role: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(role), role=role,
-                          stream_interval_s=self.config.stream_interval_s,
+                          stream_interval_s=self.config.stream_interval_s, stream_full_at=self.config.stream_full_at,
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks,
                           migration_call_timeout_s=self.config.migration_call_timeout_s,
                           handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming,

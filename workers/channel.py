@@ -4,7 +4,11 @@ replica's link, or one `generate` call) started there, released in batches.
 A request's first output with text and its last event on the worker go out at once
 (time to first token, end of stream, a move to another worker); the tokens between
 at most every `stream_interval_s`, all of the channel's requests in one message, so a
-token does not cost an actor round trip.
+token does not cost an actor round trip. While fewer requests stream than the
+channel's `full_at`, the interval shrinks in proportion: a few requests get their
+tokens step by step (inter-token latency = time per token), and the channel's chunks
+per second (requests × messages, what the router and the proxy pay for) stay below
+full_at / stream_interval_s.
 """
 
 from __future__ import annotations
@@ -30,9 +34,10 @@ class Channel:
     pending, so one message carries a step (or a few) for all the channel's requests.
     Lives on the actor's event loop."""
 
-    def __init__(self, channel_id: str, interval_s: float) -> None:
+    def __init__(self, channel_id: str, interval_s: float, full_at: int = 0) -> None:
         self.channel_id = channel_id
         self.interval_s = interval_s
+        self.full_at = full_at  # requests streaming from which the whole interval applies (0: always)
         self.requests: set[str] = set()  # submitted and not yet ended
         self._started: set[str] = set()  # requests that have sent an event
         self._pending: list[Event] = []
@@ -53,11 +58,19 @@ class Channel:
                 self._started.add(event.request_id)
         self._wake.set()
 
+    @property
+    def interval(self) -> float:
+        """The interval that applies now: a share of interval_s below full_at requests."""
+        streaming = len(self.requests)
+        if not self.full_at or streaming >= self.full_at:
+            return self.interval_s
+        return self.interval_s * streaming / self.full_at
+
     async def next_batch(self) -> list[Event]:
         while True:
             wait = None
             if self._pending:
-                wait = 0.0 if self._urgent else self._sent_at + self.interval_s - time.monotonic()
+                wait = 0.0 if self._urgent else self._sent_at + self.interval - time.monotonic()
                 if wait <= 0:
                     break
             self._wake.clear()

@@ -202,7 +202,8 @@ class Worker:
     def _open_channel(self, channel_id: str) -> Channel:
         channel = self._channels.get(channel_id)
         if channel is None:
-            channel = self._channels[channel_id] = Channel(channel_id, self.config.stream_interval_s)
+            channel = self._channels[channel_id] = Channel(channel_id, self.config.stream_interval_s,
+                                                           self.config.stream_full_at)
         return channel
 
     def _close_channel(self, channel: Channel) -> None:

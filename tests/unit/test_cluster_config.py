@@ -37,6 +37,8 @@ def test_pools_take_the_cluster_settings_and_their_own():
     ({"handoff_wait_s": -1}, r"handoff_wait_s must be >= 0, got -1"),
     ({"handoff_stream_unit": "block"}, r"handoff_stream_unit must be one of \('layer', 'chunk'\), got 'block'"),
     ({"migration_call_timeout_s": 0}, r"migration_call_timeout_s must be > 0, got 0"),
+    ({"stream_full_at": -1}, r"stream_full_at must be an integer >= 0, got -1"),
+    ({"stream_full_at": 2.5}, r"stream_full_at must be an integer >= 0, got 2.5"),
 ])
 def test_bad_pools_are_named(raw, message):
     with pytest.raises(ValueError, match=message):

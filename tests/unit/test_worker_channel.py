@@ -1,6 +1,6 @@
 """How a worker batches the events of a channel: first and last events at once, the
-tokens in between at most every interval, every batch taking all that is pending;
-and how a batch merges each request's tokens."""
+tokens in between at most every interval (a share of it while few requests stream),
+every batch taking all that is pending; and how a batch merges each request's tokens."""
 
 from __future__ import annotations
 
@@ -87,3 +87,25 @@ def test_a_first_token_without_text_keeps_the_next_one_urgent():
     assert first == [Tokens("a", 0, (7,), "")]
     assert visible == [Tokens("a", 1, (8,), "é")]
     assert held is None
+
+
+def test_the_interval_is_a_share_of_it_below_full_at():
+    channel = Channel("c", interval_s=0.05, full_at=50)
+    assert channel.interval == 0.0  # nothing streams: the first token goes at once anyway
+    channel.requests.update(f"r{i}" for i in range(10))
+    assert channel.interval == 0.05 * 10 / 50
+    channel.requests.update(f"s{i}" for i in range(60))
+    assert channel.interval == 0.05
+    assert Channel("c", interval_s=0.05).interval == 0.05  # full_at 0: always the whole interval
+
+
+def test_a_few_requests_streaming_get_their_tokens_sooner_than_many():
+    async def scenario(streaming: int):
+        channel = Channel("c", interval_s=30.0, full_at=3000)  # 10 ms per request streaming
+        channel.requests.update(["a"] + [f"r{i}" for i in range(streaming - 1)])
+        channel.deliver(tok("a", 0, 1))
+        await channel.next_batch()
+        channel.deliver(tok("a", 1, 2))
+        return await released_within(channel, 1.0)
+    assert asyncio.run(scenario(1)) == [tok("a", 1, 2)]
+    assert asyncio.run(scenario(3000)) is None  # the whole 30 s applies
