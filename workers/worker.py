@@ -226,7 +226,8 @@ class Worker:
             self._send(AbortRequest(request_id))
 
     def load(self) -> LoadReport:
-        """The latest load report, refreshed by the stepping thread after every step."""
+        """The latest load report, refreshed by the stepping thread every 20 ms while
+        busy (its cached block hashes every 0.25 s) and whenever it falls idle."""
         self._reap_parked()
         self._reap_incoming()
         if self._thread is None and self.engine.healthy:
