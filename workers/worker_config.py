@@ -17,7 +17,7 @@ class WorkerConfig:
     # A running request's tokens go out at most this often (its first and last at
     # once): fewer, larger messages through the router and the proxy. With fewer
     # than stream_full_at requests streaming on a channel, a share of it in
-    # proportion (workers/channel.py): a few requests get every token at once.
+    # proportion (workers/channel.py): a few requests get each step's tokens at once.
     stream_interval_s: float = 0.05
     stream_full_at: int = 50
     max_cached_hashes: int = 4096  # bound on the block hashes a load report carries
