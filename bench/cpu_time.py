@@ -65,14 +65,10 @@ def role_of(cmdline: list[str]) -> str:
     return program
 
 
-def spent(before: dict[int, ProcessCPU], after: dict[int, ProcessCPU]) -> float:
-    """CPU seconds between two samples: growth of the processes in both, all of the
-    ones that appeared (a process that ended in between counts up to `before`)."""
-    return sum(by_role(before, after).values())
-
-
 def by_role(before: dict[int, ProcessCPU], after: dict[int, ProcessCPU]) -> dict[str, float]:
-    """CPU seconds between two samples, summed per role, largest first."""
+    """CPU seconds between two samples, summed per role, largest first: growth of the
+    processes in both, all of the ones that appeared (one that ended in between counts
+    up to `before`)."""
     roles: dict[str, float] = {}
     for pid, now in after.items():
         was = before.get(pid)

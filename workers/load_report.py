@@ -108,11 +108,12 @@ def block_manager_load(engine: "LLMEngine", max_hashes: int) -> KVLoad:
 
 def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
                 migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
-                now: Optional[float] = None) -> LoadReport:
+                now: Optional[float] = None, hashes: Optional[frozenset[int]] = None) -> LoadReport:
     """Built by the thread that steps `engine`, between two steps. `now`: the report's
-    time (default: the wall clock; the simulator passes its own)."""
+    time (default: the wall clock; the simulator passes its own). `hashes`: cached
+    block hashes taken earlier, to carry instead of collecting them again."""
     stats = engine.stats()
-    kv = engine.kv_load(max_hashes)
+    kv = engine.kv_load(0 if hashes is not None else max_hashes)
     requests = tuple(dataclasses.replace(r, migrating=True) if r.request_id in migrating_out else r
                      for r in kv.requests)
     return LoadReport(
@@ -120,7 +121,7 @@ def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: i
         num_running=stats.num_running, num_waiting=stats.num_waiting,
         free_blocks=stats.num_free_blocks, total_blocks=stats.num_total_blocks,
         freeness=freeness(stats.num_free_blocks, stats.num_running, kv.head_of_line_blocks, kv.block_size),
-        mean_step_time_s=stats.mean_step_time_s, cached_block_hashes=kv.cached_block_hashes,
+        mean_step_time_s=stats.mean_step_time_s, cached_block_hashes=kv.cached_block_hashes if hashes is None else hashes,
         reported_at=time.time() if now is None else now, block_size=kv.block_size, draining=draining,
         head_of_line_blocks=kv.head_of_line_blocks, head_of_line_priority=kv.head_of_line_priority,
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,

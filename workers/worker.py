@@ -575,11 +575,10 @@ class Worker:
 
     def _build_report(self, hashes: bool = True) -> LoadReport:
         """hashes=False keeps the last report's cached block hashes."""
-        report = load_report(self.engine, self.config.worker_id, self.config.role,
-                             self.config.max_cached_hashes if hashes else 0, draining=self._draining,
-                             migrating_out=frozenset(self._outgoing), migrations_in=len(self._incoming),
-                             node_ip=self._node_ip)
-        return report if hashes else dataclasses.replace(report, cached_block_hashes=self._load.cached_block_hashes)
+        return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
+                           draining=self._draining, migrating_out=frozenset(self._outgoing),
+                           migrations_in=len(self._incoming), node_ip=self._node_ip,
+                           hashes=None if hashes else self._load.cached_block_hashes)
 
     def _apply_commands(self) -> int:
         applied = 0
