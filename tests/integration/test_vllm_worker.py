@@ -9,7 +9,7 @@ import pytest
 
 from conditions import wait_until
 from tests.e2e.test_metrics import scrape, total
-from vllm_reference import vllm_generate
+from vllm_reference import same_text, vllm_generate
 from worker_streams import Follower, prompt, run, start, tokens, undisturbed
 from workers import LLM, SamplingParams
 from workers.events import Failed, Finished, Tokens, WorkerRequest
@@ -50,7 +50,7 @@ def test_events_match_vllm_offline(ray_local, vllm_worker, vllm_offline):
     for i, (gen, want) in enumerate(zip(refs, expected)):
         events = [e for ref in gen for e in ray_local.get(ref)]
         assert tokens(events) == want["token_ids"]  # absolute indexes, no gap, no repeat
-        assert "".join(e.text for e in events if isinstance(e, Tokens)) == want["text"]
+        assert same_text(text(events), want["text"])
         logprobs = [lp for e in events if isinstance(e, Tokens) for lp in e.logprobs]
         assert [lp.token_id for lp in logprobs] == want["token_ids"]
         assert max(abs(lp.logprob - w) for lp, w in zip(logprobs, want["logprobs"])) < 1e-4
@@ -203,3 +203,71 @@ def test_seeded_request_is_not_moved_by_recompute(ray_local, vllm_worker, yard_w
     assert results[0].outcome == "failed" and "seeded sampling (seed 7)" in results[0].error
     assert len(tokens(events)) == 60 and isinstance(events[-1], Finished)  # it went on where it was
     assert ray_local.get(vllm_worker.load.remote()).requests == ()
+
+
+def text(events: list) -> str:
+    return "".join(e.text for e in events if isinstance(e, Tokens))
+
+
+def tokens_from(events: list, start: int) -> list[int]:
+    """A resumed stream's tokens, whose indexes start at `start`, with no gap."""
+    out: list[int] = []
+    for e in events:
+        if isinstance(e, Tokens):
+            assert e.start_index == start + len(out)
+            out.extend(e.token_ids)
+    return out
+
+
+def yard_token_texts(model_dir: str, p: tuple[int, ...], params: SamplingParams) -> tuple[list[int], list[str]]:
+    """An undisturbed run on yard's engine, one token per step: each token's id and the
+    text released with it (what a client of a yard worker had after it)."""
+    engine = LLM(model=model_dir, kv_cache_memory_gib=0.25).engine
+    engine.add_request("undisturbed", p, params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert all(len(o.new_token_ids) == 1 for o in outputs)
+    return [o.new_token_ids[0] for o in outputs], [o.new_text for o in outputs]
+
+
+def test_text_continues_across_a_resume_at_every_split(ray_local, vllm_worker, model_dir):
+    """A stream served by yard's engine up to token k and resumed on a vLLM worker
+    reads exactly as the undisturbed stream, for every k: also where k splits a UTF-8
+    character, where vLLM's own detokenizer repeated the prompt's text."""
+    p, params = prompt(3, 20), SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    ids, texts = yard_token_texts(model_dir, p, params)
+    splits = range(1, len(ids))
+    assert any(texts[k - 1] == "" for k in splits)  # some split falls inside a character
+    refs = {k: vllm_worker.generate.remote(WorkerRequest(f"split-{k}", p, params, resume_token_ids=tuple(ids[:k])))
+            for k in splits}
+    for k, gen in refs.items():
+        events = [e for ref in gen for e in ray_local.get(ref)]
+        assert tokens_from(events, k) == ids[k:], k
+        assert "".join(texts[:k]) + text(events) == "".join(texts), k
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_strings_end_a_vllm_request_as_ours(ray_local, vllm_worker, yard_worker, model_dir, include):
+    """Stop strings are matched by yard's detokenizer on a vLLM worker too: the same
+    tokens, text, finish and stop reason as on a yard worker, also when resumed."""
+    p = prompt(3, 20)
+    _, texts = yard_token_texts(model_dir, p, SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    full = "".join(texts)
+    stop = full[30:33]
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, stop=("zzzz", stop),
+                            include_stop_str_in_output=include)
+    _, stop_texts = yard_token_texts(model_dir, p, params)
+    ours = stream(ray_local, yard_worker, WorkerRequest("stop-yard", p, params))
+    theirs = stream(ray_local, vllm_worker, WorkerRequest("stop-vllm", p, params))
+    resumed = stream(ray_local, vllm_worker, WorkerRequest("stop-resumed", p, params,
+                                                           resume_token_ids=tuple(tokens(ours)[:3])))
+    assert text(ours) == full[:full.index(stop)] + (stop if include else "")
+    assert (ours[-1].reason, ours[-1].stop_reason) == ("stop", stop)
+    for events in (theirs, resumed):
+        assert (events[-1].reason, events[-1].stop_reason) == ("stop", stop)
+    assert tokens(theirs) == tokens(ours) and text(theirs) == text(ours)
+    assert tokens(ours)[:3] + tokens_from(resumed, 3) == tokens(ours)
+    assert "".join(stop_texts) == text(ours) and "".join(stop_texts[:3]) + text(resumed) == text(ours)
+    wait_until(lambda: ray_local.get(vllm_worker.load.remote()).requests == (), 10,
+               "the vLLM worker to hold no request after its stop")

@@ -29,6 +29,14 @@ def vllm_generate(model_dir: str, prompts: list, max_tokens: int, logprobs: int 
     return json.loads(out.read_text())
 
 
+def same_text(ours: str, vllm_text: str) -> bool:
+    """yard's text for a vLLM worker's tokens against vLLM's own. They differ in one
+    place only: a character left incomplete when the output ends, which yard releases
+    as U+FFFD (its text is the decode of the tokens, whichever engine made them) and
+    vLLM's detokenizer drops."""
+    return ours in (vllm_text, vllm_text + "\ufffd")
+
+
 def main() -> None:
     model, request_file, out_file = sys.argv[1:4]
     request = json.loads(open(request_file).read())

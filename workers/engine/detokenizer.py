@@ -204,3 +204,17 @@ class IncrementalDetokenizer:
             if any(stop.startswith(tail) for stop in self._stops):
                 return n
         return 0
+
+
+def resumed_detokenizer(tokenizer: Any, request_id: str, prompt_token_ids: Sequence[int],
+                        output_token_ids: Sequence[int], params: SamplingParams) -> IncrementalDetokenizer:
+    """A detokenizer in the state the request's own would be in now. Output tokens
+    produced elsewhere (a resumed or moved request) are replayed and their text
+    dropped, since the client has it; what was held back there (half a UTF-8
+    character, the start of a possible stop string) stays held back here. Every
+    engine resumes through this, so a stream's text does not depend on which engine
+    served which part of it."""
+    detok = IncrementalDetokenizer(tokenizer, prompt_token_ids, params)
+    if output_token_ids and detok.update(output_token_ids).stop_string is not None:
+        raise ValueError(f"request {request_id}: its output already ends in a stop string")
+    return detok

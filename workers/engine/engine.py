@@ -17,7 +17,7 @@ import torch
 
 from workers.engine.block_manager import BlockManager
 from workers.engine.config import EngineConfig, max_model_len
-from workers.engine.detokenizer import IncrementalDetokenizer
+from workers.engine.detokenizer import IncrementalDetokenizer, resumed_detokenizer
 from workers.engine.model_runner import ModelRunner, kv_block_bytes
 from workers.engine.expert_moves import ExpertMoves
 from workers.engine.handoff import Destination, HandoffError, MigratedRequest, MigrationStep, Source
@@ -178,7 +178,9 @@ class LLMEngine:
             if seq.num_output_tokens >= seq.max_tokens:
                 raise ValueError(f"output_token_ids already holds {seq.num_output_tokens} of "
                                  f"max_tokens={seq.max_tokens} tokens")
-        self.requests[request_id] = _Request(seq, self._detokenizer(seq))
+        detokenizer = resumed_detokenizer(self.tokenizer, request_id, seq.prompt_token_ids, seq.output_token_ids,
+                                          params)
+        self.requests[request_id] = _Request(seq, detokenizer)
         self._prompt_tokens += seq.num_prompt_tokens
         self.scheduler.add(seq)
 
@@ -196,16 +198,6 @@ class LLMEngine:
                         params=params, max_tokens=min(params.max_tokens, room), priority=priority,
                         arrival_time=self.clock() if arrival_time is None else arrival_time,
                         added_at=self.clock())
-
-    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
-        """A detokenizer in the state the request's own would be in now. Output tokens
-        produced elsewhere (a resumed or migrated request) are replayed and their text
-        dropped, since the client has it; what was held back there (half a UTF-8
-        character, the start of a possible stop string) stays held back here."""
-        detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params)
-        if seq.num_output_tokens and detok.update(seq.output_token_ids).stop_string is not None:
-            raise ValueError(f"request {seq.request_id}: its output already ends in a stop string")
-        return detok
 
     def abort(self, request_id: str) -> bool:
         """Stop a request wherever it is; its blocks are freed at once."""

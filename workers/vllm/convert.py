@@ -15,14 +15,14 @@ from workers.sampling_params import SamplingParams
 
 def vllm_params(params: SamplingParams, max_tokens: int) -> VLLMSamplingParams:
     """The same request for vLLM; `max_tokens` is what is left of params.max_tokens
-    (a resumed request has already produced some). Each step returns only what is new."""
+    (a resumed request has already produced some). Each step returns only what is new,
+    as token ids: yard's detokenizer makes the text and matches the stop strings."""
     return VLLMSamplingParams(
         n=1, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0, min_p=params.min_p,
         seed=params.seed, presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
-        repetition_penalty=params.repetition_penalty, max_tokens=max_tokens, stop=list(params.stop),
+        repetition_penalty=params.repetition_penalty, max_tokens=max_tokens,
         stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos, logprobs=params.logprobs,
-        include_stop_str_in_output=params.include_stop_str_in_output,
-        skip_special_tokens=params.skip_special_tokens, output_kind=RequestOutputKind.DELTA)
+        detokenize=False, output_kind=RequestOutputKind.DELTA)
 
 
 def sampled_tokens(token_ids: tuple[int, ...], logprobs: Any, num_top: int) -> tuple[SampledToken, ...]:
@@ -39,13 +39,14 @@ def sampled_tokens(token_ids: tuple[int, ...], logprobs: Any, num_top: int) -> t
 
 def step_output(output: Any, start_index: int, num_prompt_tokens: int,
                 num_top_logprobs: Optional[int]) -> StepOutput:
-    """One RequestOutput (delta kind) as a StepOutput whose tokens start at start_index."""
+    """One RequestOutput (delta kind) as a StepOutput whose tokens start at start_index,
+    without text (vLLM does not detokenize: see vllm_params)."""
     completion = output.outputs[0]
     token_ids = tuple(completion.token_ids)
     logprobs = None
     if num_top_logprobs is not None and completion.logprobs is not None:
         logprobs = sampled_tokens(token_ids, completion.logprobs, num_top_logprobs)
-    return StepOutput(output.request_id, start_index, token_ids, logprobs, completion.text,
+    return StepOutput(output.request_id, start_index, token_ids, logprobs, "",
                       finish_reason=completion.finish_reason if output.finished else None,
                       stop_reason=completion.stop_reason, num_prompt_tokens=num_prompt_tokens,
                       num_cached_tokens=output.num_cached_tokens or 0)

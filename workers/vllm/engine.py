@@ -11,12 +11,14 @@ handoff (its KV cache is not reachable from outside; see docs/vllm-backend.md), 
 requests move by recompute; no prefix block hashes in yard's hashing. Resuming a request
 (failover) resubmits prompt + the tokens already sent as vLLM's prompt: greedy
 output continues exactly; a seeded request restarts its random sequence, and
-presence/frequency penalties no longer count the resumed tokens.
+presence/frequency penalties no longer count the resumed tokens. The text is yard's
+detokenizer's, which continues a resumed stream's text exactly (see _with_text).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 import os
 import time
@@ -28,11 +30,13 @@ from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
 from workers.engine.config import EngineConfig
+from workers.engine.detokenizer import IncrementalDetokenizer, resumed_detokenizer
 from workers.engine.interface import EngineCapabilities
 from workers.engine.outputs import EngineStats, StepOutput
 from workers.engine.request_checks import check_prompt, check_token_ids, output_room
 from workers.load_report import KVLoad, RequestLoad
 from workers.models.config import checkpoint_dtype
+from workers.models.tokenizer import load_tokenizer
 from workers.models.tiny import resolve_model
 from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
@@ -54,6 +58,7 @@ class _Tracked:
     priority: int
     output_token_ids: list[int]  # all of them: resumed, then produced here
     recomputable: bool  # may move by recompute (workers/recompute_move.py)
+    detokenizer: IncrementalDetokenizer  # yard's, stop strings included: see _with_text
 
     @property
     def produced(self) -> int:
@@ -75,6 +80,7 @@ class VLLMEngine:
         self.config = config
         self.clock = clock
         self.model_dir = resolve_model(config.model)
+        self.tokenizer = load_tokenizer(self.model_dir)
         self._tap = StatsTap()
         loggers = [self._tap.factory, *_ray_metrics_logger()]
         self.engine = VLLMLLMEngine.from_engine_args(_engine_args(config, self.model_dir), stat_loggers=loggers,
@@ -134,6 +140,7 @@ class VLLMEngine:
         check_prompt(list(prompt_token_ids), self._vocab_size)
         check_token_ids("output_token_ids", list(output_token_ids), self._vocab_size)
         tokens = list(prompt_token_ids) + list(output_token_ids)
+        detokenizer = resumed_detokenizer(self.tokenizer, request_id, prompt_token_ids, output_token_ids, params)
         room = output_room(len(prompt_token_ids), self.max_model_len, "vLLM's max_model_len")
         max_tokens = min(params.max_tokens, room)
         if len(output_token_ids) >= max_tokens:
@@ -144,7 +151,8 @@ class VLLMEngine:
                                 arrival_time=arrival_time, priority=-priority)
         self._requests[request_id] = _Tracked(len(prompt_token_ids), len(output_token_ids), params.logprobs,
                                               self.clock() if arrival_time is None else arrival_time, priority,
-                                              list(output_token_ids), recompute_refusal(params) is None)
+                                              list(output_token_ids), recompute_refusal(params) is None,
+                                              detokenizer)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its end (finish_reason "abort") comes out of the next step."""
@@ -195,10 +203,13 @@ class VLLMEngine:
             tracked = self._requests.get(output.request_id)
             if tracked is None:
                 continue  # aborted after this step was scheduled
-            out = step_output(output, tracked.next_index, tracked.num_prompt_tokens, tracked.num_logprobs)
+            out = _with_text(tracked.detokenizer, step_output(output, tracked.next_index, tracked.num_prompt_tokens,
+                                                                tracked.num_logprobs))
             tracked.output_token_ids.extend(out.new_token_ids)
             if out.finished:
                 del self._requests[output.request_id]
+                if not output.finished:  # a stop string, matched here: vLLM would go on
+                    self.engine.abort_request([output.request_id])
             steps.append(out)
         return steps
 
@@ -245,6 +256,30 @@ class VLLMEngine:
 
     def offload_stats(self) -> None:
         return None
+
+
+def _with_text(detokenizer: IncrementalDetokenizer, out: StepOutput) -> StepOutput:
+    """The output's text, by yard's detokenizer rather than vLLM's: vLLM would take a
+    resumed request's output so far for prompt, and where that split a UTF-8
+    character its first text repeated the prompt's. yard's, fed the resumed tokens as
+    output, continues the stream's text exactly, whichever engine served the rest.
+    Stop strings are matched here too (vLLM cannot match them without its own
+    detokenizer); the token that completes one ends the request."""
+    texts = []
+    for n, token in enumerate(out.new_token_ids, start=1):
+        delta = detokenizer.update((token,))
+        texts.append(delta.text)
+        if delta.stop_string is not None:
+            return dataclasses.replace(out, new_token_ids=out.new_token_ids[:n],
+                                       new_logprobs=None if out.new_logprobs is None else out.new_logprobs[:n],
+                                       new_text="".join(texts), finish_reason="stop", stop_reason=delta.stop_string)
+    finish_reason, stop_reason = out.finish_reason, out.stop_reason
+    if out.finished:
+        tail = detokenizer.flush()  # held-back text is output after all, unless it completes a stop
+        texts.append(tail.text)
+        if tail.stop_string is not None:
+            finish_reason, stop_reason = "stop", tail.stop_string
+    return dataclasses.replace(out, new_text="".join(texts), finish_reason=finish_reason, stop_reason=stop_reason)
 
 
 def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
