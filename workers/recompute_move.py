@@ -51,9 +51,12 @@ async def move_by_recompute(order: MigrationOrder, source_id: str, request: Work
         return result("failed", f"not_here: {e}")
     resumed = dataclasses.replace(request, resume_token_ids=tokens)
     try:
-        await asyncio.wait_for(order.destination.adopt.remote(resumed, source_id), timeout_s)
+        await asyncio.wait_for(order.destination.adopt.remote(resumed, source_id, order.migration_id), timeout_s)
     except Exception as e:  # noqa: BLE001 - refused, unreachable or dead: it goes on here
         take_back(resumed)
+        # An adopt that timed out may still land: the destination would compute the
+        # request beside us until its attach timeout. Nothing waits on this call.
+        order.destination.abandon.remote(request.request_id, order.migration_id)
         return result("aborted", f"refused: {type(e).__name__}: {e}")
     moved(order, len(tokens))
     now = time.monotonic()

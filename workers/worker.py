@@ -54,6 +54,7 @@ _IDLE_REPORT_INTERVAL_S = 1.0  # ... and while idle
 _HASHES_INTERVAL_S = 0.25
 _CLOSED_CHANNELS_KEPT = 1024  # remembered so a late submit on one fails instead of leaking
 _MOVED_KEPT = 4096  # requests moved away, remembered so a late abort follows them
+_ABANDONED_KEPT = 1024  # moves by recompute given up by their source, for an adopt that comes late
 _HANDOFF_RETRY_S = 0.05  # a decode worker without room is asked again after this long
 _HANDOFF_RESTARTS = 3  # a handoff whose request was preempted (to be recomputed here) starts again this often
 _HANDOFFS_KEPT = 256  # the latest handoff results, for `recent_handoffs`
@@ -74,6 +75,7 @@ class _Parked:
 
     deadline: float
     events: list[Event] = field(default_factory=list)
+    move_id: Optional[str] = None  # the move by recompute that brought it (see abandon)
 
 
 class Worker:
@@ -102,6 +104,8 @@ class Worker:
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
         self._arrived_paused_at: dict[str, float] = {}  # request id → its pause at the source (wall)
         self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
+        # Moves by recompute abandoned before their adopt call ran here (see abandon).
+        self._abandoned: collections.OrderedDict[str, bool] = collections.OrderedDict()
         # Prefill/decode: handoffs run from admission; the first token's time (engine
         # clock, set on the stepping thread) starts the transfer phase.
         self._handing_off: set[str] = set()
@@ -331,21 +335,36 @@ class Worker:
         self._metrics.observe_transfer(result)
         return result
 
-    async def adopt(self, request: WorkerRequest, source_id: str) -> None:
+    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str) -> None:
         """Destination of a move by recompute: compute `request` (prompt + the tokens
         already sent) here; its events wait for its router to attach, as after a
         live migration. Raises ValueError if this worker cannot take it."""
         rid = request.request_id
+        if self._abandoned.pop(migration_id, False):
+            raise ValueError(f"move {migration_id!r} of request {rid!r} was abandoned by {source_id}")
         if self._draining or not self.health()[0]:
             raise ValueError(f"worker {self.config.worker_id} is not taking requests from {source_id} "
                              f"({'draining' if self._draining else 'unhealthy'})")
         if rid in self._channel_of or rid in self._parked:
             raise ValueError(f"request {rid!r} is already on worker {self.config.worker_id}")
         self._ensure_thread()
-        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s)
+        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s,
+                                    move_id=migration_id)
         self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
         self._admitted[rid] = request
         self._send(AddRequest(request))
+
+    async def abandon(self, request_id: str, migration_id: str) -> None:
+        """The source of a move by recompute gave up waiting for adopt and took the
+        request back: drop it here if that adopt landed, or refuse it if it has not
+        yet (Ray does not promise to run an async actor's calls in order)."""
+        parked = self._parked.get(request_id)
+        if parked is not None and parked.move_id == migration_id:
+            self._drop_parked(request_id)
+            return
+        self._abandoned[migration_id] = True
+        while len(self._abandoned) > _ABANDONED_KEPT:
+            self._abandoned.popitem(last=False)
 
     def _no_kv_migration(self) -> str:
         return (f"worker {self.config.worker_id}'s engine ({self.capabilities.backend}) cannot move a request's KV "
@@ -428,9 +447,12 @@ class Worker:
         """Requests moved here whose router never attached (it went away) are aborted."""
         now = time.monotonic()
         for rid in [r for r, p in self._parked.items() if p.deadline <= now]:
-            parked = self._parked.pop(rid)
-            if not any(isinstance(e, ENDS_HERE) for e in parked.events):
-                self._send(AbortRequest(rid))
+            self._drop_parked(rid)
+
+    def _drop_parked(self, request_id: str) -> None:
+        parked = self._parked.pop(request_id)
+        if not any(isinstance(e, ENDS_HERE) for e in parked.events):
+            self._send(AbortRequest(request_id))
 
     # -- the stepping thread ------------------------------------------------------------------
     async def _call(self, command: EngineCall, after_step: Optional[int] = None, before_forward: bool = False) -> Any:

@@ -5,7 +5,12 @@ refused by name and moves by recompute instead."""
 
 from __future__ import annotations
 
+import asyncio
+import sys
+from typing import Any
+
 import pytest
+from ray import cloudpickle
 
 from conditions import wait_until
 from tests.e2e.test_metrics import scrape, total
@@ -14,6 +19,10 @@ from worker_streams import Follower, prompt, run, start, tokens, undisturbed
 from workers import LLM, SamplingParams
 from workers.events import Failed, Finished, Tokens, WorkerRequest
 from workers.migration import MigrationOrder
+from workers.worker import Worker
+
+# Ray workers cannot import this module: the test worker classes travel by value.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PROMPTS = [prompt(seed, n) for seed, n in ((1, 7), (2, 30), (3, 65), (4, 140))]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
@@ -188,6 +197,79 @@ def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
         wait_until(lambda: (r := ray_local.get(handles[source_id].load.remote())).requests == ()
                    and r.num_running == 0 and r.free_blocks == r.total_blocks, 10,
                    "the source to report the moved request gone and its blocks free")
+    finally:
+        for handle in handles.values():
+            ray_local.get(handle.shutdown.remote())
+            ray_local.kill(handle)
+
+
+class SlowAdoptWorker(Worker):
+    """A destination whose adopt call outlasts the source's patience, stuck either before
+    it takes the request ("late": it lands after the source gave up) or after ("slow":
+    the request is already computing here when the source gives up)."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.mode = "late"
+        self.gate = asyncio.Event()
+        self.adopt_errors: list[str] = []
+
+    async def set_mode(self, mode: str) -> None:
+        self.mode = mode
+        self.gate.clear()
+
+    async def release(self) -> None:
+        self.gate.set()
+
+    async def abandoned_moves(self) -> list[str]:
+        return list(self._abandoned)
+
+    async def errors(self) -> list[str]:
+        return self.adopt_errors
+
+    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str) -> None:
+        if self.mode == "late":
+            await self.gate.wait()
+        try:
+            await super().adopt(request, source_id, migration_id)
+        except ValueError as e:
+            self.adopt_errors.append(str(e))
+            raise
+        if self.mode == "slow":
+            await self.gate.wait()
+
+
+def test_a_move_by_recompute_that_times_out_runs_on_the_source_only(ray_local, model_dir):
+    """The source stops waiting for adopt and takes the request back; the destination
+    must not compute it beside the source until its attach timeout, whether adopt ran
+    before the source's abandon arrived or after."""
+    source = start(ray_local, "impatient-src", model_dir, worker={"migration_call_timeout_s": 1.0}, backend="vllm")
+    destination = start(ray_local, "slow-adopt", model_dir, actor_class=SlowAdoptWorker)
+    handles = {"impatient-src": source, "slow-adopt": destination}
+    params = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+
+    def holds_nothing() -> bool:
+        report = ray_local.get(destination.load.remote())
+        return report.requests == () and report.free_blocks == report.total_blocks
+
+    try:
+        for mode in ("late", "slow"):
+            ray_local.get(destination.set_mode.remote(mode))
+            rid, p = f"patience-{mode}", prompt(12, 15)
+            order = MigrationOrder(f"rc-{mode}", rid, "slow-adopt", destination, "manual")
+            events, results = run(Follower(handles, first="impatient-src").run(
+                WorkerRequest(rid, p, params), 5, [order], "impatient-src"))
+            assert results[0].outcome == "aborted" and "TimeoutError" in results[0].error, results[0]
+            assert tokens(events) == undisturbed(model_dir, p, params)  # all of it from the source
+            if mode == "late":
+                wait_until(lambda: order.migration_id in ray_local.get(destination.abandoned_moves.remote()), 10,
+                           "the destination to hear that the move was abandoned")
+                ray_local.get(destination.release.remote())
+                wait_until(lambda: any("was abandoned" in e for e in ray_local.get(destination.errors.remote())),
+                           10, "the late adopt to be refused")
+            # Well within the 30 s attach timeout, after which a parked request is dropped anyway.
+            wait_until(holds_nothing, 10, "the destination to drop the request its source took back")
+            ray_local.get(destination.release.remote())
     finally:
         for handle in handles.values():
             ray_local.get(handle.shutdown.remote())
