@@ -1,14 +1,16 @@
 """The cluster tier's configuration: how many workers of which role, and how the
 manager watches them. Validated where it is made; YAML is parsed only at the edge.
 
-Workers come in pools by role: `num_workers` mixed workers (prefill and decode in
-one), and optionally a `prefill` and a `decode` pool (`pools:`), each with its own
-worker count, resources and engine settings over the cluster's
-(docs/disaggregation.md)."""
+Workers come in pools: `num_workers` mixed workers (prefill and decode in one, the
+pool named "mixed"), and under `pools:` optionally a `prefill` and a `decode` pool
+(docs/disaggregation.md) and any number of further mixed pools under names of their
+own (a pool of vLLM workers beside yard's, say: docs/vllm-backend.md). Each pool has
+its own worker count, resources and engine settings over the cluster's."""
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
@@ -19,13 +21,15 @@ from workers.worker_config import STREAM_UNITS
 
 
 SPLIT_ROLES = ("prefill", "decode")
+MIXED_POOL = "mixed"  # num_workers' pool
+_POOL_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?")  # it labels metrics and logs
 # What the two sides of a prefill-to-decode handoff must share for the KV to fit.
 KV_SETTINGS = ("model", "dtype", "block_size", "tensor_parallel_size")
 
 
 @dataclass(frozen=True)
 class PoolConfig:
-    """One role's workers; unset fields take the cluster's."""
+    """One pool's workers; unset fields take the cluster's."""
 
     num_workers: int = 1  # at start; the pool then scales within scaling.min_workers and max_workers
     worker_cpus: Optional[float] = None
@@ -49,7 +53,8 @@ class ClusterConfig:
     name: str = "yard"  # prefixes worker ids and actor names: two clusters need two names
     engine: EngineConfig = field(default_factory=EngineConfig)
     num_workers: int = 2  # mixed-role workers (0 where prefill and decode pools serve)
-    pools: dict[str, PoolConfig] = field(default_factory=dict)  # "prefill" and "decode", both or neither
+    # "prefill" and "decode", both or neither; any other name is a further mixed pool.
+    pools: dict[str, PoolConfig] = field(default_factory=dict)
     worker_cpus: float = 1.0  # Ray CPUs each worker actor asks for
     gpus_per_rank: float = 0.0  # Ray GPUs of each tensor-parallel rank (the worker is rank 0)
     # Extra Ray resources each rank's bundle asks for: a label that keeps the model's
@@ -104,17 +109,23 @@ class ClusterConfig:
             raise ValueError(f"stream_full_at must be an integer >= 0, got {self.stream_full_at!r}")
 
     def _check_pools(self) -> None:
-        unknown = sorted(set(self.pools) - set(SPLIT_ROLES))
-        if unknown:
-            raise ValueError(f"pools: unknown role(s) {unknown}; pools are {list(SPLIT_ROLES)} "
-                             f"(mixed workers are num_workers)")
-        if self.pools and set(self.pools) != set(SPLIT_ROLES):
+        if MIXED_POOL in self.pools:
+            raise ValueError(f"pools: {MIXED_POOL!r} is the pool of num_workers; give a further mixed pool "
+                             f"a name of its own")
+        for name, pool in self.pools.items():
+            if not isinstance(name, str) or not _POOL_NAME.fullmatch(name):
+                raise ValueError(f"pools: name {name!r} must be lowercase letters, digits and '-', at most 32")
+            if name not in SPLIT_ROLES and pool.scaling != PoolScaling():
+                raise ValueError(f"pools.{name}: only the prefill and decode pools scale; a mixed pool "
+                                 f"keeps num_workers and has no scaling settings")
+        split = sorted(set(self.pools) & set(SPLIT_ROLES))
+        if split and len(split) != len(SPLIT_ROLES):
             raise ValueError(f"pools: prefill and decode come together (a prefill worker hands its requests "
-                             f"to a decode worker), got only {sorted(self.pools)}")
+                             f"to a decode worker), got only {split}")
         least = 0 if self.pools else 1
         if not isinstance(self.num_workers, int) or self.num_workers < least:
             raise ValueError(f"num_workers must be an integer >= {least}, got {self.num_workers!r}")
-        if self.pools:
+        if self.disaggregated:
             prefill, decode = self.engine_for("prefill"), self.engine_for("decode")
             for role, engine in (("prefill", prefill), ("decode", decode)):
                 if engine.backend != "yard":
@@ -126,19 +137,24 @@ class ClusterConfig:
                 raise ValueError(f"pools: the prefill and decode engines must lay out KV alike; "
                                  f"{'; '.join(differ)}")
 
-    def engine_for(self, role: str) -> EngineConfig:
-        """The engine settings of a role's workers: the pool's over the cluster's."""
-        pool = self.pools.get(role)
+    def engine_for(self, pool_name: str) -> EngineConfig:
+        """The engine settings of a pool's workers: the pool's over the cluster's."""
+        pool = self.pools.get(pool_name)
         return dataclasses.replace(self.engine, **pool.engine) if pool and pool.engine else self.engine
 
-    def worker_bundles(self, role: str = "mixed") -> list[dict[str, float]]:
+    @staticmethod
+    def pool_role(pool_name: str) -> str:
+        """The role of a pool's workers: prefill, decode, or mixed for every other pool."""
+        return pool_name if pool_name in SPLIT_ROLES else "mixed"
+
+    def worker_bundles(self, pool_name: str = MIXED_POOL) -> list[dict[str, float]]:
         """One worker's placement group (workers/parallel/bundles.py): bundle 0 for the
         worker actor (rank 0), one per further tensor-parallel rank, then one per
         attention worker."""
-        pool = self.pools.get(role)
+        pool = self.pools.get(pool_name)
         cpus = pool.worker_cpus if pool and pool.worker_cpus is not None else self.worker_cpus
         gpus = pool.gpus_per_rank if pool and pool.gpus_per_rank is not None else self.gpus_per_rank
-        engine = self.engine_for(role)
+        engine = self.engine_for(pool_name)
 
         def bundle(cpus: float, gpus: float = gpus) -> dict[str, float]:
             return {"CPU": cpus, **({"GPU": gpus} if gpus else {}), **self.rank_resources}
@@ -151,14 +167,15 @@ class ClusterConfig:
         offload = engine.attention_offload
         return ranks + (offload.bundles() if offload is not None else [])
 
-    def role_counts(self) -> list[tuple[str, int]]:
-        """(role, count) of the workers to run."""
-        mixed = [("mixed", self.num_workers)] if self.num_workers else []
-        return mixed + [(role, self.pools[role].num_workers) for role in SPLIT_ROLES if role in self.pools]
+    def pool_sizes(self) -> list[tuple[str, int]]:
+        """(pool name, count) of the workers to run at start."""
+        mixed = [(MIXED_POOL, self.num_workers)] if self.num_workers else []
+        split = [(role, self.pools[role].num_workers) for role in SPLIT_ROLES if role in self.pools]
+        return mixed + split + [(name, p.num_workers) for name, p in self.pools.items() if name not in SPLIT_ROLES]
 
     @property
     def disaggregated(self) -> bool:
-        return bool(self.pools)
+        return any(role in self.pools for role in SPLIT_ROLES)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ClusterConfig":
@@ -171,14 +188,16 @@ class ClusterConfig:
         pools = raw.pop("pools", {}) or {}
         _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration", "pools"})
         _check_keys("engine", engine, {f.name for f in fields(EngineConfig)})
-        for role, pool in pools.items():
-            _check_keys(f"pools.{role}", pool or {}, {f.name for f in fields(PoolConfig)})
+        for name, pool in pools.items():
+            _check_keys(f"pools.{name}", pool or {}, {f.name for f in fields(PoolConfig)})
         return cls(engine=EngineConfig(**engine), migration=MigrationConfig.from_dict(migration),
-                   pools={role: _pool(pool or {}) for role, pool in pools.items()}, **raw)
+                   pools={name: _pool(pool or {}) for name, pool in pools.items()}, **raw)
 
 
 def _pool(raw: dict[str, Any]) -> PoolConfig:
     raw = dict(raw)
+    if isinstance(raw.get("engine"), str):  # `engine: vllm`, as at the cluster's level
+        raw["engine"] = {"backend": raw["engine"]}
     return PoolConfig(scaling=PoolScaling.from_dict(raw.pop("scaling", {}) or {}), **raw)
 
 

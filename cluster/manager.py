@@ -36,7 +36,7 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.adoption import Orphans, find_orphans, placement_name, remove_orphans
-from cluster.config import ClusterConfig
+from cluster.config import SPLIT_ROLES, ClusterConfig
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, WorkerView, worker_view
 from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker, pool_worker
@@ -65,6 +65,7 @@ class WorkerEntry:
     # starting (importing, loading weights), which is not a failure.
     booting: Optional[Any] = None
     draining: bool = False
+    pool: Optional[str] = None  # its pool's name (ClusterConfig.pools); None like role, when adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,9 +93,9 @@ class ClusterManager:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         self.workers: dict[str, WorkerEntry] = {}
-        self._sizes = dict(config.role_counts())  # workers each pool should have now
+        self._sizes = dict(config.pool_sizes())  # workers each pool should have now, by pool name
         self._scalers = {role: PoolScaler(role, pool.scaling, pool.num_workers, time.monotonic)
-                         for role, pool in config.pools.items()}
+                         for role, pool in config.pools.items() if role in SPLIT_ROLES}
         self._retiring: set[str] = set()  # workers drained to shrink their pool
         self._scaling_task: Optional[asyncio.Task] = None
         self._replaced = 0
@@ -121,8 +122,8 @@ class ClusterManager:
         self._recent_migrations: collections.deque[MigrationResult] = collections.deque(maxlen=32)
 
     def _adopt(self, orphans: Orphans) -> None:
-        """Take over the workers a previous incarnation started; their role is known
-        from their first load report, as a booting worker's is."""
+        """Take over the workers a previous incarnation started; their role and pool
+        are known from their first load report, as a booting worker's are."""
         for worker_id, (handle, placement) in orphans.workers.items():
             self.workers[worker_id] = WorkerEntry(worker_id, handle, None, placement, booting=handle.load.remote())
             log.warning("manager restarted: adopting worker %s", worker_id)
@@ -130,40 +131,41 @@ class ClusterManager:
 
     def _top_up(self) -> None:
         """Start the workers each pool lacks (at start, and after one was removed).
-        While an adopted worker has not said its role, wait: it may fill a pool."""
-        if any(e.role is None for e in self.workers.values()):
+        While an adopted worker has not said its pool, wait: it may fill one."""
+        if any(e.pool is None for e in self.workers.values()):
             return
         if self._adopting:
             self._adopt_sizes()
-        for role, count in self._sizes.items():
-            have = sum(e.role == role and e.worker_id not in self._retiring for e in self.workers.values())
+        for pool, count in self._sizes.items():
+            have = sum(e.pool == pool and e.worker_id not in self._retiring for e in self.workers.values())
             for _ in range(count - have):
-                self._start_worker(role)
+                self._start_worker(pool)
 
     def _adopt_sizes(self) -> None:
         """A pool its predecessor had scaled past the configured size keeps the
         workers it adopted: that is its size now (the scaler goes on from there)."""
         self._adopting = False
-        for role in self._sizes:
-            adopted = sum(e.role == role for e in self.workers.values())
-            self._sizes[role] = max(self._sizes[role], adopted)
+        for pool in self._sizes:
+            adopted = sum(e.pool == pool for e in self.workers.values())
+            self._sizes[pool] = max(self._sizes[pool], adopted)
 
-    def _start_worker(self, role: str) -> WorkerEntry:
+    def _start_worker(self, pool: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
-        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(role), role=role,
+        role = self.config.pool_role(pool)
+        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(pool), role=role, pool=pool,
                           stream_interval_s=self.config.stream_interval_s, stream_full_at=self.config.stream_full_at,
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks,
                           migration_call_timeout_s=self.config.migration_call_timeout_s,
                           handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming,
                           handoff_stream_unit=self.config.handoff_stream_unit)
-        bundles = self.config.worker_bundles(role)
+        bundles = self.config.worker_bundles(pool)
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=placement_name(worker_id), lifetime="detached")
         handle = ray.remote(Worker).options(
             num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
             name=worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE, lifetime="detached").remote(wc)
-        entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote())
+        entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote(), pool=pool)
         self.workers[worker_id] = entry
         return entry
 
@@ -255,6 +257,7 @@ class ClusterManager:
             return None
         entry.booting = None
         entry.role = entry.role or report.role  # an adopted worker's
+        entry.pool = entry.pool or report.pool or report.role
         return report
 
     def _replace(self, entry: WorkerEntry) -> None:
@@ -282,7 +285,7 @@ class ClusterManager:
             if not scaler.scales:
                 continue
             decision = scaler.decide([self._pool_worker(e) for e in self.workers.values()
-                                      if e.role == role and not e.draining and e.worker_id not in self._retiring])
+                                      if e.pool == role and not e.draining and e.worker_id not in self._retiring])
             if decision is not None:
                 log.warning("pool %s: %s (%s)", role, decision, decision.why)
                 self._apply(decision)
@@ -320,10 +323,10 @@ class ClusterManager:
                         result["remaining"])
             entry.draining = False
             await entry.handle.set_draining.remote(False)
-            self._sizes[entry.role] += 1
+            self._sizes[entry.pool] += 1
         except Exception as e:  # noqa: BLE001 - it died meanwhile: the pool is topped up
             log.warning("retiring worker %s: %s", entry.worker_id, e)
-            self._sizes[entry.role] += 1
+            self._sizes[entry.pool] += 1
         finally:
             self._retiring.discard(entry.worker_id)
             self._top_up()
@@ -458,10 +461,11 @@ class ClusterManager:
     async def status(self) -> dict[str, Any]:
         self._ensure_loops()
         return {"cluster": self.config.name, "replaced": self._replaced, "restarted": self.restarted,
-                "pools": {role: {"size": size, "min": s.min_workers, "max": s.max_workers}
-                          if (s := self._scalers.get(role)) else {"size": size} for role, size in self._sizes.items()},
+                "pools": {pool: {"size": size, "min": s.min_workers, "max": s.max_workers}
+                          if (s := self._scalers.get(pool)) else {"size": size} for pool, size in self._sizes.items()},
                 "migrations": self._migration_status(),
-                "workers": [{"id": e.worker_id, "role": e.role, "healthy": e.healthy, "draining": e.draining,
+                "workers": [{"id": e.worker_id, "role": e.role, "pool": e.pool, "healthy": e.healthy,
+                             "draining": e.draining,
                              "running": e.load.num_running if e.load else None,
                              "waiting": e.load.num_waiting if e.load else None,
                              "free_blocks": e.load.free_blocks if e.load else None,

@@ -23,7 +23,7 @@ class ClusterMetrics:
         self.workers = metrics.Gauge("yard_cluster_workers", "workers by state", ("cluster", "state"))
         self.desired = metrics.Gauge("yard_cluster_workers_desired", "workers the config asks for", ("cluster",))
         self.pool_size = metrics.Gauge("yard_cluster_pool_size", "workers each pool should have now",
-                                       ("cluster", "role"))
+                                       ("cluster", "pool"))
         self.replacements = metrics.Counter("yard_cluster_worker_replacements",
                                             "workers replaced after failing their health checks", ("cluster",))
         self.migrations = metrics.Counter("yard_cluster_migrations", "live migrations ended, by reason and outcome",
@@ -44,8 +44,8 @@ class ClusterMetrics:
         """Set on every poll: a gauge set once, as the actor starts, can be lost
         before Ray's exporter is up."""
         self.desired.set(sum(pool_sizes.values()), self.tags)
-        for role, size in pool_sizes.items():
-            self.pool_size.set(size, {**self.tags, "role": role})
+        for pool, size in pool_sizes.items():
+            self.pool_size.set(size, {**self.tags, "pool": pool})
         self.migrations_in_flight.set(migrations_in_flight, self.tags)
         for state in WORKER_STATES:
             self.workers.set(counts.get(state, 0), {**self.tags, "state": state})

@@ -56,6 +56,7 @@ class LoadReport:
     queued_prefill_tokens: int = 0  # prompt tokens admitted here and not yet computed
     backend: str = "yard"  # the engine inside (workers/engine/interface.py)
     kv_migration: bool = True  # its requests can move with their KV, and others' can move here
+    pool: str = ""  # the worker's pool (WorkerConfig.pool)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +109,7 @@ def block_manager_load(engine: "LLMEngine", max_hashes: int) -> KVLoad:
 
 def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
                 migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
-                now: Optional[float] = None, hashes: Optional[frozenset[int]] = None) -> LoadReport:
+                now: Optional[float] = None, hashes: Optional[frozenset[int]] = None, pool: str = "") -> LoadReport:
     """Built by the thread that steps `engine`, between two steps. `now`: the report's
     time (default: the wall clock; the simulator passes its own). `hashes`: cached
     block hashes taken earlier, to carry instead of collecting them again."""
@@ -127,5 +128,5 @@ def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: i
         requests=requests, migrations_out=len(migrating_out), migrations_in=migrations_in, node_ip=node_ip,
         num_preemptions=stats.num_preemptions, max_model_len=engine.max_model_len,
         queued_prefill_tokens=stats.queued_prefill_tokens, backend=engine.capabilities.backend,
-        kv_migration=engine.capabilities.kv_migration,
+        kv_migration=engine.capabilities.kv_migration, pool=pool or role,
     )

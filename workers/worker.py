@@ -600,7 +600,7 @@ class Worker:
         return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
                            draining=self._draining, migrating_out=frozenset(self._outgoing),
                            migrations_in=len(self._incoming), node_ip=self._node_ip,
-                           hashes=None if hashes else self._load.cached_block_hashes)
+                           hashes=None if hashes else self._load.cached_block_hashes, pool=self.config.pool)
 
     def _apply_commands(self) -> int:
         applied = 0

@@ -14,6 +14,7 @@ class WorkerConfig:
     worker_id: str
     engine: EngineConfig
     role: str = "mixed"  # mixed, prefill or decode
+    pool: str = ""  # its pool in the cluster (ClusterConfig.pools); "" is the pool named by its role
     # A running request's tokens go out at most this often (its first and last at
     # once): fewer, larger messages through the router and the proxy. With fewer
     # than stream_full_at requests streaming on a channel, a share of it in

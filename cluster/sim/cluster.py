@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 
 import yaml
 
-from cluster.config import ClusterConfig
+from cluster.config import SPLIT_ROLES, ClusterConfig
 from cluster.migration_policy import MigrationPolicy, worker_view
 from cluster.pool_scaling import AddWorkers, PoolScaler, pool_worker
 from cluster.sim.engine import Produced, SimEngine
@@ -102,16 +102,16 @@ class Simulation:
         self.workers: dict[str, SimWorker] = {}
         self.retired: dict[str, dict[str, Any]] = {}  # workers drained away by scaling
         self._ids = itertools.count()
-        for role, count in cluster.role_counts():
+        for pool, count in cluster.pool_sizes():
             for _ in range(count):
-                self._add_worker(role, ready_at=0.0)
+                self._add_worker(pool, ready_at=0.0)
         self.migration_policy = MigrationPolicy(cluster.migration, self.loop.clock)
         self.mover = Mover(self.loop, timing, MoveSettings(cluster.migration.stage_threshold_blocks,
                                                            handoff_wait_s=cluster.handoff_wait_s,
                                                            handoff_streaming=cluster.handoff_streaming),
                            self._moved)
         self.scalers = {role: PoolScaler(role, pool.scaling, pool.num_workers, self.loop.clock)
-                        for role, pool in cluster.pools.items()}
+                        for role, pool in cluster.pools.items() if role in SPLIT_ROLES}
         self.scaling: list[str] = []
         self.trace = sorted(trace, key=lambda r: (r.arrival_s, r.index))
         self.records = {r.request_id: RequestRecord(r) for r in self.trace}
@@ -230,10 +230,10 @@ class Simulation:
             self._polled_since_refresh = False
 
     # -- the manager -----------------------------------------------------------------------
-    def _add_worker(self, role: str, ready_at: float) -> SimWorker:
+    def _add_worker(self, pool: str, ready_at: float) -> SimWorker:
         worker_id = f"{self.cluster.name}-w{next(self._ids)}"
-        engine = SimEngine(self.cluster.engine_for(role), self.timing, self.loop.clock)
-        worker = self.workers[worker_id] = SimWorker(worker_id, role, engine, self.loop, self._produced, ready_at,
+        engine = SimEngine(self.cluster.engine_for(pool), self.timing, self.loop.clock)
+        worker = self.workers[worker_id] = SimWorker(worker_id, self.cluster.pool_role(pool), engine, self.loop, self._produced, ready_at,
                                                      self.options.decode_runs)
         return worker
 

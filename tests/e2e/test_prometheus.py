@@ -308,9 +308,31 @@ def offloading_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus")
         ray_local.kill(worker)
 
 
+@contextlib.contextmanager
+def vllm_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
+    """A worker with vLLM's engine beside the app, alive while the queries run:
+    requests through it, so the vLLM row (vLLM's own metrics) has data."""
+    config = WorkerConfig("w-vllm", EngineConfig(model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
+                                                 backend="vllm"))
+    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-vllm"),
+                                              namespace=ACTOR_NAMESPACE).remote(config)
+    try:
+        requests = [worker.generate.remote(WorkerRequest(f"vllm-{i}", tuple(range(10 + i, 40 + i)),
+                                                         SamplingParams(max_tokens=16))) for i in range(4)]
+        for stream in requests:
+            for ref in stream:
+                ray_local.get(ref)
+        assert prometheus.wait_for("ray_vllm_generation_tokens_total", 60)
+        assert prometheus.wait_for("ray_vllm_inter_token_latency_seconds_count", 60)
+        yield
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+
+
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus, make_model):
     with expert_parallel_worker(ray_local, make_model, prometheus), \
-            offloading_worker(ray_local, make_model, prometheus):
+            offloading_worker(ray_local, make_model, prometheus), vllm_worker(ray_local, make_model, prometheus):
         every_query_returns_data(serve_app, ray_local, prometheus)
 
 
@@ -337,7 +359,7 @@ def every_query_returns_data(serve_app: dict[str, Any], ray_local: Any, promethe
 
     names = set().union(*(metric_names(expr) for _, expr in queries),
                         *(metric_names(r["expr"]) for r in alert_rules()))
-    assert names and all(n.startswith("ray_yard_") for n in names), names
+    assert names and all(n.startswith(("ray_yard_", "ray_vllm_")) for n in names), names
     for name in sorted(names):
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert f"`{name}`" in METRICS_DOC or f"`{base}`" in METRICS_DOC, f"{name} is not in docs/metrics.md"

@@ -122,7 +122,7 @@ def test_values_make_a_valid_cluster_that_fits_the_pods(overlay):
     groups = rayservice["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     offered = {g["groupName"]: advertised(g) for g in groups}  # what each group's pods give Ray
     used = {name: 0.0 for name in offered}  # GPUs the workers take from each group
-    for role, count in cluster.role_counts():  # mixed workers, or prefill and decode pools
+    for role, count in cluster.pool_sizes():  # mixed workers, prefill and decode pools, further pools
         engine = cluster.engine_for(role)
         bundles = cluster.worker_bundles(role)
         assert any(b.get("GPU", 0) for b in bundles) == (engine.device == "cuda")

@@ -1,4 +1,5 @@
-"""Worker pools in the cluster config: prefill and decode beside mixed workers."""
+"""Worker pools in the cluster config: prefill and decode beside mixed workers, and
+further mixed pools with engines of their own."""
 
 from __future__ import annotations
 
@@ -15,16 +16,18 @@ def pd(**pools) -> dict:
 def test_pools_take_the_cluster_settings_and_their_own():
     config = ClusterConfig.from_dict(pd(prefill={"num_workers": 1, "worker_cpus": 2.0,
                                                  "engine": {"max_num_batched_tokens": 4096}}))
-    assert config.role_counts() == [("prefill", 1), ("decode", 2)] and config.disaggregated
+    assert config.pool_sizes() == [("prefill", 1), ("decode", 2)] and config.disaggregated
     assert config.engine_for("prefill").max_num_batched_tokens == 4096
     assert config.engine_for("decode") == config.engine and config.engine.block_size == 8
     assert config.worker_bundles("prefill") == [{"CPU": 2.0}] and config.worker_bundles("decode") == [{"CPU": 1.0}]
-    assert ClusterConfig().role_counts() == [("mixed", 2)] and not ClusterConfig().disaggregated
+    assert ClusterConfig().pool_sizes() == [("mixed", 2)] and not ClusterConfig().disaggregated
 
 
 @pytest.mark.parametrize("raw, message", [
     ({"pools": {"prefill": {}}}, r"prefill and decode come together .* got only \['prefill'\]"),
-    ({"pools": {"mixed": {}}}, r"unknown role\(s\) \['mixed'\]"),
+    ({"pools": {"mixed": {}}}, r"'mixed' is the pool of num_workers"),
+    ({"pools": {"vLLM": {}}}, r"pools: name 'vLLM' must be lowercase letters, digits and '-'"),
+    ({"pools": {"vllm": {"scaling": {"max_workers": 3}}}}, r"pools.vllm: only the prefill and decode pools scale"),
     (pd(decode={"engine": {"block_size": 16}}), r"lay out KV alike; block_size: prefill 8, decode 16"),
     (pd(decode={"engine": {"tensor_parallel_size": 2}}), r"tensor_parallel_size: prefill 1, decode 2"),
     (pd(decode={"num_workers": 0}), r"num_workers must be an integer >= 1, got 0"),
@@ -79,3 +82,16 @@ def test_vllm_backend_in_the_cluster_config():
 def test_vllm_backend_refuses_what_it_cannot_do_by_name(raw, message):
     with pytest.raises(ValueError, match=message):
         ClusterConfig.from_dict(raw)
+
+
+def test_a_further_mixed_pool_runs_its_own_engine_beside_the_mixed_workers():
+    config = ClusterConfig.from_dict({"num_workers": 1, "engine": {"model": "tiny-llama"},
+                                      "pools": {"vllm": {"num_workers": 2, "worker_cpus": 2.0,
+                                                         "engine": {"backend": "vllm"}}}})
+    assert config.pool_sizes() == [("mixed", 1), ("vllm", 2)] and not config.disaggregated
+    assert [config.pool_role(p) for p in ("mixed", "vllm", "prefill", "decode")] == \
+        ["mixed", "mixed", "prefill", "decode"]
+    assert config.engine_for("vllm").backend == "vllm" and config.engine_for("mixed").backend == "yard"
+    assert config.worker_bundles("vllm") == [{"CPU": 2.0}] and config.worker_bundles() == [{"CPU": 1.0}]
+    only_pools = ClusterConfig.from_dict({"num_workers": 0, "pools": {"a": {}, "b": {"engine": "vllm"}}})
+    assert only_pools.pool_sizes() == [("a", 1), ("b", 1)]
