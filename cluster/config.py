@@ -181,9 +181,7 @@ class ClusterConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "ClusterConfig":
         """From parsed YAML/JSON: unknown keys fail with the list of known ones."""
         raw = dict(raw)
-        engine = raw.pop("engine", {}) or {}
-        if isinstance(engine, str):  # `engine: vllm`, short for `engine: {backend: vllm}`
-            engine = {"backend": engine}
+        engine = engine_settings(raw.pop("engine", {}))
         migration = raw.pop("migration", {}) or {}
         pools = raw.pop("pools", {}) or {}
         _check_keys("cluster", raw, {f.name for f in fields(cls)} - {"engine", "migration", "pools"})
@@ -194,10 +192,18 @@ class ClusterConfig:
                    pools={name: _pool(pool or {}) for name, pool in pools.items()}, **raw)
 
 
+def engine_settings(raw: Any) -> dict[str, Any]:
+    """An `engine:` section as EngineConfig settings: `engine: vllm` (the cluster's or a
+    pool's) is short for `engine: {backend: vllm}`."""
+    if isinstance(raw, str):
+        return {"backend": raw}
+    return dict(raw or {})
+
+
 def _pool(raw: dict[str, Any]) -> PoolConfig:
     raw = dict(raw)
-    if isinstance(raw.get("engine"), str):  # `engine: vllm`, as at the cluster's level
-        raw["engine"] = {"backend": raw["engine"]}
+    if "engine" in raw:
+        raw["engine"] = engine_settings(raw["engine"])
     return PoolConfig(scaling=PoolScaling.from_dict(raw.pop("scaling", {}) or {}), **raw)
 
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from cluster.config import engine_settings
+
 DEFAULT_WORKER_CPUS = 1.0
 DEFAULT_ROUTER_CPUS = 0.5
 MIN_WORKER_CPUS = 0.1  # below this Ray still schedules, but a worker would crawl
@@ -20,9 +22,9 @@ MIN_WORKER_CPUS = 0.1  # below this Ray still schedules, but a worker would craw
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """Workers of one role, as the config asks for them."""
+    """Workers of one pool, as the config asks for them."""
 
-    role: str
+    pool: str  # "mixed" (num_workers), "prefill", "decode", or a further mixed pool's name
     workers: int
     worker_cpus: float
     tp_ranks_per_worker: int  # further ranks, besides the worker itself
@@ -36,8 +38,8 @@ class WorkerGroup:
     def describe(self) -> str:
         tp = (f" + {self.tp_ranks_per_worker} tensor-parallel rank(s) x {self.tp_cpus_per_rank:g}"
               if self.tp_ranks_per_worker else "")
-        role = "" if self.role == "mixed" else f"{self.role} "
-        return f"{self.workers} {role}worker(s) x ({self.worker_cpus:g}{tp}) CPUs"
+        pool = "" if self.pool == "mixed" else f"{self.pool} "
+        return f"{self.workers} {pool}worker(s) x ({self.worker_cpus:g}{tp}) CPUs"
 
 
 @dataclass(frozen=True)
@@ -58,19 +60,19 @@ class Demand:
 def demand_of(args: dict[str, Any]) -> Demand:
     """What a build_app args dict (values file merged) asks Ray for."""
     cluster = args.get("cluster") or {}
-    engine = cluster.get("engine") or {}
+    engine = engine_settings(cluster.get("engine"))
     worker_cpus = float(cluster.get("worker_cpus", DEFAULT_WORKER_CPUS))
 
-    def group(role: str, workers: int, pool: dict[str, Any]) -> WorkerGroup:
-        pool_engine = {**engine, **(pool.get("engine") or {})}
-        return WorkerGroup(role, workers, float(pool.get("worker_cpus", worker_cpus)),
+    def group(name: str, workers: int, pool: dict[str, Any]) -> WorkerGroup:
+        pool_engine = {**engine, **engine_settings(pool.get("engine"))}
+        return WorkerGroup(name, workers, float(pool.get("worker_cpus", worker_cpus)),
                            int(pool_engine.get("tensor_parallel_size", 1)) - 1,
                            float(pool_engine.get("tp_cpus_per_rank", 1.0)), "worker_cpus" in pool)
 
     pools = cluster.get("pools") or {}
     mixed = int(cluster.get("num_workers", 0 if pools else 2))
     groups = ([group("mixed", mixed, {})] if mixed else []) + [
-        group(role, int((pool or {}).get("num_workers", 1)), pool or {}) for role, pool in pools.items()]
+        group(name, int((pool or {}).get("num_workers", 1)), pool or {}) for name, pool in pools.items()]
     return Demand(tuple(groups), replicas=int(args.get("replicas", 1)),
                   router_cpus=float(args.get("router_cpus", DEFAULT_ROUTER_CPUS)))
 

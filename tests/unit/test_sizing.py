@@ -41,8 +41,17 @@ def test_prefill_and_decode_pools_count_with_their_own_settings():
                         "pools": {"prefill": {"num_workers": 1, "worker_cpus": 2.0},
                                   "decode": {"num_workers": 2}}}}
     demand = demand_of(args)
-    assert [(g.role, g.workers, g.worker_cpus) for g in demand.groups] == [("prefill", 1, 2.0), ("decode", 2, 1.0)]
+    assert [(g.pool, g.workers, g.worker_cpus) for g in demand.groups] == [("prefill", 1, 2.0), ("decode", 2, 1.0)]
     fitted = fit(args, cluster_cpus=4)  # only the decode pool's cluster-wide worker_cpus shrinks
     assert fitted["cluster"]["worker_cpus"] == 0.75 and demand_of(fitted).total == 4.0
     with pytest.raises(ValueError, match=r"1 prefill worker\(s\) x \(2\) CPUs, 2 decode worker\(s\) x \(0\.1\) "):
         fit({**args, "cluster": {**args["cluster"], "worker_cpus": 0.1}}, cluster_cpus=2)
+
+
+def test_a_further_pool_and_the_engine_shorthand_count():
+    args = {"cluster": {"num_workers": 1, "engine": "vllm",
+                        "pools": {"vllm-tp2": {"worker_cpus": 2.0, "engine": {"tensor_parallel_size": 2}}}}}
+    demand = demand_of(args)
+    assert [(g.pool, g.workers, g.worker_cpus, g.tp_ranks_per_worker) for g in demand.groups] == \
+        [("mixed", 1, 1.0, 0), ("vllm-tp2", 1, 2.0, 1)]
+    assert demand.describe().startswith("1 worker(s) x (1) CPUs, 1 vllm-tp2 worker(s) x (2 + 1 tensor-parallel")
