@@ -328,17 +328,23 @@ class Worker:
         self._outgoing[order.request_id] += 1
         try:
             result = await move_by_recompute(order, self.config.worker_id, request, self._call,
-                                             lambda r: self._send(AddRequest(r)), self._moved,
-                                             self.config.migration_call_timeout_s)
+                                             lambda r, kv: self._send(AddRequest(r, kv)), self._moved,
+                                             self.config.migration_call_timeout_s, self.engine.handover_layout())
         finally:
             del self._outgoing[order.request_id]
         self._metrics.observe_transfer(result)
         return result
 
-    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str) -> None:
+    async def handover_layout(self) -> Any:
+        """The KV layout a request moved here by recompute may bring along (two vLLM
+        workers alike), or None: it is computed here from its tokens."""
+        return self.engine.handover_layout()
+
+    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str, kv: Any = None) -> None:
         """Destination of a move by recompute: compute `request` (prompt + the tokens
-        already sent) here; its events wait for its router to attach, as after a
-        live migration. Raises ValueError if this worker cannot take it."""
+        already sent) here, or with `kv` only its last token; its events wait for its
+        router to attach, as after a live migration. Raises ValueError if this
+        worker cannot take it."""
         rid = request.request_id
         if self._abandoned.pop(migration_id, False):
             raise ValueError(f"move {migration_id!r} of request {rid!r} was abandoned by {source_id}")
@@ -352,7 +358,7 @@ class Worker:
                                     move_id=migration_id)
         self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
         self._admitted[rid] = request
-        self._send(AddRequest(request))
+        self._send(AddRequest(request, kv))
 
     async def abandon(self, request_id: str, migration_id: str) -> None:
         """The source of a move by recompute gave up waiting for adopt and took the
@@ -611,7 +617,7 @@ class Worker:
                 return applied
             applied += 1
             if isinstance(command, AddRequest):
-                self._add(command.request)
+                self._add(command.request, command.kv)
             elif isinstance(command, AbortRequest):
                 self.engine.abort(command.request_id)
             elif command.after_step is not None and self.engine.num_steps <= command.after_step:
@@ -629,10 +635,11 @@ class Worker:
         except BaseException as e:  # noqa: BLE001 - the caller gets it
             call.reply.set_exception(e)
 
-    def _add(self, r: WorkerRequest) -> None:
+    def _add(self, r: WorkerRequest, kv: Any = None) -> None:
+        extra = {} if kv is None else {"kv": kv}  # only engines with a handover layout take KV
         try:
             self.engine.add_request(r.request_id, r.prompt_token_ids, r.params, priority=r.priority,
-                                    arrival_time=r.arrival_time, output_token_ids=r.resume_token_ids)
+                                    arrival_time=r.arrival_time, output_token_ids=r.resume_token_ids, **extra)
         except (ValueError, TypeError, RuntimeError) as e:
             code = "worker_unhealthy" if isinstance(e, RuntimeError) else "invalid_request"
             self._emit([Failed(r.request_id, code, str(e))])

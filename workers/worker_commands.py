@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True, slots=True)
 class AddRequest:
     request: WorkerRequest
+    kv: Any = None  # a handed-over request's KV (workers/vllm/kv_handover.py), for engines that take it
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +129,13 @@ class CancelMigration:
 @dataclass(frozen=True, slots=True)
 class TakeForRecompute:
     """Source of a move by recompute: the request leaves the engine, unended; answers
-    its output tokens so far."""
+    its output tokens so far, and with_kv, a copy of its KV (or None)."""
 
     request_id: str
+    with_kv: bool = False
 
-    def apply(self, engine: Any) -> tuple[int, ...]:
-        return engine.take_for_recompute(self.request_id)
+    def apply(self, engine: Any) -> tuple[tuple[int, ...], Any]:
+        return engine.take_for_recompute(self.request_id, self.with_kv)
 
 
 @dataclass(frozen=True, slots=True)

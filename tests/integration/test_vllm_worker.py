@@ -177,14 +177,19 @@ def test_kv_migration_into_vllm_is_refused_by_name(ray_local, vllm_worker, yard_
     assert out.outcome == "failed" and out.error.startswith("not_here: request 'nobody'")
 
 
-@pytest.mark.parametrize("destination", ["yard", "vllm"])
+DESTINATIONS = {"yard": {}, "vllm": {"backend": "vllm"}, "vllm-blocks-64": {"backend": "vllm", "block_size": 64}}
+
+
+@pytest.mark.parametrize("destination", list(DESTINATIONS))
 def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
-    """A vLLM worker cannot move KV: a running request moves by recompute instead, to
-    either engine; its router follows the Moved event, and nothing is lost or repeated."""
+    """A vLLM worker cannot live-migrate: a running request moves by recompute instead,
+    to either engine; its router follows the Moved event, and nothing is lost or
+    repeated. To a vLLM worker with the same KV layout its KV goes along, and the
+    destination computes none of its prompt (its usage counts the whole prompt as
+    cached); to one with another block size it is computed again."""
     source_id, destination_id = "rc-src-" + destination, "rc-dst-" + destination
     handles = {source_id: start(ray_local, source_id, model_dir, backend="vllm"),
-               destination_id: start(ray_local, destination_id, model_dir,
-                                     **({"backend": "vllm"} if destination == "vllm" else {}))}
+               destination_id: start(ray_local, destination_id, model_dir, **DESTINATIONS[destination])}
     p, params = prompt(10, 25), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     order = MigrationOrder("rc-1", "moves", destination_id, handles[destination_id], "manual")
     try:
@@ -194,6 +199,11 @@ def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
         assert 10 <= results[0].next_index < 120
         assert tokens(events) == undisturbed(model_dir, p, params)
         assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 120
+        carried = results[0].blocks > 0
+        assert carried == (destination == "vllm"), results[0]
+        # The destination is fresh and the prompt shorter than a block: a cached
+        # prompt token here can only have come with the KV.
+        assert events[-1].usage.cached_tokens == (len(p) if carried else 0)
         wait_until(lambda: (r := ray_local.get(handles[source_id].load.remote())).requests == ()
                    and r.num_running == 0 and r.free_blocks == r.total_blocks, 10,
                    "the source to report the moved request gone and its blocks free")
@@ -227,11 +237,11 @@ class SlowAdoptWorker(Worker):
     async def errors(self) -> list[str]:
         return self.adopt_errors
 
-    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str) -> None:
+    async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str, kv: Any = None) -> None:
         if self.mode == "late":
             await self.gate.wait()
         try:
-            await super().adopt(request, source_id, migration_id)
+            await super().adopt(request, source_id, migration_id, kv)
         except ValueError as e:
             self.adopt_errors.append(str(e))
             raise

@@ -363,6 +363,11 @@ class LLMEngine:
         if self.health_error is not None:
             raise RuntimeError(f"engine is unhealthy: {self.health_error}")
 
+    def handover_layout(self) -> None:
+        """No KV comes with a request moved here by recompute: yard's engines move KV
+        by live migration (workers/migration.py)."""
+        return None
+
     def kv_load(self, max_hashes: int) -> KVLoad:
         return block_manager_load(self, max_hashes)
 

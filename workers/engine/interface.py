@@ -11,7 +11,7 @@ those allow.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Protocol, Sequence as Seq
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence as Seq
 
 if TYPE_CHECKING:
     from workers.engine.config import EngineConfig
@@ -74,6 +74,8 @@ class WorkerEngine(Protocol):
     def stats(self) -> "EngineStats": ...
 
     def kv_load(self, max_hashes: int) -> "KVLoad": ...
+
+    def handover_layout(self) -> Any: ...  # KV a request moved by recompute may bring (vLLM's), or None
 
     def shutdown(self) -> None: ...
 

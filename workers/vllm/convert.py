@@ -49,4 +49,6 @@ def step_output(output: Any, start_index: int, num_prompt_tokens: int,
     return StepOutput(output.request_id, start_index, token_ids, logprobs, "",
                       finish_reason=completion.finish_reason if output.finished else None,
                       stop_reason=completion.stop_reason, num_prompt_tokens=num_prompt_tokens,
-                      num_cached_tokens=output.num_cached_tokens or 0)
+                      # A request handed over with its KV (kv_handover.py) counts its
+                      # output so far as cached too; usage reports the prompt's share.
+                      num_cached_tokens=min(output.num_cached_tokens or 0, num_prompt_tokens))

@@ -6,9 +6,10 @@ ours does (vLLM's tensor parallelism still starts its own rank processes). Each 
 outputs are deltas, turned into StepOutputs with absolute token indexes, so the
 worker streams the same typed events.
 
-What vLLM 0.32 does not let us do, the capabilities say: no KV migration or
-handoff (its KV cache is not reachable from outside; see docs/vllm-backend.md), so
-requests move by recompute; no prefix block hashes in yard's hashing. Resuming a request
+What vLLM 0.32 does not let us do, the capabilities say: no live KV migration or
+prefill/decode handoff (no pre-copy of a running request's blocks; see
+docs/vllm-backend.md), so requests move by handover: recomputed, or between two vLLM
+workers alike with their KV (kv_handover.py); no prefix block hashes in yard's hashing. Resuming a request
 (failover) resubmits prompt + the tokens already sent as vLLM's prompt: greedy
 output continues exactly; a seeded request restarts its random sequence, and
 presence/frequency penalties no longer count the resumed tokens. The text is yard's
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence as Seq
 
+from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
 from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
@@ -40,7 +42,9 @@ from workers.models.tokenizer import load_tokenizer
 from workers.models.tiny import resolve_model
 from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
+from workers.vllm import kv_handover
 from workers.vllm.convert import step_output, vllm_params
+from workers.vllm.kv_handover import KVLayout, KVPayload
 from workers.vllm.stats_tap import StatsTap
 
 VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, expert_placement=False)
@@ -59,6 +63,7 @@ class _Tracked:
     output_token_ids: list[int]  # all of them: resumed, then produced here
     recomputable: bool  # may move by recompute (workers/recompute_move.py)
     detokenizer: IncrementalDetokenizer  # yard's, stop strings included: see _with_text
+    vllm_id: str  # vLLM's id for it (the request id and a suffix of vLLM's)
 
     @property
     def produced(self) -> int:
@@ -130,7 +135,10 @@ class VLLMEngine:
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     priority: int = 0, arrival_time: Optional[float] = None,
-                    output_token_ids: Seq[int] = ()) -> None:
+                    output_token_ids: Seq[int] = (), kv: Optional[KVPayload] = None) -> None:
+        """`kv`: the KV of a request handed over from another vLLM worker with this
+        one's layout (workers/vllm/kv_handover.py), so that only its last token is
+        computed here. Raises ValueError if its layout is not this engine's."""
         if not self._healthy:
             raise RuntimeError(f"engine is unhealthy: {self._health_error}")
         if not isinstance(params, SamplingParams):
@@ -146,13 +154,23 @@ class VLLMEngine:
         if len(output_token_ids) >= max_tokens:
             raise ValueError(f"output_token_ids already holds {len(output_token_ids)} of "
                              f"max_tokens={max_tokens} tokens")
-        self.engine.add_request(request_id, {"prompt_token_ids": tokens},
-                                vllm_params(params, max_tokens - len(output_token_ids)),
-                                arrival_time=arrival_time, priority=-priority)
+        sampling = vllm_params(params, max_tokens - len(output_token_ids))
+        if kv is not None:
+            if self.handover_layout() is None:
+                raise ValueError(f"worker engine cannot take a request's KV ({self.config.tensor_parallel_size} "
+                                 f"tensor-parallel ranks)")
+            kv_handover.stage(request_id, kv)
+            sampling.extra_args = kv_handover.handover_params(request_id)
+        try:
+            vllm_id = self.engine.add_request(request_id, {"prompt_token_ids": tokens}, sampling,
+                                              arrival_time=arrival_time, priority=-priority)
+        except BaseException:
+            kv_handover.unstage(request_id)
+            raise
         self._requests[request_id] = _Tracked(len(prompt_token_ids), len(output_token_ids), params.logprobs,
                                               self.clock() if arrival_time is None else arrival_time, priority,
                                               list(output_token_ids), recompute_refusal(params) is None,
-                                              detokenizer)
+                                              detokenizer, vllm_id)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its end (finish_reason "abort") comes out of the next step."""
@@ -160,18 +178,35 @@ class VLLMEngine:
         if tracked is None:
             return False
         self.engine.abort_request([request_id])
+        kv_handover.unstage(request_id)
         self._pending.append(StepOutput(request_id, tracked.next_index, (), None, "", finish_reason="abort",
                                         num_prompt_tokens=tracked.num_prompt_tokens))
         return True
 
-    def take_for_recompute(self, request_id: str) -> tuple[int, ...]:
+    def take_for_recompute(self, request_id: str, with_kv: bool = False) -> tuple[tuple[int, ...], Optional[KVPayload]]:
         """Remove a request without ending it (it moves, to be computed again
-        elsewhere); its output tokens so far, which its events have all carried."""
+        elsewhere): its output tokens so far, which its events have all carried, and
+        with_kv, a copy of its KV so far (None where this engine cannot export it)."""
         tracked = self._requests.pop(request_id, None)
         if tracked is None:
             raise ValueError(f"request {request_id!r} is not in this engine")
+        kv = self._export_kv(tracked) if with_kv and self.handover_layout() is not None else None
         self.engine.abort_request([request_id])
-        return tuple(tracked.output_token_ids)
+        kv_handover.unstage(request_id)
+        return tuple(tracked.output_token_ids), kv
+
+    def _export_kv(self, tracked: _Tracked) -> Optional[KVPayload]:
+        scheduler = self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
+        request = scheduler.requests.get(tracked.vllm_id)
+        if request is None or request.num_computed_tokens == 0:
+            return None
+        (block_ids, *_) = scheduler.kv_cache_manager.get_block_ids(tracked.vllm_id)
+        return kv_handover.export_kv(list(block_ids), request.num_computed_tokens)
+
+    def handover_layout(self) -> Optional[KVLayout]:
+        """The KV layout a handed-over request's KV must have here; None where this
+        engine takes none (its KV lives in vLLM's tensor-parallel rank processes)."""
+        return kv_handover.layout() if self.config.tensor_parallel_size == 1 else None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -208,6 +243,7 @@ class VLLMEngine:
             tracked.output_token_ids.extend(out.new_token_ids)
             if out.finished:
                 del self._requests[output.request_id]
+                kv_handover.unstage(output.request_id)  # never scheduled with it: a stop at once
                 if not output.finished:  # a stop string, matched here: vLLM would go on
                     self.engine.abort_request([output.request_id])
             steps.append(out)
@@ -294,7 +330,16 @@ def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
         # yard runs higher priorities first, then earlier arrivals; vLLM's priority
         # policy runs lower values first: priorities go over negated.
         scheduling_policy="priority",
-        enforce_eager=config.device == "cpu")  # vLLM's CPU build compiles nothing useful here
+        enforce_eager=config.device == "cpu",  # vLLM's CPU build compiles nothing useful here
+        kv_transfer_config=_handover_config(config))
+
+
+def _handover_config(config: EngineConfig) -> Optional[KVTransferConfig]:
+    """Our KV connector, where the KV caches are in the worker's process (one rank)."""
+    if config.tensor_parallel_size != 1:
+        return None
+    return KVTransferConfig(kv_connector=kv_handover.CONNECTOR_NAME, kv_role="kv_both",
+                            kv_connector_module_path=kv_handover.__name__)
 
 
 def _block_size(config: EngineConfig) -> Optional[int]:

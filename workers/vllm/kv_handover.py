@@ -1,0 +1,222 @@
+"""A running request's KV cache, out of one vLLM engine and into another: what lets a
+request move between two vLLM workers without computing its prompt again.
+
+vLLM 0.32 keeps its KV cache to itself; its one door is the KV connector interface,
+loaded by module path (`kv_transfer_config.kv_connector_module_path`).
+`HandoverConnector` is ours. Both of its halves live in the worker's process,
+because the engine core and its model runner run in-process there
+(workers/vllm/engine.py), so the connector and the engine meet in this module:
+
+- source: `export_kv` copies a request's blocks out of the KV tensors the
+  connector was handed (`register_kv_caches`), between two steps, before the request
+  is taken out of the engine;
+- destination: `stage` holds a payload for a request about to be added; the
+  scheduler asks the connector how many of its tokens are available outside
+  (`get_num_new_matched_tokens`), allocates blocks for them
+  (`update_state_after_alloc`), and before the next forward the worker half writes
+  the payload into those blocks (`start_load_kv`). vLLM then computes only what is
+  left: the last token, whose output is the next one.
+
+Stop and copy: the request is out of both engines while its blocks are copied. vLLM
+offers no hook to pre-copy a running request's blocks while it keeps decoding
+without running the connector's save path on every layer of every step.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+CONNECTOR_NAME = "HandoverConnector"
+
+
+@dataclass(frozen=True, slots=True)
+class KVLayout:
+    """What two engines must share for one's blocks to be valid in the other's."""
+
+    block_size: int
+    layers: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, per-block shape, dtype)
+
+
+@dataclass(frozen=True)
+class KVPayload:
+    """The first `num_tokens` tokens' KV of one request: for each layer, its blocks."""
+
+    layout: KVLayout
+    num_tokens: int
+    blocks: dict[str, torch.Tensor]  # layer name → [num_blocks, *per-block shape]
+
+    @property
+    def num_blocks(self) -> int:
+        return next(iter(self.blocks.values())).shape[0] if self.blocks else 0
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.blocks.values())
+
+
+@dataclass
+class _Load:
+    key: str
+    payload: KVPayload
+    first_token: int  # tokens before this were found in the local prefix cache
+    block_ids: list[int] = field(default_factory=list)  # all of the request's, once allocated
+
+
+@dataclass
+class _HandoverMeta(KVConnectorMetadata):
+    loads: list[_Load]
+
+
+class _Shared:
+    """The process's two connector halves and its engine meet here (one engine per
+    worker process)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.block_size = 0
+        self.kv_caches: dict[str, torch.Tensor] = {}  # layer name → this process's KV tensor
+        self.block_dim: dict[str, int] = {}
+        self.staged: dict[str, KVPayload] = {}  # handover key → payload, until scheduled
+
+
+_SHARED = _Shared()
+_PARAM = "yard_handover"  # the request's kv_transfer_params key that names its payload
+
+
+def layout() -> Optional[KVLayout]:
+    """This process's engine's KV layout; None where its KV caches live in other
+    processes (vLLM's tensor-parallel ranks), which a handover cannot reach."""
+    if not _SHARED.kv_caches:
+        return None
+    return KVLayout(_SHARED.block_size, tuple((name, _per_block_shape(name), str(t.dtype))
+                                              for name, t in sorted(_SHARED.kv_caches.items())))
+
+
+def _per_block_shape(name: str) -> tuple[int, ...]:
+    t, dim = _SHARED.kv_caches[name], _SHARED.block_dim[name]
+    return tuple(s for i, s in enumerate(t.shape) if i != dim)
+
+
+def handover_params(key: str) -> dict[str, Any]:
+    """SamplingParams.extra_args that point the connector at a staged payload."""
+    return {"kv_transfer_params": {_PARAM: key}}
+
+
+def export_kv(block_ids: list[int], num_tokens: int) -> KVPayload:
+    """Copies of the blocks holding a request's first num_tokens tokens. Called
+    between two steps, on the thread that steps the engine."""
+    own = layout()
+    if own is None:
+        raise RuntimeError("the KV connector has no KV caches registered")
+    needed = block_ids[: -(-num_tokens // own.block_size)]
+    index = torch.tensor(needed, dtype=torch.long)
+    blocks = {name: t.index_select(_SHARED.block_dim[name], index).movedim(_SHARED.block_dim[name], 0).contiguous()
+              for name, t in _SHARED.kv_caches.items()}
+    return KVPayload(own, num_tokens, blocks)
+
+
+def stage(key: str, payload: KVPayload) -> None:
+    """Hold `payload` for the request about to be added with handover_params(key)."""
+    if payload.layout != layout():
+        raise ValueError("the KV payload's layout is not this engine's")
+    with _SHARED.lock:
+        _SHARED.staged[key] = payload
+
+
+def unstage(key: str) -> None:
+    with _SHARED.lock:
+        _SHARED.staged.pop(key, None)
+
+
+def _key(request: Any) -> Optional[str]:
+    return (request.kv_transfer_params or {}).get(_PARAM)
+
+
+class HandoverConnector(KVConnectorBase_V1):
+    """Loads staged payloads into the blocks the scheduler allocates for them; saves
+    nothing (export_kv reads the caches directly)."""
+
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        self._block_size = vllm_config.cache_config.block_size
+        _SHARED.block_size = self._block_size
+        self._loads: dict[str, _Load] = {}  # scheduler side, by vLLM's request id: loads to make
+
+    # -- scheduler side ----------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        key = _key(request)
+        with _SHARED.lock:
+            payload = _SHARED.staged.get(key) if key is not None else None
+        if payload is None:
+            return 0, False
+        # At least the last token is computed here: its output is the next token.
+        available = min(payload.num_tokens, request.num_tokens - 1)
+        if available <= num_computed_tokens:
+            return 0, False
+        self._loads[request.request_id] = _Load(key, payload, num_computed_tokens)
+        return available - num_computed_tokens, False
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        load = self._loads.get(request.request_id)
+        if load is None:
+            return
+        if num_external_tokens == 0:
+            del self._loads[request.request_id]
+            return
+        load.block_ids = list(blocks.get_block_ids()[0])
+
+    def build_connector_meta(self, scheduler_output: Any) -> KVConnectorMetadata:
+        ready = [self._loads.pop(rid) for rid, load in list(self._loads.items()) if load.block_ids]
+        for load in ready:
+            unstage(load.key)  # loaded once; preempted later, the request computes its KV again
+        return _HandoverMeta(ready)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
+        self._loads.pop(request.request_id, None)
+        return False, None
+
+    # -- worker side -----------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
+        for name, tensor in kv_caches.items():
+            _SHARED.kv_caches[name] = tensor
+            _SHARED.block_dim[name] = _block_dim(tensor, num_blocks)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        if not isinstance(meta, _HandoverMeta):
+            return
+        for load in meta.loads:
+            first_block = load.first_token // self._block_size
+            n = min(load.payload.num_blocks, len(load.block_ids)) - first_block
+            target = torch.tensor(load.block_ids[first_block: first_block + n], dtype=torch.long)
+            for name, tensor in _SHARED.kv_caches.items():
+                dim = _SHARED.block_dim[name]
+                tensor.index_copy_(dim, target, load.payload.blocks[name][first_block: first_block + n].movedim(0, dim))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        return
+
+
+def _block_dim(tensor: torch.Tensor, num_blocks: Optional[int]) -> int:
+    """Which dimension of a layer's KV tensor counts blocks."""
+    if num_blocks is not None:
+        matches = [i for i, s in enumerate(tensor.shape) if s == num_blocks]
+        if matches:
+            return matches[0]
+    raise ValueError(f"cannot tell the block dimension of a KV cache of shape {tuple(tensor.shape)}")
