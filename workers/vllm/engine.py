@@ -156,10 +156,11 @@ class VLLMEngine:
                              f"max_tokens={max_tokens} tokens")
         sampling = vllm_params(params, max_tokens - len(output_token_ids))
         if kv is not None:
-            if self.handover_layout() is None:
-                raise ValueError(f"worker engine cannot take a request's KV ({self.config.tensor_parallel_size} "
+            own = self.handover_layout()
+            if own is None:
+                raise ValueError(f"this engine cannot take a request's KV ({self.config.tensor_parallel_size} "
                                  f"tensor-parallel ranks)")
-            kv_handover.stage(request_id, kv)
+            kv_handover.stage(request_id, kv, own)
             sampling.extra_args = kv_handover.handover_params(request_id)
         try:
             vllm_id = self.engine.add_request(request_id, {"prompt_token_ids": tokens}, sampling,
@@ -190,23 +191,24 @@ class VLLMEngine:
         tracked = self._requests.pop(request_id, None)
         if tracked is None:
             raise ValueError(f"request {request_id!r} is not in this engine")
-        kv = self._export_kv(tracked) if with_kv and self.handover_layout() is not None else None
+        own = self.handover_layout() if with_kv else None
+        kv = self._export_kv(tracked, own) if own is not None else None
         self.engine.abort_request([request_id])
         kv_handover.unstage(request_id)
         return tuple(tracked.output_token_ids), kv
 
-    def _export_kv(self, tracked: _Tracked) -> Optional[KVPayload]:
+    def _export_kv(self, tracked: _Tracked, own: KVLayout) -> Optional[KVPayload]:
         scheduler = self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
         request = scheduler.requests.get(tracked.vllm_id)
         if request is None or request.num_computed_tokens == 0:
             return None
         (block_ids, *_) = scheduler.kv_cache_manager.get_block_ids(tracked.vllm_id)
-        return kv_handover.export_kv(list(block_ids), request.num_computed_tokens)
+        return kv_handover.export_kv(own, list(block_ids), request.num_computed_tokens)
 
     def handover_layout(self) -> Optional[KVLayout]:
         """The KV layout a handed-over request's KV must have here; None where this
         engine takes none (its KV lives in vLLM's tensor-parallel rank processes)."""
-        return kv_handover.layout() if self.config.tensor_parallel_size == 1 else None
+        return kv_handover.layout(self.config.model) if self.config.tensor_parallel_size == 1 else None
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)

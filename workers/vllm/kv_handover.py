@@ -24,6 +24,7 @@ without running the connector's save path on every layer of every step.
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -36,12 +37,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 CONNECTOR_NAME = "HandoverConnector"
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
 class KVLayout:
     """What two engines must share for one's blocks to be valid in the other's."""
 
+    model: str  # as the cluster config names it: the same weights on both sides
     block_size: int
     layers: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, per-block shape, dtype)
 
@@ -92,13 +95,13 @@ _SHARED = _Shared()
 _PARAM = "yard_handover"  # the request's kv_transfer_params key that names its payload
 
 
-def layout() -> Optional[KVLayout]:
-    """This process's engine's KV layout; None where its KV caches live in other
-    processes (vLLM's tensor-parallel ranks), which a handover cannot reach."""
+def layout(model: str) -> Optional[KVLayout]:
+    """This process's engine's KV layout, for `model`; None where its KV caches live
+    in other processes (vLLM's tensor-parallel ranks), which a handover cannot reach."""
     if not _SHARED.kv_caches:
         return None
-    return KVLayout(_SHARED.block_size, tuple((name, _per_block_shape(name), str(t.dtype))
-                                              for name, t in sorted(_SHARED.kv_caches.items())))
+    return KVLayout(model, _SHARED.block_size, tuple((name, _per_block_shape(name), str(t.dtype))
+                                                     for name, t in sorted(_SHARED.kv_caches.items())))
 
 
 def _per_block_shape(name: str) -> tuple[int, ...]:
@@ -111,23 +114,24 @@ def handover_params(key: str) -> dict[str, Any]:
     return {"kv_transfer_params": {_PARAM: key}}
 
 
-def export_kv(block_ids: list[int], num_tokens: int) -> KVPayload:
+def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int) -> KVPayload:
     """Copies of the blocks holding a request's first num_tokens tokens. Called
     between two steps, on the thread that steps the engine."""
-    own = layout()
-    if own is None:
-        raise RuntimeError("the KV connector has no KV caches registered")
     needed = block_ids[: -(-num_tokens // own.block_size)]
-    index = torch.tensor(needed, dtype=torch.long)
-    blocks = {name: t.index_select(_SHARED.block_dim[name], index).movedim(_SHARED.block_dim[name], 0).contiguous()
-              for name, t in _SHARED.kv_caches.items()}
+    blocks = {}
+    for name, t in _SHARED.kv_caches.items():
+        dim = _SHARED.block_dim[name]
+        index = torch.tensor(needed, dtype=torch.long, device=t.device)
+        # Host memory, so that the payload travels between workers as any object does.
+        blocks[name] = t.index_select(dim, index).movedim(dim, 0).contiguous().cpu()
     return KVPayload(own, num_tokens, blocks)
 
 
-def stage(key: str, payload: KVPayload) -> None:
+def stage(key: str, payload: KVPayload, own: KVLayout) -> None:
     """Hold `payload` for the request about to be added with handover_params(key)."""
-    if payload.layout != layout():
-        raise ValueError("the KV payload's layout is not this engine's")
+    if payload.layout != own:
+        raise ValueError(f"the KV handed over is laid out for {payload.layout.model!r} with blocks of "
+                         f"{payload.layout.block_size}, not as this engine's ({own.model!r}, {own.block_size})")
     with _SHARED.lock:
         _SHARED.staged[key] = payload
 
@@ -187,9 +191,14 @@ class HandoverConnector(KVConnectorBase_V1):
     # -- worker side -----------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         num_blocks = self._kv_cache_config.num_blocks if self._kv_cache_config is not None else None
-        for name, tensor in kv_caches.items():
-            _SHARED.kv_caches[name] = tensor
-            _SHARED.block_dim[name] = _block_dim(tensor, num_blocks)
+        dims = {name: _block_dim(tensor, num_blocks) for name, tensor in kv_caches.items()}
+        if None in dims.values():
+            # A layout this module cannot read: no handover, requests move by recompute.
+            logger.warning("KV handover off: cannot tell the block dimension of KV caches shaped %s",
+                           sorted({tuple(t.shape) for t in kv_caches.values()}))
+            return
+        _SHARED.kv_caches.update(kv_caches)
+        _SHARED.block_dim.update(dims)
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -201,7 +210,8 @@ class HandoverConnector(KVConnectorBase_V1):
             target = torch.tensor(load.block_ids[first_block: first_block + n], dtype=torch.long)
             for name, tensor in _SHARED.kv_caches.items():
                 dim = _SHARED.block_dim[name]
-                tensor.index_copy_(dim, target, load.payload.blocks[name][first_block: first_block + n].movedim(0, dim))
+                blocks = load.payload.blocks[name][first_block: first_block + n].movedim(0, dim)
+                tensor.index_copy_(dim, target.to(tensor.device), blocks.to(tensor.device))
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -213,10 +223,8 @@ class HandoverConnector(KVConnectorBase_V1):
         return
 
 
-def _block_dim(tensor: torch.Tensor, num_blocks: Optional[int]) -> int:
-    """Which dimension of a layer's KV tensor counts blocks."""
-    if num_blocks is not None:
-        matches = [i for i, s in enumerate(tensor.shape) if s == num_blocks]
-        if matches:
-            return matches[0]
-    raise ValueError(f"cannot tell the block dimension of a KV cache of shape {tuple(tensor.shape)}")
+def _block_dim(tensor: torch.Tensor, num_blocks: Optional[int]) -> Optional[int]:
+    """Which dimension of a layer's KV tensor counts blocks: the one sized num_blocks,
+    if exactly one is."""
+    matches = [i for i, s in enumerate(tensor.shape) if s == num_blocks]
+    return matches[0] if num_blocks is not None and len(matches) == 1 else None
