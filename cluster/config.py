@@ -118,6 +118,10 @@ class ClusterConfig:
             if name not in SPLIT_ROLES and pool.scaling != PoolScaling():
                 raise ValueError(f"pools.{name}: only the prefill and decode pools scale; a mixed pool "
                                  f"keeps num_workers and has no scaling settings")
+            try:
+                self.engine_for(name)
+            except ValueError as e:
+                raise ValueError(f"pools.{name}.engine: {e}") from None
         split = sorted(set(self.pools) & set(SPLIT_ROLES))
         if split and len(split) != len(SPLIT_ROLES):
             raise ValueError(f"pools: prefill and decode come together (a prefill worker hands its requests "

@@ -37,7 +37,7 @@ from workers.load_report import LoadReport, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
                                kv_layout)
-from workers.recompute_move import move_by_recompute
+from workers.recompute_move import HandoverSettings, move_by_recompute
 from workers.worker_commands import (AbortRequest, AddRequest, CancelMigration, Call, Command, CommitMigration,
                                      EngineCall, GrowReservation, ReplaceExperts, ReserveMigration)
 from workers.worker_config import WorkerConfig
@@ -106,6 +106,9 @@ class Worker:
         self._moved_to: collections.OrderedDict[str, Any] = collections.OrderedDict()  # request id → handle
         # Moves by recompute abandoned before their adopt call ran here (see abandon).
         self._abandoned: collections.OrderedDict[str, bool] = collections.OrderedDict()
+        # Moves with KV handover: parts of the KV copied ahead, by migration id, with
+        # the time after which they are dropped if no adopt comes.
+        self._prestaged: dict[str, tuple[float, list[Any]]] = {}
         # Prefill/decode: handoffs run from admission; the first token's time (engine
         # clock, set on the stepping thread) starts the transfer phase.
         self._handing_off: set[str] = set()
@@ -327,9 +330,12 @@ class Worker:
                                    f" (or is already moving)")
         self._outgoing[order.request_id] += 1
         try:
-            result = await move_by_recompute(order, self.config.worker_id, request, self._call,
+            c = self.config
+            handover = HandoverSettings(self.engine.handover_layout(), c.migration_pause_blocks,
+                                        c.migration_max_stages)
+            result = await move_by_recompute(order, c.worker_id, request, self._call,
                                              lambda r, kv: self._send(AddRequest(r, kv)), self._moved,
-                                             self.config.migration_call_timeout_s, self.engine.handover_layout())
+                                             c.migration_call_timeout_s, handover)
         finally:
             del self._outgoing[order.request_id]
         self._metrics.observe_transfer(result)
@@ -340,12 +346,33 @@ class Worker:
         workers alike), or None: it is computed here from its tokens."""
         return self.engine.handover_layout()
 
+    async def prestage_kv(self, migration_id: str, part: Any) -> None:
+        """Destination of a move with KV handover: a part of the request's KV, copied
+        while it still decodes at the source; kept for its adopt call."""
+        self._reap_prestaged()
+        if self._abandoned.get(migration_id):
+            raise ValueError(f"move {migration_id!r} was abandoned")
+        _, parts = self._prestaged.setdefault(
+            migration_id, (time.monotonic() + self.config.migration_attach_timeout_s, []))
+        parts.append(part)
+
+    def _reap_prestaged(self) -> None:
+        now = time.monotonic()
+        for mid in [m for m, (deadline, _) in self._prestaged.items() if deadline <= now]:
+            del self._prestaged[mid]
+
     async def adopt(self, request: WorkerRequest, source_id: str, migration_id: str, kv: Any = None) -> None:
         """Destination of a move by recompute: compute `request` (prompt + the tokens
-        already sent) here, or with `kv` only its last token; its events wait for its
-        router to attach, as after a live migration. Raises ValueError if this
-        worker cannot take it."""
+        already sent) here, or with its KV (`kv`, after any parts pre-copied here)
+        only its last token; its events wait for its router to attach, as after a
+        live migration. Raises ValueError if this worker cannot take it."""
         rid = request.request_id
+        _, parts = self._prestaged.pop(migration_id, (None, []))
+        if parts:
+            from workers.vllm.kv_handover import merge  # parts come only between vLLM workers
+
+            kv = await asyncio.to_thread(merge, parts + ([kv] if kv is not None else []))
+        # From here on nothing awaits: an abandon call runs before this or after it.
         if self._abandoned.pop(migration_id, False):
             raise ValueError(f"move {migration_id!r} of request {rid!r} was abandoned by {source_id}")
         if self._draining or not self.health()[0]:
@@ -364,6 +391,7 @@ class Worker:
         """The source of a move by recompute gave up waiting for adopt and took the
         request back: drop it here if that adopt landed, or refuse it if it has not
         yet (Ray does not promise to run an async actor's calls in order)."""
+        self._prestaged.pop(migration_id, None)
         parked = self._parked.get(request_id)
         if parked is not None and parked.move_id == migration_id:
             self._drop_parked(request_id)

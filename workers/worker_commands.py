@@ -127,15 +127,28 @@ class CancelMigration:
 
 
 @dataclass(frozen=True, slots=True)
+class CopyFullBlocks:
+    """Source of a move with KV handover, while the request still runs: copies of its
+    full blocks from first_block on (or None)."""
+
+    request_id: str
+    first_block: int
+
+    def apply(self, engine: Any) -> Any:
+        return engine.copy_full_blocks(self.request_id, self.first_block)
+
+
+@dataclass(frozen=True, slots=True)
 class TakeForRecompute:
     """Source of a move by recompute: the request leaves the engine, unended; answers
-    its output tokens so far, and with_kv, a copy of its KV (or None)."""
+    its output tokens so far, and with_kv, a copy of its KV from first_block on (or None)."""
 
     request_id: str
     with_kv: bool = False
+    first_block: int = 0
 
     def apply(self, engine: Any) -> tuple[tuple[int, ...], Any]:
-        return engine.take_for_recompute(self.request_id, self.with_kv)
+        return engine.take_for_recompute(self.request_id, self.with_kv, self.first_block)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +162,8 @@ class ReplaceExperts:
 
 
 EngineCall = Union[StartMigration, AdvanceMigration, StreamMigration, ResumeMigration, CompleteMigration,
-                   ReserveMigration, GrowReservation, CommitMigration, CancelMigration, ReplaceExperts, TakeForRecompute]
+                   ReserveMigration, GrowReservation, CommitMigration, CancelMigration, ReplaceExperts, TakeForRecompute,
+                   CopyFullBlocks]
 
 
 @dataclass(frozen=True, slots=True)

@@ -184,26 +184,34 @@ DESTINATIONS = {"yard": {}, "vllm": {"backend": "vllm"}, "vllm-blocks-64": {"bac
 def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
     """A vLLM worker cannot live-migrate: a running request moves by recompute instead,
     to either engine; its router follows the Moved event, and nothing is lost or
-    repeated. To a vLLM worker with the same KV layout its KV goes along, and the
-    destination computes none of its prompt (its usage counts the whole prompt as
-    cached); to one with another block size it is computed again."""
+    repeated. To a vLLM worker with the same KV layout its KV goes along (its full
+    blocks pre-copied while it decodes, the rest in the pause), and the destination
+    computes none of its prompt (its usage counts the whole prompt as cached), also
+    where the prompt's first blocks are in its prefix cache already; to one with
+    another block size it is computed again."""
     source_id, destination_id = "rc-src-" + destination, "rc-dst-" + destination
     handles = {source_id: start(ray_local, source_id, model_dir, backend="vllm"),
                destination_id: start(ray_local, destination_id, model_dir, **DESTINATIONS[destination])}
-    p, params = prompt(10, 25), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
-    order = MigrationOrder("rc-1", "moves", destination_id, handles[destination_id], "manual")
+    # 300 prompt tokens: two full blocks of vLLM's 128 on CPU, then a partial one.
+    p, params = prompt(10, 300), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    want = undisturbed(model_dir, p, params)
     try:
-        events, results = run(Follower(handles, first=source_id).run(
-            WorkerRequest("moves", p, params), 10, [order], source_id))
-        assert results[0].outcome == "committed", results[0]
-        assert 10 <= results[0].next_index < 120
-        assert tokens(events) == undisturbed(model_dir, p, params)
-        assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 120
-        carried = results[0].blocks > 0
-        assert carried == (destination == "vllm"), results[0]
-        # The destination is fresh and the prompt shorter than a block: a cached
-        # prompt token here can only have come with the KV.
-        assert events[-1].usage.cached_tokens == (len(p) if carried else 0)
+        for rid in ("moves", "moves-again") if destination == "vllm" else ("moves",):
+            order = MigrationOrder(f"rc-{rid}", rid, destination_id, handles[destination_id], "manual")
+            events, results = run(Follower(handles, first=source_id).run(
+                WorkerRequest(rid, p, params), 10, [order], source_id))
+            assert results[0].outcome == "committed", results[0]
+            assert 10 <= results[0].next_index < 120
+            assert tokens(events) == want
+            assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 120
+            carried = results[0].blocks > 0
+            assert carried == (destination == "vllm"), results[0]
+            if carried:  # two full blocks ahead, the partial third in the pause
+                assert (results[0].stages, results[0].blocks) == (2, 3), results[0]
+            # The first move finds a fresh destination: a cached prompt token there can
+            # only have come with the KV. The second finds the first two blocks cached
+            # there, and loads the rest.
+            assert events[-1].usage.cached_tokens == (len(p) if carried else 0)
         wait_until(lambda: (r := ray_local.get(handles[source_id].load.remote())).requests == ()
                    and r.num_running == 0 and r.free_blocks == r.total_blocks, 10,
                    "the source to report the moved request gone and its blocks free")

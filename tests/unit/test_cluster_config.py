@@ -28,6 +28,8 @@ def test_pools_take_the_cluster_settings_and_their_own():
     ({"pools": {"mixed": {}}}, r"'mixed' is the pool of num_workers"),
     ({"pools": {"vLLM": {}}}, r"pools: name 'vLLM' must be lowercase letters, digits and '-'"),
     ({"pools": {"vllm": {"scaling": {"max_workers": 3}}}}, r"pools.vllm: only the prefill and decode pools scale"),
+    ({"pools": {"v": {"engine": {"backend": "vllm", "num_kv_blocks": 8}}}},
+     r"pools.v.engine: num_kv_blocks is not supported with backend 'vllm'"),
     (pd(decode={"engine": {"block_size": 16}}), r"lay out KV alike; block_size: prefill 8, decode 16"),
     (pd(decode={"engine": {"tensor_parallel_size": 2}}), r"tensor_parallel_size: prefill 1, decode 2"),
     (pd(decode={"num_workers": 0}), r"num_workers must be an integer >= 1, got 0"),

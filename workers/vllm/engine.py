@@ -184,26 +184,43 @@ class VLLMEngine:
                                         num_prompt_tokens=tracked.num_prompt_tokens))
         return True
 
-    def take_for_recompute(self, request_id: str, with_kv: bool = False) -> tuple[tuple[int, ...], Optional[KVPayload]]:
+    def take_for_recompute(self, request_id: str, with_kv: bool = False,
+                           first_block: int = 0) -> tuple[tuple[int, ...], Optional[KVPayload]]:
         """Remove a request without ending it (it moves, to be computed again
         elsewhere): its output tokens so far, which its events have all carried, and
-        with_kv, a copy of its KV so far (None where this engine cannot export it)."""
+        with_kv, a copy of its KV so far from first_block on (the blocks before were
+        pre-copied: copy_full_blocks); None where this engine cannot export it."""
         tracked = self._requests.pop(request_id, None)
         if tracked is None:
             raise ValueError(f"request {request_id!r} is not in this engine")
         own = self.handover_layout() if with_kv else None
-        kv = self._export_kv(tracked, own) if own is not None else None
+        kv = self._export_kv(tracked, own, first_block, whole=True) if own is not None else None
         self.engine.abort_request([request_id])
         kv_handover.unstage(request_id)
         return tuple(tracked.output_token_ids), kv
 
-    def _export_kv(self, tracked: _Tracked, own: KVLayout) -> Optional[KVPayload]:
+    def copy_full_blocks(self, request_id: str, first_block: int) -> Optional[KVPayload]:
+        """A pre-copy stage: copies of a running request's blocks from first_block on
+        that its computed tokens fill. A full block no longer changes, so it can go
+        ahead while the request decodes. None if no such block is new."""
+        tracked = self._requests.get(request_id)
+        own = self.handover_layout()
+        if tracked is None or own is None:
+            return None
+        return self._export_kv(tracked, own, first_block, whole=False)
+
+    def _export_kv(self, tracked: _Tracked, own: KVLayout, first_block: int, whole: bool) -> Optional[KVPayload]:
         scheduler = self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
         request = scheduler.requests.get(tracked.vllm_id)
         if request is None or request.num_computed_tokens == 0:
             return None
+        num_tokens = request.num_computed_tokens
+        if not whole:
+            num_tokens -= num_tokens % own.block_size  # full blocks only
+        if -(-num_tokens // own.block_size) <= first_block:
+            return None
         (block_ids, *_) = scheduler.kv_cache_manager.get_block_ids(tracked.vllm_id)
-        return kv_handover.export_kv(own, list(block_ids), request.num_computed_tokens)
+        return kv_handover.export_kv(own, list(block_ids), num_tokens, first_block)
 
     def handover_layout(self) -> Optional[KVLayout]:
         """The KV layout a handed-over request's KV must have here; None where this

@@ -51,11 +51,13 @@ class KVLayout:
 
 @dataclass(frozen=True)
 class KVPayload:
-    """The first `num_tokens` tokens' KV of one request: for each layer, its blocks."""
+    """KV of one request's first `num_tokens` tokens: for each layer, its blocks from
+    `first_block` on (a pre-copied part starts at 0; the last part, after them)."""
 
     layout: KVLayout
     num_tokens: int
     blocks: dict[str, torch.Tensor]  # layer name → [num_blocks, *per-block shape]
+    first_block: int = 0
 
     @property
     def num_blocks(self) -> int:
@@ -114,21 +116,45 @@ def handover_params(key: str) -> dict[str, Any]:
     return {"kv_transfer_params": {_PARAM: key}}
 
 
-def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int) -> KVPayload:
-    """Copies of the blocks holding a request's first num_tokens tokens. Called
-    between two steps, on the thread that steps the engine."""
-    needed = block_ids[: -(-num_tokens // own.block_size)]
+def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int, first_block: int = 0) -> KVPayload:
+    """Copies of the blocks holding a request's first num_tokens tokens, from
+    first_block on. Called between two steps, on the thread that steps the engine."""
+    needed = block_ids[first_block: -(-num_tokens // own.block_size)]
     blocks = {}
     for name, t in _SHARED.kv_caches.items():
         dim = _SHARED.block_dim[name]
         index = torch.tensor(needed, dtype=torch.long, device=t.device)
         # Host memory, so that the payload travels between workers as any object does.
         blocks[name] = t.index_select(dim, index).movedim(dim, 0).contiguous().cpu()
-    return KVPayload(own, num_tokens, blocks)
+    return KVPayload(own, num_tokens, blocks, first_block)
+
+
+def merge(parts: list[KVPayload]) -> KVPayload:
+    """The pre-copied parts and the last one as one payload from block 0. A block
+    sent twice (the last part may start where pre-copy left off) keeps the later copy."""
+    parts = sorted(parts, key=lambda p: p.first_block)
+    if len(parts) == 1 and parts[0].first_block == 0:
+        return parts[0]
+    covered = 0
+    for part in parts:
+        if part.first_block > covered:
+            raise ValueError(f"KV parts leave blocks {covered}..{part.first_block - 1} out")
+        covered = max(covered, part.first_block + part.num_blocks)
+    final = max(parts, key=lambda p: p.num_tokens)
+    blocks = {}
+    for name in final.blocks:
+        rows = [None] * covered
+        for part in parts:
+            for i in range(part.num_blocks):
+                rows[part.first_block + i] = part.blocks[name][i]
+        blocks[name] = torch.stack(rows)
+    return KVPayload(final.layout, final.num_tokens, blocks)
 
 
 def stage(key: str, payload: KVPayload, own: KVLayout) -> None:
     """Hold `payload` for the request about to be added with handover_params(key)."""
+    if payload.first_block != 0:
+        raise ValueError(f"a staged KV payload starts at block 0, not {payload.first_block} (merge its parts)")
     if payload.layout != own:
         raise ValueError(f"the KV handed over is laid out for {payload.layout.model!r} with blocks of "
                          f"{payload.layout.block_size}, not as this engine's ({own.model!r}, {own.block_size})")
