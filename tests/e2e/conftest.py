@@ -82,10 +82,11 @@ def secure_app(ray_local, serve_app, tmp_path_factory):
     serve.delete("secure")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def vllm_app(ray_local, serve_app, tmp_path_factory):
     """A second application over a cluster of its own ("e2e-vllm"): two workers with
-    vLLM's engine inside, the same model and router settings as the e2e app."""
+    vLLM's engine inside, the same model and router settings as the e2e app. Module
+    scope: its workers would otherwise idle beside every later test."""
     from ray import serve
 
     from router.app import build_app

@@ -25,7 +25,7 @@ from workers.worker import Worker
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 PROMPTS = [prompt(seed, n) for seed, n in ((1, 7), (2, 30), (3, 65), (4, 140))]
-GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True, logprobs=2)
+GREEDY = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True, logprobs=2)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +53,14 @@ def stream(ray, worker, request: WorkerRequest) -> list:
     return [e for ref in worker.generate.remote(request) for e in ray.get(ref)]
 
 
-def test_events_match_vllm_offline(ray_local, vllm_worker, vllm_offline):
-    expected = vllm_offline(PROMPTS, GREEDY.max_tokens, GREEDY.logprobs)
+@pytest.fixture(scope="module")
+def greedy_offline(vllm_offline) -> list[dict]:
+    """vLLM's offline output for PROMPTS with GREEDY, computed once for the module."""
+    return vllm_offline(PROMPTS, GREEDY.max_tokens, GREEDY.logprobs)
+
+
+def test_events_match_vllm_offline(ray_local, vllm_worker, greedy_offline):
+    expected = greedy_offline
     refs = [vllm_worker.generate.remote(WorkerRequest(f"parity-{i}", p, GREEDY)) for i, p in enumerate(PROMPTS)]
     for i, (gen, want) in enumerate(zip(refs, expected)):
         events = [e for ref in gen for e in ray_local.get(ref)]
@@ -69,13 +75,12 @@ def test_events_match_vllm_offline(ray_local, vllm_worker, vllm_offline):
         assert (end.usage.prompt_tokens, end.usage.completion_tokens) == (len(PROMPTS[i]), GREEDY.max_tokens)
 
 
-def test_vllm_and_yard_agree_on_the_model(model_dir, vllm_offline):
+def test_vllm_and_yard_agree_on_the_model(model_dir, greedy_offline):
     """What failover between the two engines relies on: the same greedy tokens."""
     ours = LLM(model=model_dir, kv_cache_memory_gib=0.25).generate([list(p) for p in PROMPTS],
                                                                     SamplingParams(temperature=0, max_tokens=64,
                                                                                    ignore_eos=True))
-    theirs = vllm_offline(PROMPTS, 64)
-    assert [o.token_ids for o in ours] == [t["token_ids"] for t in theirs]
+    assert [o.token_ids for o in ours] == [t["token_ids"] for t in greedy_offline]
 
 
 def test_abort_and_bad_input_as_with_our_engine(ray_local, vllm_worker, model_dir):
@@ -181,7 +186,7 @@ DESTINATIONS = {"yard": {}, "vllm": {"backend": "vllm"}, "vllm-blocks-64": {"bac
 
 
 @pytest.mark.parametrize("destination", list(DESTINATIONS))
-def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
+def test_vllm_request_moves_by_recompute(ray_local, vllm_worker, model_dir, destination):
     """A vLLM worker cannot live-migrate: a running request moves by recompute instead,
     to either engine; its router follows the Moved event, and nothing is lost or
     repeated. To a vLLM worker with the same KV layout its KV goes along (its full
@@ -189,8 +194,8 @@ def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
     computes none of its prompt (its usage counts the whole prompt as cached), also
     where the prompt's first blocks are in its prefix cache already; to one with
     another block size it is computed again."""
-    source_id, destination_id = "rc-src-" + destination, "rc-dst-" + destination
-    handles = {source_id: start(ray_local, source_id, model_dir, backend="vllm"),
+    source_id, destination_id = "vllm-w0", "rc-dst-" + destination
+    handles = {source_id: vllm_worker,
                destination_id: start(ray_local, destination_id, model_dir, **DESTINATIONS[destination])}
     # 300 prompt tokens: two full blocks of vLLM's 128 on CPU, then a partial one.
     p, params = prompt(10, 300), SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
@@ -216,9 +221,8 @@ def test_vllm_request_moves_by_recompute(ray_local, model_dir, destination):
                    and r.num_running == 0 and r.free_blocks == r.total_blocks, 10,
                    "the source to report the moved request gone and its blocks free")
     finally:
-        for handle in handles.values():
-            ray_local.get(handle.shutdown.remote())
-            ray_local.kill(handle)
+        ray_local.get(handles[destination_id].shutdown.remote())
+        ray_local.kill(handles[destination_id])
 
 
 class SlowAdoptWorker(Worker):
