@@ -262,72 +262,63 @@ def disaggregated_load(serve_app: dict[str, Any], ray_local: Any, prometheus: "P
 
 
 @contextlib.contextmanager
+def worker_beside(ray_local: Any, config: WorkerConfig, requests: list[WorkerRequest]) -> Iterator[Any]:
+    """A worker actor beside the app, alive while the queries run, once `requests`
+    have gone through it."""
+    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name(config.worker_id),
+                                              namespace=ACTOR_NAMESPACE).remote(config)
+    try:
+        streams = [worker.generate.remote(request) for request in requests]
+        for stream in streams:
+            for ref in stream:
+                ray_local.get(ref)
+        yield worker
+    finally:
+        ray_local.get(worker.shutdown.remote())
+        ray_local.kill(worker)
+
+
+@contextlib.contextmanager
 def expert_parallel_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A MoE worker with expert parallelism beside the app (the e2e models are dense),
-    alive while the queries run: requests through it, then a live re-placement, so
-    the experts row has data."""
+    """A MoE worker with expert parallelism (the e2e models are dense): requests
+    through it, then a live re-placement, so the experts row has data."""
     config = WorkerConfig("w-experts", EngineConfig(
         model=str(make_model("tiny-moe-affinity")), kv_cache_memory_gib=0.25, tensor_parallel_size=2,
         expert_parallel_size=2, tp_cpus_per_rank=0.25))
-    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-experts"),
-                                              namespace=ACTOR_NAMESPACE).remote(config)
-    try:
-        for i in range(3):
-            request = WorkerRequest(f"moe-{i}", tuple(range(10 + i, 60 + i)), SamplingParams(max_tokens=8))
-            for ref in worker.generate.remote(request):
-                ray_local.get(ref)
+    requests = [WorkerRequest(f"moe-{i}", tuple(range(10 + i, 60 + i)), SamplingParams(max_tokens=8)) for i in range(3)]
+    with worker_beside(ray_local, config, requests) as worker:
         assert prometheus.wait_for("ray_yard_worker_expert_dispatched_tokens_total", 60)
         ray_local.get(worker.replace_experts.remote("balanced"))
         assert prometheus.wait_for('ray_yard_worker_expert_replacements_total{outcome="done"}', 60)
         yield
-    finally:
-        ray_local.get(worker.shutdown.remote())
-        ray_local.kill(worker)
 
 
 @contextlib.contextmanager
 def offloading_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A worker with two attention workers beside the app, decoding in two
-    micro-batches, alive while the queries run: the offloading row has data."""
+    """A worker with two attention workers, decoding in two micro-batches: the
+    offloading row has data."""
     config = WorkerConfig("w-offload", EngineConfig(
         model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
         attention_offload={"workers": 2, "micro_batches": 2, "cpus_per_worker": 0.25}))
-    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-offload"),
-                                              namespace=ACTOR_NAMESPACE).remote(config)
-    try:
-        requests = [worker.generate.remote(WorkerRequest(f"off-{i}", tuple(range(10 + i, 40 + i)),
-                                                         SamplingParams(max_tokens=16))) for i in range(4)]
-        for stream in requests:
-            for ref in stream:
-                ray_local.get(ref)
+    requests = [WorkerRequest(f"off-{i}", tuple(range(10 + i, 40 + i)), SamplingParams(max_tokens=16))
+                for i in range(4)]
+    with worker_beside(ray_local, config, requests):
         assert prometheus.wait_for('ray_yard_worker_offload_bytes_total{direction="in"}', 60)
         assert prometheus.wait_for("ray_yard_worker_offload_attention_seconds_total", 60)
         yield
-    finally:
-        ray_local.get(worker.shutdown.remote())
-        ray_local.kill(worker)
 
 
 @contextlib.contextmanager
 def vllm_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A worker with vLLM's engine beside the app, alive while the queries run:
-    requests through it, so the vLLM row (vLLM's own metrics) has data."""
+    """A worker with vLLM's engine inside: the vLLM row (vLLM's own metrics) has data."""
     config = WorkerConfig("w-vllm", EngineConfig(model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
                                                  backend="vllm"))
-    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name("w-vllm"),
-                                              namespace=ACTOR_NAMESPACE).remote(config)
-    try:
-        requests = [worker.generate.remote(WorkerRequest(f"vllm-{i}", tuple(range(10 + i, 40 + i)),
-                                                         SamplingParams(max_tokens=16))) for i in range(4)]
-        for stream in requests:
-            for ref in stream:
-                ray_local.get(ref)
+    requests = [WorkerRequest(f"vllm-{i}", tuple(range(10 + i, 40 + i)), SamplingParams(max_tokens=16))
+                for i in range(4)]
+    with worker_beside(ray_local, config, requests):
         assert prometheus.wait_for("ray_vllm_generation_tokens_total", 60)
         assert prometheus.wait_for("ray_vllm_inter_token_latency_seconds_count", 60)
         yield
-    finally:
-        ray_local.get(worker.shutdown.remote())
-        ray_local.kill(worker)
 
 
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus, make_model):
