@@ -235,30 +235,81 @@ def test_a_decode_worker_killed_after_the_transfer(ray_local, pd, model_dir):
     assert_all_free(ray_local, pd["p1"])
 
 
+class StepGate:
+    """Stands in for a worker's `_step`: the stepping thread waits here for a permit
+    before each engine step, so the test decides at which step a request arrives."""
+
+    def __init__(self, step: Any) -> None:
+        self.step, self.permits, self.open, self.waiting = step, threading.Semaphore(0), False, False
+
+    def __call__(self) -> Any:
+        if not self.open:
+            self.waiting = True
+            self.permits.acquire()
+            self.waiting = False
+        return self.step()
+
+
+def hold_steps(worker: Worker) -> None:
+    worker._step = StepGate(worker._step)
+
+
+def allow_steps(n: int) -> Any:
+    return lambda worker: worker._step.permits.release(n)
+
+
+def held_after(n: int) -> Any:
+    return lambda worker: worker._step.waiting and worker.engine.num_steps == n
+
+
+def queued(request_id: str) -> Any:
+    return lambda worker: request_id in worker._channel_of  # set as its AddRequest is queued
+
+
+def release_steps(worker: Worker) -> None:
+    worker._step.open = True
+    worker._step.permits.release()
+
+
 def test_a_prefill_preempted_mid_prompt_is_handed_off_once_recomputed(ray_local, pd, model_dir):
     """The prefill worker runs out of KV while the prompt computes: the request is
     preempted (its stream of KV to the decode worker ends there, and that reservation
-    goes), recomputed once room comes, and handed off then."""
+    goes), recomputed once room comes, and handed off then.
+
+    How often it is preempted depends on how far the occupant has decoded when the
+    prompt arrives, so the worker's steps are held until the prompt is queued: it
+    arrives at step 19 always, and is preempted twice before its prompt is done."""
     pid = "p-preempt"
     # 40 blocks: the occupant's 15 and then some, and the prompt's 25 do not fit together.
     prefill = start(ray_local, pid, model_dir, "prefill", max_num_batched_tokens=CHUNK, num_kv_blocks=40)
     decode = pd["d1"]
     try:
+        in_actor(ray_local, prefill, hold_steps)
         occupant_p, occupant_params = prompt(26, 15 * 16), SamplingParams(temperature=0, max_tokens=100,
                                                                           ignore_eos=True)
         occupant = prefill.generate.remote(WorkerRequest("occupant", occupant_p, occupant_params))
-        first = ray_local.get(next(occupant))  # it decodes (a block more every 16 tokens) from here
+        # Its prompt in 8 chunks, then 10 tokens: it decodes (a block more every 16 tokens) from here.
+        in_actor(ray_local, prefill, allow_steps(8 + 10))
+        wait_until(lambda: in_actor(ray_local, prefill, held_after(18)), 60, "the occupant's 18 steps")
         p = prompt(27, 25 * 16)
+
+        def release_once_queued() -> None:
+            wait_until(lambda: in_actor(ray_local, prefill, queued("preempted")), 60, "the prompt queued")
+            in_actor(ray_local, prefill, release_steps)
+
+        releaser = threading.Thread(target=release_once_queued, daemon=True)
+        releaser.start()
         before = in_actor(ray_local, decode, engine_stats)
         events, f = serve({pid: prefill, "d1": decode}, pid, WorkerRequest("preempted", p, GREEDY, handoff_to="d1"))
+        releaser.join()
         assert tokens(events) == undisturbed(model_dir, p, GREEDY)
         assert [a.worker_id for a in f.attempts] == [pid, "d1"]
-        assert in_actor(ray_local, prefill, engine_stats).num_preemptions == 1
+        assert in_actor(ray_local, prefill, engine_stats).num_preemptions == 2
         result = last_handoff(ray_local, prefill)
         assert result.committed and result.request_id == "preempted", result
         after = in_actor(ray_local, decode, engine_stats)
         assert after.computed_tokens - before.computed_tokens == GREEDY.max_tokens - result.next_index
-        occupant_events = first + [e for ref in occupant for e in ray_local.get(ref)]
+        occupant_events = [e for ref in occupant for e in ray_local.get(ref)]
         assert tokens(occupant_events) == undisturbed(model_dir, occupant_p, occupant_params)
         assert_all_free(ray_local, prefill, decode)
     finally:
