@@ -351,15 +351,26 @@ class ClusterManager:
         if not self._policy.has_work(any(e.draining or (e.load is not None and e.load.draining)
                                          for e in self.workers.values())):
             return []
-        # Prefill workers hand their requests to decode workers themselves, and an
-        # engine that cannot move KV (vLLM's) can neither give nor take a request: the
-        # policy neither moves their requests nor sends any there.
-        views = [self._view(e) for e in self.workers.values()
-                 if e.load is not None and e.booting is None and e.role != "prefill" and e.load.kv_migration]
-        orders = self._policy.plan(views) + self._recompute_drains()
+        orders = [order for views in self._kv_groups().values() for order in self._policy.plan(views)]
+        orders += self._recompute_drains()
         for order in orders:
             self._launch(order)
         return orders
+
+    def _kv_groups(self) -> dict[str, list[WorkerView]]:
+        """The policy pairs workers only within a KV group (LoadReport.kv_group): yard's
+        engines, or vLLM engines of one handover layout. Prefill workers hand their
+        requests to decode workers themselves, and a worker without a group moves its
+        requests by recompute: neither is in one. A draining vLLM worker is left to the
+        recompute drain, which sends its requests to any engine, with KV where it can."""
+        groups: dict[str, list[WorkerView]] = collections.defaultdict(list)
+        for e in self.workers.values():
+            if e.load is None or e.booting is not None or e.role == "prefill" or not e.load.kv_group:
+                continue
+            if not e.load.kv_migration and (e.draining or e.load.draining):
+                continue
+            groups[e.load.kv_group].append(self._view(e))
+        return groups
 
     def _recompute_drains(self) -> list[MigrationOrder]:
         """Draining workers that cannot move KV move their requests by recompute."""

@@ -80,11 +80,14 @@ def worker_view(load: "LoadReport", healthy: bool, draining: bool, moving: Abstr
                 migrations_in: int, migrations_out: int) -> WorkerView:
     """A worker's load report as the policy sees it. `moving`: requests with a
     migration in flight anywhere. A draining worker moves its waiting requests too
-    (without KV); elsewhere only running requests move, for the KV they hold."""
+    (without KV); elsewhere only running requests move, for the KV they hold. An
+    engine that moves requests by replaying their tokens (vLLM's handover) cannot move
+    those whose state is more than their tokens (structured output, n > 1): the
+    policy never sees them."""
     draining = draining or load.draining
     requests = tuple(RequestView(r.request_id, r.priority, r.num_blocks, r.arrival_time,
                                  r.migrating or r.request_id in moving)
-                     for r in load.requests if r.running or draining)
+                     for r in load.requests if (r.running or draining) and (load.kv_migration or r.recomputable))
     return WorkerView(load.worker_id, healthy, draining, load.free_blocks, load.total_blocks, requests,
                       load.head_of_line_blocks, load.head_of_line_priority, migrations_in, migrations_out)
 

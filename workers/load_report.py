@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional
@@ -57,6 +58,10 @@ class LoadReport:
     backend: str = "yard"  # the engine inside (workers/engine/interface.py)
     kv_migration: bool = True  # its requests can move with their KV, and others' can move here
     pool: str = ""  # the worker's pool (WorkerConfig.pool)
+    # Workers of one non-empty group move requests between them with their KV (yard's
+    # live migration, or vLLM's handover): what the load-driven migration rules pair.
+    # Empty: its requests move by recompute only, and only out of a drain.
+    kv_group: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,10 +114,12 @@ def block_manager_load(engine: "LLMEngine", max_hashes: int) -> KVLoad:
 
 def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: int, draining: bool = False,
                 migrating_out: frozenset[str] = frozenset(), migrations_in: int = 0, node_ip: str = "",
-                now: Optional[float] = None, hashes: Optional[frozenset[int]] = None, pool: str = "") -> LoadReport:
+                now: Optional[float] = None, hashes: Optional[frozenset[int]] = None, pool: str = "",
+                kv_group: Optional[str] = None) -> LoadReport:
     """Built by the thread that steps `engine`, between two steps. `now`: the report's
     time (default: the wall clock; the simulator passes its own). `hashes`: cached
-    block hashes taken earlier, to carry instead of collecting them again."""
+    block hashes taken earlier, to carry instead of collecting them again. `kv_group`:
+    see LoadReport (default: one group of every engine that migrates KV)."""
     stats = engine.stats()
     kv = engine.kv_load(0 if hashes is not None else max_hashes)
     requests = tuple(dataclasses.replace(r, migrating=True) if r.request_id in migrating_out else r
@@ -129,4 +136,13 @@ def load_report(engine: "WorkerEngine", worker_id: str, role: str, max_hashes: i
         num_preemptions=stats.num_preemptions, max_model_len=engine.max_model_len,
         queued_prefill_tokens=stats.queued_prefill_tokens, backend=engine.capabilities.backend,
         kv_migration=engine.capabilities.kv_migration, pool=pool or role,
+        kv_group=kv_group if kv_group is not None else ("yard" if engine.capabilities.kv_migration else ""),
     )
+
+
+def kv_group_of(backend: str, layout: object) -> str:
+    """The kv_group of an engine whose moved KV must have `layout` (a frozen dataclass
+    of plain values, so its repr is stable across processes); "" without one."""
+    if layout is None:
+        return ""
+    return f"{backend}:{hashlib.sha256(repr(layout).encode()).hexdigest()[:16]}"

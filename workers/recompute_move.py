@@ -73,9 +73,9 @@ async def move_by_recompute(order: MigrationOrder, source_id: str, request: Work
     paused = time.monotonic()
     try:
         tokens, kv = await call(TakeForRecompute(request.request_id, with_kv, copied.next_block))
-    except ValueError as e:
+    except ValueError as e:  # it ended (or left) meanwhile: nothing broke
         order.destination.abandon.remote(request.request_id, order.migration_id)
-        return result("failed", f"not_here: {e}")
+        return result("aborted", f"not_here: {e}")
     copied.add(kv)
     resumed = dataclasses.replace(request, resume_token_ids=tokens)
     try:

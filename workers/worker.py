@@ -33,7 +33,7 @@ from workers.events import (ACTOR_NAMESPACE, Event, Failed, Finished, Moved, Tok
 from workers.expert_stats import WINDOW_S, ExpertStatistics
 from workers.experts.policies import PlacementShape, place_experts
 from workers.kv_transport import KVPayload, ObjectStoreTransport
-from workers.load_report import LoadReport, load_report
+from workers.load_report import LoadReport, kv_group_of, load_report
 from workers.metrics import WorkerMetrics
 from workers.migration import (MigrationOffer, MigrationOrder, MigrationResult, SourceMigration, SourceSettings,
                                kv_layout)
@@ -99,6 +99,8 @@ class Worker:
         # Two worker actors are two processes, often on two nodes: the object store.
         self._transport = ObjectStoreTransport()
         self._layout = kv_layout(self.engine) if self.capabilities.kv_migration else None
+        self._kv_group = kv_group_of(self.capabilities.backend, self._layout if self.capabilities.kv_migration
+                                     else self.engine.handover_layout())
         self._outgoing: collections.Counter[str] = collections.Counter()  # request id → migrations out running
         self._incoming: dict[str, _Incoming] = {}  # migration id → before its commit
         self._parked: dict[str, _Parked] = {}  # request id → moved here, no router yet
@@ -323,9 +325,9 @@ class Worker:
         """An engine that cannot move KV moves a request by recompute
         (workers/recompute_move.py), if its kind allows."""
         request = self._admitted.get(order.request_id)
-        if request is None or order.request_id in self._outgoing:
+        if request is None or order.request_id in self._outgoing:  # it ended, or left: as yard's StartMigration
             return MigrationResult(order.migration_id, order.request_id, self.config.worker_id, order.destination_id,
-                                   order.reason, "failed",
+                                   order.reason, "aborted",
                                    f"not_here: request {order.request_id!r} is not running on {self.config.worker_id}"
                                    f" (or is already moving)")
         self._outgoing[order.request_id] += 1
@@ -634,7 +636,8 @@ class Worker:
         return load_report(self.engine, self.config.worker_id, self.config.role, self.config.max_cached_hashes,
                            draining=self._draining, migrating_out=frozenset(self._outgoing),
                            migrations_in=len(self._incoming), node_ip=self._node_ip,
-                           hashes=None if hashes else self._load.cached_block_hashes, pool=self.config.pool)
+                           hashes=None if hashes else self._load.cached_block_hashes, pool=self.config.pool,
+                           kv_group=self._kv_group)
 
     def _apply_commands(self) -> int:
         applied = 0

@@ -85,15 +85,20 @@ def secure_app(ray_local, serve_app, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_app(ray_local, serve_app, tmp_path_factory):
     """A second application over a cluster of its own ("e2e-vllm"): two workers with
-    vLLM's engine inside, the same model and router settings as the e2e app. Module
-    scope: its workers would otherwise idle beside every later test."""
+    vLLM's engine inside, the same model as the e2e app. Its router floods the first
+    worker and the balance rule moves streams to the other, as in test_migration's
+    app. Module scope: its workers would otherwise idle beside every later test."""
     from ray import serve
 
     from router.app import build_app
 
     values = test_values(serve_app["model_dir"])
-    values["cluster"].update(name="e2e-vllm", num_workers=2)
+    values["cluster"].update(name="e2e-vllm", num_workers=2, load_poll_interval_s=0.1,
+                             migration={"enabled": True, "interval_s": 0.1, "balance_threshold": 1.0,
+                                        "max_in_per_worker": 2, "max_out_per_worker": 2,
+                                        "request_cooldown_s": 600.0})
     values["cluster"]["engine"]["backend"] = "vllm"
+    values["router"].update(policy="flood", snapshot_interval_s=0.05)
     serve.run(build_app(values), name="vllm", route_prefix="/vllm")
     manager = ray_local.get_actor("yard-manager-e2e-vllm", namespace="yard")
     yield {"base_url": serve_app["base_url"] + "/vllm", "model_dir": serve_app["model_dir"], "manager": manager}

@@ -1,7 +1,7 @@
 """A cluster whose workers run vLLM's engine, through the router with the official
 `openai` client: vLLM's own greedy output, streamed and not; bad input answered
-exactly as by the cluster of yard's engine; a drain that moves streams by recompute
-and loses nothing."""
+exactly as by the cluster of yard's engine; the balance rule moving streams with
+their KV; a drain that moves streams and loses nothing."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "KV"]
 TOKENS = 40
 DRAINED = [f"Drained vLLM stream {i} says" for i in range(8)]
 DRAIN_TOKENS = 300
+BALANCED = [f"Balanced vLLM stream {i} tells of" for i in range(4)]
+BALANCE_TOKENS = 400
 
 
 @pytest.fixture(scope="module")
@@ -74,14 +76,31 @@ def test_bad_input_is_answered_as_by_yards_engine(serve_app, vllm_app):
         assert vllm_error == yard_error, body
 
 
+def stream_text(client, prompt: str, max_tokens: int) -> str:
+    chunks = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    return "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_balance_moves_vllm_streams_with_their_kv(ray_local, vllm_app, client, tmp_path_factory):
+    """The router sends every stream to the first worker; the balance rule moves some
+    to the second, each by vLLM's handover: its KV goes along (none is recomputed),
+    and every text equals vLLM's offline one."""
+    manager = vllm_app["manager"]
+    expected = offline(vllm_app, BALANCED, BALANCE_TOKENS, tmp_path_factory)
+    before = committed(ray_local, manager, "balance")
+    with ThreadPoolExecutor(len(BALANCED)) as pool:
+        texts = list(pool.map(lambda p: stream_text(client, p, BALANCE_TOKENS), BALANCED))
+    assert all(same_text(got, want["text"]) for got, want in zip(texts, expected, strict=True))
+    assert committed(ray_local, manager, "balance") > before
+    moves = [m for m in ray_local.get(manager.status.remote())["migrations"]["recent"] if m["reason"] == "balance"]
+    assert moves and all(m["from"] == "e2e-vllm-w0" and m["to"] == "e2e-vllm-w1" for m in moves), moves
+    assert all(m["stages"] >= 1 and m["blocks"] >= 1 for m in moves if m["outcome"] == "committed"), moves
+
+
 def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm_app, client, tmp_path_factory):
     manager = vllm_app["manager"]
     expected = offline(vllm_app, DRAINED, DRAIN_TOKENS, tmp_path_factory)
-
-    def stream(prompt: str) -> str:
-        chunks = client.completions.create(model="tiny-llama", prompt=prompt, max_tokens=DRAIN_TOKENS,
-                                           temperature=0, stream=True, extra_body={"ignore_eos": True})
-        return "".join(c.choices[0].text for c in chunks if c.choices)
 
     def busiest() -> str:
         loads = [s.load for s in ray_local.get(manager.snapshot.remote()) if s.load is not None]
@@ -89,7 +108,7 @@ def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm
         return top.num_running >= 2 and top.worker_id
 
     with ThreadPoolExecutor(len(DRAINED)) as pool:
-        futures = [pool.submit(stream, p) for p in DRAINED]
+        futures = [pool.submit(stream_text, client, p, DRAIN_TOKENS) for p in DRAINED]
         source = wait_until(busiest, 60, "streams running on a vLLM worker")
         drained = ray_local.get(manager.drain.remote(source, 120.0))
         texts = [f.result() for f in futures]

@@ -179,7 +179,7 @@ def test_kv_migration_into_vllm_is_refused_by_name(ray_local, vllm_worker, yard_
     assert results[0].outcome != "committed" and "cannot move a request's KV" in results[0].error
     assert tokens(events) == undisturbed(model_dir, p, params)  # it went on at the source
     out = ray_local.get(vllm_worker.migrate.remote(MigrationOrder("m-out", "nobody", "yard", yard_worker, "manual")))
-    assert out.outcome == "failed" and out.error.startswith("not_here: request 'nobody'")
+    assert out.outcome == "aborted" and out.error.startswith("not_here: request 'nobody'")
 
 
 DESTINATIONS = {"yard": {}, "vllm": {"backend": "vllm"}, "vllm-blocks-64": {"backend": "vllm", "block_size": 64}}

@@ -10,12 +10,14 @@ import math
 import random
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
 from cluster.migration_policy import (MigrationConfig, MigrationOrder, MigrationPolicy, RequestView, WorkerView,
-                                      virtual_freeness)
+                                      virtual_freeness, worker_view)
+from workers.load_report import LoadReport, RequestLoad, kv_group_of
 
 
 class FakeClock:
@@ -329,6 +331,40 @@ def test_views_and_orders_reject_bad_values() -> None:
         o("a", "w0", "w1", "whim")
     with pytest.raises(ValueError, match="source and destination must differ, both are 'w0'"):
         o("a", "w0", "w0")
+
+
+# -- what a worker's report lets the policy move -----------------------------------------------
+def report(kv_migration: bool, draining: bool = False) -> LoadReport:
+    requests = (RequestLoad("greedy", 0, 3, 1.0, True, False), RequestLoad("seeded", 0, 3, 2.0, True, False, False),
+                RequestLoad("queued", 0, 0, 3.0, False, False))
+    return LoadReport("w0", "mixed", True, 2, 1, 10, 20, 0.0, 0.0, frozenset(), 0.0, draining=draining,
+                      requests=requests, kv_migration=kv_migration)
+
+
+def test_a_worker_that_moves_by_replay_shows_only_requests_replay_can_move() -> None:
+    """A yard worker moves any running request with its KV; a vLLM worker replays
+    tokens into its destination, so its seeded (not recomputable) request is not there."""
+    def seen(load: LoadReport) -> list[str]:
+        return [v.request_id for v in worker_view(load, True, False, set(), 0, 0).running]
+
+    assert seen(report(kv_migration=True)) == ["greedy", "seeded"]
+    assert seen(report(kv_migration=False)) == ["greedy"]
+    assert seen(report(kv_migration=True, draining=True)) == ["greedy", "seeded", "queued"]
+    assert seen(report(kv_migration=False, draining=True)) == ["greedy", "queued"]
+
+
+@dataclass(frozen=True)
+class Layout:
+    model: str
+    block_size: int
+
+
+def test_kv_groups_are_equal_exactly_for_equal_layouts() -> None:
+    assert kv_group_of("vllm", Layout("m", 16)) == kv_group_of("vllm", Layout("m", 16))
+    assert kv_group_of("vllm", Layout("m", 16)).startswith("vllm:")
+    assert kv_group_of("vllm", Layout("m", 16)) != kv_group_of("vllm", Layout("m", 64))
+    assert kv_group_of("vllm", Layout("m", 16)) != kv_group_of("yard", Layout("m", 16))
+    assert kv_group_of("vllm", None) == ""  # no layout (vLLM with TP > 1): moves by recompute only
 
 
 def test_migration_policy_imports_neither_torch_nor_ray() -> None:
