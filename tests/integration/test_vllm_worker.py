@@ -13,10 +13,12 @@ import pytest
 from ray import cloudpickle
 
 from conditions import wait_until
+from router.prefix_policy import leading_hits, prompt_block_hashes
 from tests.e2e.test_metrics import scrape, total
 from vllm_reference import same_text, vllm_generate
 from worker_streams import Follower, prompt, run, start, tokens, undisturbed
 from workers import LLM, SamplingParams
+from workers.engine.config import EngineConfig
 from workers.events import Failed, Finished, Tokens, WorkerRequest
 from workers.migration import MigrationOrder
 from workers.worker import Worker
@@ -158,6 +160,20 @@ def test_load_reports_and_metrics_match_traffic(ray_local, model_dir, metrics_po
     finally:
         ray_local.get(worker.shutdown.remote())
         ray_local.kill(worker)
+
+
+def test_the_load_report_names_vllms_cached_prefix_as_the_router_hashes_it(ray_local, vllm_worker):
+    """What prefix_aware dispatch reads of a vLLM worker: after a request, the blocks
+    the router would count as cached for the same prompt are the tokens vLLM then
+    takes from its own prefix cache, exactly."""
+    p, params = prompt(31, 300), SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    stream(ray_local, vllm_worker, WorkerRequest("prefix-first", p, params))
+    unit = EngineConfig.block_size  # the router's block size for this cluster (router/app.py)
+    hashes = prompt_block_hashes(p, unit)
+    hits = wait_until(lambda: leading_hits(hashes, ray_local.get(vllm_worker.load.remote()).cached_block_hashes),
+                      30, "the vLLM worker to report the prompt's blocks")
+    again = stream(ray_local, vllm_worker, WorkerRequest("prefix-again", p, params))
+    assert hits * unit == again[-1].usage.cached_tokens > 0
 
 
 @pytest.fixture(scope="module")

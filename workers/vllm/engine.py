@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence as Seq
+from typing import Any, Callable, Optional, Sequence as Seq
 
 from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
@@ -45,6 +45,7 @@ from workers.sampling_params import SamplingParams
 from workers.vllm import kv_handover
 from workers.vllm.convert import step_output, vllm_params
 from workers.vllm.kv_handover import KVLayout, KVPayload
+from workers.vllm.prefix_hashes import CachedPrefixes
 from workers.vllm.stats_tap import StatsTap
 
 VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, expert_placement=False)
@@ -96,6 +97,9 @@ class VLLMEngine:
         cache = self.engine.vllm_config.cache_config
         self.block_size = cache.block_size
         self._total_blocks = int(cache.num_gpu_blocks or 0)
+        # Named in the routers' block size (config.block_size), not vLLM's.
+        self._prefixes = (CachedPrefixes(config.block_size, self.block_size, max(2 * self._total_blocks, 1))
+                          if config.enable_prefix_caching else None)
         self._requests: dict[str, _Tracked] = {}
         self._pending: list[StepOutput] = []  # ends of aborted requests, for the next step
         self._healthy = True
@@ -210,7 +214,7 @@ class VLLMEngine:
         return self._export_kv(tracked, own, first_block, whole=False)
 
     def _export_kv(self, tracked: _Tracked, own: KVLayout, first_block: int, whole: bool) -> Optional[KVPayload]:
-        scheduler = self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
+        scheduler = self._scheduler
         request = scheduler.requests.get(tracked.vllm_id)
         if request is None or request.num_computed_tokens == 0:
             return None
@@ -221,6 +225,10 @@ class VLLMEngine:
             return None
         (block_ids, *_) = scheduler.kv_cache_manager.get_block_ids(tracked.vllm_id)
         return kv_handover.export_kv(own, list(block_ids), num_tokens, first_block)
+
+    @property
+    def _scheduler(self) -> Any:
+        return self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
 
     def handover_layout(self) -> Optional[KVLayout]:
         """The KV layout a handed-over request's KV must have here; None where this
@@ -266,6 +274,9 @@ class VLLMEngine:
                 if not output.finished:  # a stop string, matched here: vLLM would go on
                     self.engine.abort_request([output.request_id])
             steps.append(out)
+        if self._prefixes is not None:
+            # After the step: a request that finished in it is gone, with at most its last block.
+            self._prefixes.update(self._scheduler.requests.values())
         return steps
 
     def expire_reservations(self) -> list[str]:
@@ -296,8 +307,8 @@ class VLLMEngine:
     def kv_load(self, max_hashes: int) -> KVLoad:
         """From what yard tracks: a request runs once it has produced a token, and
         holds the blocks its tokens fill (vLLM does not say); the queue's head in
-        vLLM's order, which is ours (priority, then arrival). No prefix hashes:
-        vLLM's are not yard's."""
+        vLLM's order, which is ours (priority, then arrival); the blocks vLLM's
+        prefix cache holds, by yard's hashes (workers/vllm/prefix_hashes.py)."""
         def blocks(r: _Tracked) -> int:
             return -(-(r.num_prompt_tokens + len(r.output_token_ids)) // self.block_size)
 
@@ -307,7 +318,15 @@ class VLLMEngine:
         waiting = [r for r in self._requests.values() if not r.produced]
         head = min(waiting, key=lambda r: (-r.priority, r.arrival_time), default=None)
         return KVLoad(self.block_size, 0 if head is None else blocks(head), head.priority if head is not None else 0,
-                      requests, frozenset())
+                      requests, self._cached_hashes(max_hashes))
+
+    def _cached_hashes(self, max_hashes: int) -> frozenset[int]:
+        if self._prefixes is None or max_hashes == 0:
+            return frozenset()
+        scheduler = self._scheduler
+        pool = scheduler.kv_cache_manager.block_pool
+        groups = list(range(len(scheduler.kv_cache_config.kv_cache_groups)))
+        return self._prefixes.cached(lambda h: pool.get_cached_block(h, groups) is not None, max_hashes)
 
     def offload_stats(self) -> None:
         return None
