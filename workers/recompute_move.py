@@ -70,12 +70,14 @@ async def move_by_recompute(order: MigrationOrder, source_id: str, request: Work
         except Exception as e:  # noqa: BLE001 - the destination is gone or stuck: the request never left
             order.destination.abandon.remote(request.request_id, order.migration_id)
             return result("aborted", f"refused: pre-copy: {type(e).__name__}: {e}", **copied.figures(started))
-    paused = time.monotonic()
     try:
         tokens, kv = await call(TakeForRecompute(request.request_id, with_kv, copied.next_block))
     except ValueError as e:  # it ended (or left) meanwhile: nothing broke
         order.destination.abandon.remote(request.request_id, order.migration_id)
         return result("aborted", f"not_here: {e}")
+    # Paused from here: until the call ran, between two steps, it decoded on. (yard's
+    # live migration counts its pause from the same point.)
+    paused = time.monotonic()
     copied.add(kv)
     resumed = dataclasses.replace(request, resume_token_ids=tokens)
     try:

@@ -371,9 +371,9 @@ class Worker:
         rid = request.request_id
         _, parts = self._prestaged.pop(migration_id, (None, []))
         if parts:
-            from workers.vllm.kv_handover import merge  # parts come only between vLLM workers
+            from workers.vllm.kv_handover import kv_parts  # parts come only between vLLM workers
 
-            kv = await asyncio.to_thread(merge, parts + ([kv] if kv is not None else []))
+            kv = kv_parts(parts + ([kv] if kv is not None else []))
         # From here on nothing awaits: an abandon call runs before this or after it.
         if self._abandoned.pop(migration_id, False):
             raise ValueError(f"move {migration_id!r} of request {rid!r} was abandoned by {source_id}")

@@ -44,7 +44,7 @@ from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
 from workers.vllm import kv_handover
 from workers.vllm.convert import step_output, vllm_params
-from workers.vllm.kv_handover import KVLayout, KVPayload
+from workers.vllm.kv_handover import KVLayout, KVParts, KVPayload
 from workers.vllm.prefix_hashes import CachedPrefixes
 from workers.vllm.stats_tap import StatsTap
 
@@ -139,7 +139,7 @@ class VLLMEngine:
     # -- requests ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt_token_ids: Seq[int], params: SamplingParams,
                     priority: int = 0, arrival_time: Optional[float] = None,
-                    output_token_ids: Seq[int] = (), kv: Optional[KVPayload] = None) -> None:
+                    output_token_ids: Seq[int] = (), kv: Optional[KVPayload | KVParts] = None) -> None:
         """`kv`: the KV of a request handed over from another vLLM worker with this
         one's layout (workers/vllm/kv_handover.py), so that only its last token is
         computed here. Raises ValueError if its layout is not this engine's."""

@@ -71,7 +71,7 @@ class KVPayload:
 @dataclass
 class _Load:
     key: str
-    payload: KVPayload
+    kv: "KVParts"
     first_token: int  # tokens before this were found in the local prefix cache
     block_ids: list[int] = field(default_factory=list)  # all of the request's, once allocated
 
@@ -90,7 +90,7 @@ class _Shared:
         self.block_size = 0
         self.kv_caches: dict[str, torch.Tensor] = {}  # layer name → this process's KV tensor
         self.block_dim: dict[str, int] = {}
-        self.staged: dict[str, KVPayload] = {}  # handover key → payload, until scheduled
+        self.staged: dict[str, KVParts] = {}  # handover key → its KV, until scheduled
 
 
 _SHARED = _Shared()
@@ -129,37 +129,44 @@ def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int, first_block:
     return KVPayload(own, num_tokens, blocks, first_block)
 
 
-def merge(parts: list[KVPayload]) -> KVPayload:
-    """The pre-copied parts and the last one as one payload from block 0. A block
-    sent twice (the last part may start where pre-copy left off) keeps the later copy."""
-    parts = sorted(parts, key=lambda p: p.first_block)
-    if len(parts) == 1 and parts[0].first_block == 0:
-        return parts[0]
+@dataclass(frozen=True)
+class KVParts:
+    """A request's KV as it came: the parts pre-copied while it decoded, then the
+    last one, in block order. The loader writes each into the request's blocks (a
+    block sent twice keeps the later copy); merging them into one tensor first would
+    copy all of the KV once more, inside the pause."""
+
+    parts: tuple[KVPayload, ...]
+
+    @property
+    def layout(self) -> KVLayout:
+        return self.parts[-1].layout
+
+    @property
+    def num_tokens(self) -> int:
+        return max(p.num_tokens for p in self.parts)
+
+
+def kv_parts(parts: list[KVPayload]) -> KVParts:
+    """The pre-copied parts and the last one, checked to cover the blocks from 0."""
+    parts = sorted(parts, key=lambda p: p.first_block)  # stable: the last one sent stays after its equals
     covered = 0
     for part in parts:
         if part.first_block > covered:
             raise ValueError(f"KV parts leave blocks {covered}..{part.first_block - 1} out")
         covered = max(covered, part.first_block + part.num_blocks)
-    final = max(parts, key=lambda p: p.num_tokens)
-    blocks = {}
-    for name in final.blocks:
-        rows = [None] * covered
-        for part in parts:
-            for i in range(part.num_blocks):
-                rows[part.first_block + i] = part.blocks[name][i]
-        blocks[name] = torch.stack(rows)
-    return KVPayload(final.layout, final.num_tokens, blocks)
+    return KVParts(tuple(parts))
 
 
-def stage(key: str, payload: KVPayload, own: KVLayout) -> None:
-    """Hold `payload` for the request about to be added with handover_params(key)."""
-    if payload.first_block != 0:
-        raise ValueError(f"a staged KV payload starts at block 0, not {payload.first_block} (merge its parts)")
-    if payload.layout != own:
-        raise ValueError(f"the KV handed over is laid out for {payload.layout.model!r} with blocks of "
-                         f"{payload.layout.block_size}, not as this engine's ({own.model!r}, {own.block_size})")
+def stage(key: str, kv: KVParts | KVPayload, own: KVLayout) -> None:
+    """Hold `kv` for the request about to be added with handover_params(key)."""
+    kv = kv if isinstance(kv, KVParts) else kv_parts([kv])
+    for part in kv.parts:
+        if part.layout != own:
+            raise ValueError(f"the KV handed over is laid out for {part.layout.model!r} with blocks of "
+                             f"{part.layout.block_size}, not as this engine's ({own.model!r}, {own.block_size})")
     with _SHARED.lock:
-        _SHARED.staged[key] = payload
+        _SHARED.staged[key] = kv
 
 
 def unstage(key: str) -> None:
@@ -185,14 +192,14 @@ class HandoverConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         key = _key(request)
         with _SHARED.lock:
-            payload = _SHARED.staged.get(key) if key is not None else None
-        if payload is None:
+            kv = _SHARED.staged.get(key) if key is not None else None
+        if kv is None:
             return 0, False
         # At least the last token is computed here: its output is the next token.
-        available = min(payload.num_tokens, request.num_tokens - 1)
+        available = min(kv.num_tokens, request.num_tokens - 1)
         if available <= num_computed_tokens:
             return 0, False
-        self._loads[request.request_id] = _Load(key, payload, num_computed_tokens)
+        self._loads[request.request_id] = _Load(key, kv, num_computed_tokens)
         return available - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -231,13 +238,12 @@ class HandoverConnector(KVConnectorBase_V1):
         if not isinstance(meta, _HandoverMeta):
             return
         for load in meta.loads:
-            first_block = load.first_token // self._block_size
-            n = min(load.payload.num_blocks, len(load.block_ids)) - first_block
-            target = torch.tensor(load.block_ids[first_block: first_block + n], dtype=torch.long)
-            for name, tensor in _SHARED.kv_caches.items():
-                dim = _SHARED.block_dim[name]
-                blocks = load.payload.blocks[name][first_block: first_block + n].movedim(0, dim)
-                tensor.index_copy_(dim, target.to(tensor.device), blocks.to(tensor.device))
+            first_block = load.first_token // self._block_size  # those before are the local prefix hit's
+            for part in load.kv.parts:
+                low = max(first_block, part.first_block)
+                high = min(len(load.block_ids), part.first_block + part.num_blocks)
+                if low < high:
+                    _write_blocks(part, low, high, load.block_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -247,6 +253,15 @@ class HandoverConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         return
+
+
+def _write_blocks(part: KVPayload, low: int, high: int, block_ids: list[int]) -> None:
+    """The request's blocks low..high-1 from `part` into the blocks allocated for them."""
+    target = torch.tensor(block_ids[low:high], dtype=torch.long)
+    for name, tensor in _SHARED.kv_caches.items():
+        dim = _SHARED.block_dim[name]
+        blocks = part.blocks[name][low - part.first_block: high - part.first_block].movedim(0, dim)
+        tensor.index_copy_(dim, target.to(tensor.device), blocks.to(tensor.device))
 
 
 def _block_dim(tensor: torch.Tensor, num_blocks: Optional[int]) -> Optional[int]:
