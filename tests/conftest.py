@@ -54,6 +54,7 @@ def ray_local(metrics_port):
     from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env
 
     apply_serve_env(STREAMING_SERVE_ENV)  # the Serve settings `yard serve` runs with
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port)
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
+             _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
