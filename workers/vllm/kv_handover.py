@@ -139,10 +139,6 @@ class KVParts:
     parts: tuple[KVPayload, ...]
 
     @property
-    def layout(self) -> KVLayout:
-        return self.parts[-1].layout
-
-    @property
     def num_tokens(self) -> int:
         return max(p.num_tokens for p in self.parts)
 

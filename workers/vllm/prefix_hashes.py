@@ -39,6 +39,8 @@ class _Progress:
 
 
 class CachedPrefixes:
+    """vLLM block hash → the yard hashes of the `unit`-token blocks ending in it."""
+
     def __init__(self, unit: int, vllm_block_size: int, max_blocks: int) -> None:
         if unit < 1 or vllm_block_size < 1 or max_blocks < 1:
             raise ValueError(f"unit ({unit}), vllm_block_size ({vllm_block_size}) and max_blocks ({max_blocks}) "
