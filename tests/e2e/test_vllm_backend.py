@@ -19,7 +19,7 @@ from workers.models.tokenizer import encode_prompt, load_tokenizer
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "KV"]
 TOKENS = 40
 DRAINED = [f"Drained vLLM stream {i} says" for i in range(8)]
-DRAIN_TOKENS = 300
+DRAIN_TOKENS = 1000  # long enough to outlast the balance moves that come first (the app floods w0)
 BALANCED = [f"Balanced vLLM stream {i} tells of" for i in range(4)]
 BALANCE_TOKENS = 400
 
@@ -30,15 +30,20 @@ def client(vllm_app):
 
 
 @pytest.fixture(scope="module")
-def expected(vllm_app, tmp_path_factory):
-    """vLLM's offline LLM on the prompts as the router tokenizes them."""
-    return offline(vllm_app, PROMPTS, TOKENS, tmp_path_factory)
-
-
-def offline(vllm_app, prompts: list[str], tokens: int, tmp_path_factory) -> list[dict]:
+def offline(vllm_app, tmp_path_factory) -> dict[str, list[dict]]:
+    """vLLM's offline LLM on every prompt of this module, as the router tokenizes
+    them, in one vLLM start: by test, one dict per prompt."""
+    asked = {"completions": (PROMPTS, TOKENS), "balance": (BALANCED, BALANCE_TOKENS), "drain": (DRAINED, DRAIN_TOKENS)}
     tokenizer = load_tokenizer(vllm_app["model_dir"])
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
-    return vllm_generate(vllm_app["model_dir"], ids, tokens, None, tmp_path_factory.mktemp("vllm-e2e"))
+    prompts = [encode_prompt(tokenizer, p) for texts, _ in asked.values() for p in texts]
+    lengths = [n for texts, n in asked.values() for _ in texts]
+    out = iter(vllm_generate(vllm_app["model_dir"], prompts, lengths, None, tmp_path_factory.mktemp("vllm-e2e")))
+    return {name: [next(out) for _ in texts] for name, (texts, _) in asked.items()}
+
+
+@pytest.fixture(scope="module")
+def expected(offline):
+    return offline["completions"]
 
 
 def test_completions_equal_vllm_offline(client, expected):
@@ -82,12 +87,12 @@ def stream_text(client, prompt: str, max_tokens: int) -> str:
     return "".join(c.choices[0].text for c in chunks if c.choices)
 
 
-def test_balance_moves_vllm_streams_with_their_kv(ray_local, vllm_app, client, tmp_path_factory):
+def test_balance_moves_vllm_streams_with_their_kv(ray_local, vllm_app, client, offline):
     """The router sends every stream to the first worker; the balance rule moves some
     to the second, each by vLLM's handover: its KV goes along (none is recomputed),
     and every text equals vLLM's offline one."""
     manager = vllm_app["manager"]
-    expected = offline(vllm_app, BALANCED, BALANCE_TOKENS, tmp_path_factory)
+    expected = offline["balance"]
     before = committed(ray_local, manager, "balance")
     with ThreadPoolExecutor(len(BALANCED)) as pool:
         texts = list(pool.map(lambda p: stream_text(client, p, BALANCE_TOKENS), BALANCED))
@@ -98,9 +103,9 @@ def test_balance_moves_vllm_streams_with_their_kv(ray_local, vllm_app, client, t
     assert all(m["stages"] >= 1 and m["blocks"] >= 1 for m in moves if m["outcome"] == "committed"), moves
 
 
-def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm_app, client, tmp_path_factory):
+def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm_app, client, offline):
     manager = vllm_app["manager"]
-    expected = offline(vllm_app, DRAINED, DRAIN_TOKENS, tmp_path_factory)
+    expected = offline["drain"]
 
     def busiest() -> str:
         loads = [s.load for s in ray_local.get(manager.snapshot.remote()) if s.load is not None]

@@ -3,8 +3,8 @@
 
     python tests/integration/vllm_reference.py MODEL_DIR REQUEST.json OUT.json
 
-REQUEST.json: {"prompts": [[ids]...], "max_tokens": n, "logprobs": k or null}; greedy,
-ignore_eos. OUT.json: per prompt {"token_ids", "text", "logprobs"}.
+REQUEST.json: {"prompts": [[ids]...], "max_tokens": n or [n per prompt], "logprobs": k or
+null}; greedy, ignore_eos. OUT.json: per prompt {"token_ids", "text", "logprobs"}.
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 
 
-def vllm_generate(model_dir: str, prompts: list, max_tokens: int, logprobs: int | None, tmp: Path) -> list[dict]:
-    """Run this script on `prompts` (token-id lists) and return its output."""
+def vllm_generate(model_dir: str, prompts: list, max_tokens: int | list[int], logprobs: int | None,
+                  tmp: Path) -> list[dict]:
+    """Run this script on `prompts` (token-id lists) and return its output. One vLLM
+    start costs about 15 s here: a module asks once, with a max_tokens per prompt."""
     request, out = tmp / "request.json", tmp / "out.json"
     request.write_text(json.dumps({"prompts": [list(p) for p in prompts], "max_tokens": max_tokens,
                                    "logprobs": logprobs}))
@@ -47,8 +49,11 @@ def main() -> None:
 
     llm = LLM(model=model, dtype=checkpoint_dtype(model), enforce_eager=True, seed=0,
               kv_cache_memory_bytes=2**28)
-    params = SamplingParams(temperature=0, max_tokens=request["max_tokens"], ignore_eos=True,
-                            logprobs=request["logprobs"])
+    lengths = request["max_tokens"]
+    if isinstance(lengths, int):
+        lengths = [lengths] * len(request["prompts"])
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=request["logprobs"])
+              for n in lengths]
     outputs = llm.generate([{"prompt_token_ids": p} for p in request["prompts"]], params, use_tqdm=False)
     result = []
     for o in outputs:
