@@ -9,11 +9,13 @@ worker streams the same typed events.
 What vLLM 0.32 does not let us do, the capabilities say: no live KV migration or
 prefill/decode handoff (no block-level access to a running request through its API;
 see docs/vllm-backend.md), so requests move by handover: recomputed, or between two
-vLLM workers alike with their KV (kv_handover.py); no prefix block hashes in yard's
-hashing. Resuming a request (failover) resubmits prompt + the tokens already sent
-as vLLM's prompt: greedy output continues exactly; a seeded request restarts its
-random sequence, and presence/frequency penalties no longer count the resumed tokens. The text is yard's
-detokenizer's, which continues a resumed stream's text exactly (see _with_text).
+vLLM workers alike with their KV (kv_handover.py). vLLM hashes its prefix blocks
+its own way: the load report names them by yard's hashes (prefix_hashes.py).
+Resuming a request (failover) resubmits prompt + the tokens already sent as vLLM's
+prompt: greedy output continues exactly; a seeded request restarts its random
+sequence, and presence/frequency penalties no longer count the resumed tokens. The
+text is yard's detokenizer's, which continues a resumed stream's text exactly (see
+_with_text).
 """
 
 from __future__ import annotations
