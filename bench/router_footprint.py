@@ -1,7 +1,7 @@
 """A router replica's footprint: the memory and start time of what it imports and
-loads (the Serve app, the gRPC ingress, the model's tokenizer), with the router's own
-tokenizer (router/tokenizer.py: tokenizers + jinja2) beside transformers' (which
-imports torch: how replicas started before). Each side runs in a fresh process, a few
+loads (the Serve app, the gRPC ingress, the model's tokenizer), with the fast
+tokenizer (workers/models/fast_tokenizer.py: tokenizers + jinja2) beside transformers'
+(which imports torch: how replicas started before). Each side runs in a fresh process, a few
 times in turn; the table gives the medians.
 
     python bench/router_footprint.py [--model tiny-llama] [--runs 3]
@@ -24,9 +24,8 @@ CHILD = """
 import json, sys, time
 start = time.perf_counter()
 import router.app, router.grpc_ingress
-from router.tokenizer import load_router_tokenizer
-from workers.models.tokenizer import load_tokenizer
-tok = (load_router_tokenizer if sys.argv[2] == "router" else load_tokenizer)(sys.argv[1])
+from workers.models.tokenizer import load_hf_tokenizer, load_tokenizer
+tok = (load_tokenizer if sys.argv[2] == "fast" else load_hf_tokenizer)(sys.argv[1])
 tok.encode("warm up")
 seconds = time.perf_counter() - start
 rss = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS:")) / 1024
@@ -48,7 +47,7 @@ def main() -> None:
     from workers.models.tiny import resolve_model
 
     model_dir = str(resolve_model(args.model))
-    runs: dict[str, list[dict]] = {"transformers": [], "router": []}
+    runs: dict[str, list[dict]] = {"transformers": [], "fast": []}
     for _ in range(args.runs):
         for side in runs:  # interleaved: a noisy moment hits both sides
             runs[side].append(measure(model_dir, side))
@@ -57,8 +56,8 @@ def main() -> None:
     print(f"{'tokenizer':<14}{'start s':>9}{'RSS MiB':>10}  torch imported")
     for side, m in medians.items():
         print(f"{side:<14}{m['seconds']:>9.2f}{m['rss_mib']:>10.0f}  {runs[side][0]['torch']}")
-    before, after = medians["transformers"], medians["router"]
-    print(f"router / transformers: start {after['seconds'] / before['seconds']:.2f}x, "
+    before, after = medians["transformers"], medians["fast"]
+    print(f"fast / transformers: start {after['seconds'] / before['seconds']:.2f}x, "
           f"memory {after['rss_mib'] / before['rss_mib']:.2f}x ({before['rss_mib'] - after['rss_mib']:.0f} MiB less)")
 
 

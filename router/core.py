@@ -33,8 +33,7 @@ from router.worker_link import WorkerLink
 from workers.events import Event, Failed, Finished, Tokens, WorkerRequest, worker_actor_name
 from workers.models.config import load_model_config
 from workers.models.tiny import resolve_model
-from router.tokenizer import load_router_tokenizer
-from workers.models.tokenizer import encode_chat, encode_prompt
+from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ class RouterCore:
         self.config = config
         model_dir = resolve_model(config.model)
         self.model_config = load_model_config(model_dir)
-        self.tokenizer = load_router_tokenizer(model_dir)
+        self.tokenizer = load_tokenizer(model_dir)
         self.keys = ApiKeys.load(config.api_keys_file, config.api_keys_env, config.allow_priority)
         self.limits = RequestLimits(config.max_body_bytes, config.max_prompt_tokens, config.max_completion_tokens)
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")

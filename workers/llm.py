@@ -10,7 +10,7 @@ from typing import Any, Optional, Sequence as Seq, Union
 from workers.engine.config import EngineConfig
 from workers.engine.engine import LLMEngine
 from workers.engine.sampler import SampledToken
-from workers.models.tokenizer import encode_chat, encode_prompt
+from workers.models.tokenizer import encode_chat, encode_prompt, load_hf_tokenizer
 from workers.sampling_params import SamplingParams
 
 Prompt = Union[str, Seq[int]]
@@ -42,7 +42,9 @@ class LLM:
         if unknown:
             raise TypeError(f"unknown engine arguments {unknown}; known: {sorted(known)}")
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **engine_args))
-        self.tokenizer = self.engine.tokenizer
+        # Users get transformers' tokenizer, as from vLLM's LLM; the engine's may be the
+        # fast one, which gives the same ids and text (workers/models/fast_tokenizer.py).
+        self.tokenizer = load_hf_tokenizer(self.engine.model_dir)
         self._ids = itertools.count()
         # An instance dropped without close() still releases its ranks (and their
         # CPUs, which the next tensor-parallel instance needs) when it is collected.

@@ -5,11 +5,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from workers.models.fast_tokenizer import plain_fast_tokenizer
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
-def load_tokenizer(model_dir: Path) -> "PreTrainedTokenizerBase":
+def load_tokenizer(model_dir: Path) -> Any:
+    """The fast tokenizer where it is exactly what transformers would load (see
+    fast_tokenizer.py); else transformers' own."""
+    fast = plain_fast_tokenizer(Path(model_dir))
+    return fast if fast is not None else load_hf_tokenizer(model_dir)
+
+
+def load_hf_tokenizer(model_dir: Path) -> "PreTrainedTokenizerBase":
+    """transformers' AutoTokenizer for the directory: what the offline LLM hands its
+    users, and the reference the fast tokenizer is tested against."""
     from transformers import AutoTokenizer  # imports torch: not at import time (router replicas)
 
     if not (Path(model_dir) / "tokenizer.json").exists() and not (Path(model_dir) / "tokenizer.model").exists():

@@ -1,6 +1,6 @@
-"""The router's tokenizer (tokenizers + jinja2, no transformers) gives the same ids and
-text as transformers' AutoTokenizer, which the workers and the offline LLM use; where
-it could not, the router falls back to transformers."""
+"""The fast tokenizer (tokenizers + jinja2, no transformers), which router replicas and
+workers load, gives the same ids and text as transformers' AutoTokenizer, which the
+offline LLM hands its users; where it could not, both load transformers'."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer
 
-from router.tokenizer import FastTokenizer, load_router_tokenizer, plain_fast_tokenizer
-from workers.models.tokenizer import encode_chat, encode_prompt
+from workers.models.fast_tokenizer import FastTokenizer, plain_fast_tokenizer
+from workers.models.tokenizer import encode_chat, encode_prompt, load_tokenizer
 
 TEXTS = ["", "Hello, world!", "  leading and trailing  ", "tabs\tand\nnew\n\nlines\r\n", "naïve café — 日本語 🙂",
          "<s> a literal bos </s> and eos", "don't you'll we've", "1234567890 3.14159", "x" * 500,
@@ -41,7 +41,7 @@ def model_dir(request, make_model):
 
 
 def test_same_ids_and_text_as_transformers(model_dir):
-    ours, theirs = load_router_tokenizer(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
+    ours, theirs = load_tokenizer(model_dir), AutoTokenizer.from_pretrained(str(model_dir))
     assert isinstance(ours, FastTokenizer)
     for text in TEXTS:
         ids = encode_prompt(ours, text)
@@ -59,7 +59,7 @@ def test_a_rich_chat_template_renders_as_transformers_renders_it(model_dir, tmp_
     shutil.copytree(model_dir, copy)
     config = json.loads((copy / "tokenizer_config.json").read_text())
     (copy / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": RICH_TEMPLATE}))
-    ours, theirs = load_router_tokenizer(copy), AutoTokenizer.from_pretrained(str(copy))
+    ours, theirs = load_tokenizer(copy), AutoTokenizer.from_pretrained(str(copy))
     assert isinstance(ours, FastTokenizer)
     for chat in CHATS + [[{"role": "user", "content": str(i)} for i in range(10)]]:
         assert ours.apply_chat_template(chat) == theirs.apply_chat_template(chat, add_generation_prompt=True,
@@ -80,13 +80,26 @@ def test_tokenizers_transformers_may_rebuild_are_left_to_transformers(make_model
     config = json.loads((copy / "tokenizer_config.json").read_text())
     (copy / "tokenizer_config.json").write_text(json.dumps({**config, **change}))
     assert plain_fast_tokenizer(copy) is None
-    ours, theirs = load_router_tokenizer(copy), AutoTokenizer.from_pretrained(str(copy))
+    ours, theirs = load_tokenizer(copy), AutoTokenizer.from_pretrained(str(copy))
     assert not isinstance(ours, FastTokenizer)
     assert encode_prompt(ours, "Hello, world!") == encode_prompt(theirs, "Hello, world!")
 
 
-def test_a_router_replica_imports_neither_torch_nor_transformers():
-    code = ("import sys, router.app, router.grpc_ingress, router.tokenizer; "
+def test_a_router_replica_imports_neither_torch_nor_transformers(make_model):
+    code = ("import sys, router.app, router.grpc_ingress; from workers.models.tokenizer import load_tokenizer; "
+            f"load_tokenizer({str(make_model('tiny-llama'))!r}).encode('a'); "
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_engine_starts_and_detokenizes_without_importing_transformers(make_model):
+    """transformers' import is 4.5 s of every worker's start; a plain tokenizer needs none of it."""
+    code = ("import sys; from workers.engine.engine import LLMEngine, EngineConfig; "
+            "from workers.sampling_params import SamplingParams; "
+            f"engine = LLMEngine(EngineConfig(model={str(make_model('tiny-llama'))!r})); "
+            "engine.add_request('r', [1, 2, 3], SamplingParams(max_tokens=4)); "
+            "outs = [o for _ in range(8) for o in engine.step()]; "
+            "print('transformers' in sys.modules, sum(len(o.new_text) for o in outs) > 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "False True"

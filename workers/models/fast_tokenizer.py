@@ -1,13 +1,14 @@
-"""The router replica's tokenizer, without transformers.
+"""A model's tokenizer without transformers, where it is exactly transformers' own.
 
-transformers imports torch, which costs a router replica (it runs no model) about
-300 MiB and seconds of start. For a model whose tokenizer is a plain
-PreTrainedTokenizerFast, transformers itself runs tokenizer.json through the
-`tokenizers` library and renders the chat template with jinja2; this does the same
-directly. Any other tokenizer class (one transformers may rebuild in its own code),
-a tokenizer_config.json whose BOS/EOS settings disagree with tokenizer.json, or
-clean_up_tokenization_spaces: transformers' own tokenizer, as the workers load it.
-tests/unit/test_router_tokenizer.py checks both give the same ids and text.
+transformers' import costs a process seconds (4.5 s after torch on these machines:
+every worker start) and, in a router replica that runs no model, torch's 300 MiB.
+For a model whose tokenizer is a plain PreTrainedTokenizerFast, transformers itself
+runs tokenizer.json through the `tokenizers` library and renders the chat template
+with jinja2; this does the same directly. Any other tokenizer class (one transformers
+may rebuild in its own code), a tokenizer_config.json whose BOS/EOS settings disagree
+with tokenizer.json, or clean_up_tokenization_spaces: plain_fast_tokenizer answers
+None, and load_tokenizer (workers/models/tokenizer.py) loads transformers' own.
+tests/unit/test_fast_tokenizer.py checks both give the same ids and text.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_t
 
 
 class FastTokenizer:
-    """What the router asks of a tokenizer (encode, decode, the chat template), as
-    transformers' PreTrainedTokenizerFast answers it."""
+    """What the router and the detokenizer ask of a tokenizer (encode, decode, the
+    chat template), as transformers' PreTrainedTokenizerFast answers it."""
 
     def __init__(self, backend: Any, config: dict[str, Any]) -> None:
         self.backend = backend
@@ -34,7 +35,10 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def decode(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool = False) -> str:
+        if clean_up_tokenization_spaces:  # transformers' rewrite, which no plain tokenizer asks for
+            raise ValueError("clean_up_tokenization_spaces=True: load the tokenizer through transformers")
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -44,16 +48,6 @@ class FastTokenizer:
         text = self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=None,
                                      documents=None, **self.special_tokens)
         return self.encode(text, add_special_tokens=False) if tokenize else text
-
-
-def load_router_tokenizer(model_dir: Path) -> Any:
-    """FastTokenizer where it is exactly what transformers would load; else transformers'."""
-    fast = plain_fast_tokenizer(Path(model_dir))
-    if fast is not None:
-        return fast
-    from workers.models.tokenizer import load_tokenizer
-
-    return load_tokenizer(Path(model_dir))
 
 
 def plain_fast_tokenizer(model_dir: Path) -> Optional[FastTokenizer]:
