@@ -12,7 +12,6 @@ documented in docs/metrics.md.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -21,7 +20,7 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import openai
 import pytest
@@ -261,70 +260,76 @@ def disaggregated_load(serve_app: dict[str, Any], ray_local: Any, prometheus: "P
         assert prometheus.wait_for('ray_yard_worker_kv_transfer_hidden_seconds_total{reason="handoff"}', 60)
 
 
-@contextlib.contextmanager
-def worker_beside(ray_local: Any, config: WorkerConfig, requests: list[WorkerRequest]) -> Iterator[Any]:
-    """A worker actor beside the app, alive while the queries run, once `requests`
-    have gone through it."""
-    worker = ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name(config.worker_id),
-                                              namespace=ACTOR_NAMESPACE).remote(config)
-    try:
-        streams = [worker.generate.remote(request) for request in requests]
-        for stream in streams:
-            for ref in stream:
-                ray_local.get(ref)
-        yield worker
-    finally:
-        ray_local.get(worker.shutdown.remote())
-        ray_local.kill(worker)
+def start_worker(ray_local: Any, config: WorkerConfig) -> Any:
+    """A worker actor beside the app. Its start (imports, model load) runs in the
+    background, so the three below start side by side."""
+    return ray_local.remote(Worker).options(num_cpus=0.25, name=worker_actor_name(config.worker_id),
+                                            namespace=ACTOR_NAMESPACE).remote(config)
 
 
-@contextlib.contextmanager
-def expert_parallel_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A MoE worker with expert parallelism (the e2e models are dense): requests
-    through it, then a live re-placement, so the experts row has data."""
-    config = WorkerConfig("w-experts", EngineConfig(
+def run_requests(ray_local: Any, worker: Any, requests: list[WorkerRequest]) -> None:
+    streams = [worker.generate.remote(request) for request in requests]
+    for stream in streams:
+        for ref in stream:
+            ray_local.get(ref)
+
+
+def expert_parallel_worker(make_model: Any) -> WorkerConfig:
+    """A MoE worker with expert parallelism (the e2e models are dense)."""
+    return WorkerConfig("w-experts", EngineConfig(
         model=str(make_model("tiny-moe-affinity")), kv_cache_memory_gib=0.25, tensor_parallel_size=2,
         expert_parallel_size=2, tp_cpus_per_rank=0.25))
-    requests = [WorkerRequest(f"moe-{i}", tuple(range(10 + i, 60 + i)), SamplingParams(max_tokens=8)) for i in range(3)]
-    with worker_beside(ray_local, config, requests) as worker:
-        assert prometheus.wait_for("ray_yard_worker_expert_dispatched_tokens_total", 60)
-        ray_local.get(worker.replace_experts.remote("balanced"))
-        assert prometheus.wait_for('ray_yard_worker_expert_replacements_total{outcome="done"}', 60)
-        yield
 
 
-@contextlib.contextmanager
-def offloading_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A worker with two attention workers, decoding in two micro-batches: the
-    offloading row has data."""
-    config = WorkerConfig("w-offload", EngineConfig(
+def experts_row(ray_local: Any, worker: Any, prometheus: "Prometheus") -> None:
+    """Requests through the MoE worker, then a live re-placement: the experts row has data."""
+    run_requests(ray_local, worker, [WorkerRequest(f"moe-{i}", tuple(range(10 + i, 60 + i)),
+                                                   SamplingParams(max_tokens=8)) for i in range(3)])
+    assert prometheus.wait_for("ray_yard_worker_expert_dispatched_tokens_total", 60)
+    ray_local.get(worker.replace_experts.remote("balanced"))
+    assert prometheus.wait_for('ray_yard_worker_expert_replacements_total{outcome="done"}', 60)
+
+
+def offloading_worker(make_model: Any) -> WorkerConfig:
+    """A worker with two attention workers, decoding in two micro-batches."""
+    return WorkerConfig("w-offload", EngineConfig(
         model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
         attention_offload={"workers": 2, "micro_batches": 2, "cpus_per_worker": 0.25}))
-    requests = [WorkerRequest(f"off-{i}", tuple(range(10 + i, 40 + i)), SamplingParams(max_tokens=16))
-                for i in range(4)]
-    with worker_beside(ray_local, config, requests):
-        assert prometheus.wait_for('ray_yard_worker_offload_bytes_total{direction="in"}', 60)
-        assert prometheus.wait_for("ray_yard_worker_offload_attention_seconds_total", 60)
-        yield
 
 
-@contextlib.contextmanager
-def vllm_worker(ray_local: Any, make_model: Any, prometheus: "Prometheus") -> Iterator[None]:
-    """A worker with vLLM's engine inside: the vLLM row (vLLM's own metrics) has data."""
-    config = WorkerConfig("w-vllm", EngineConfig(model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
-                                                 backend="vllm"))
-    requests = [WorkerRequest(f"vllm-{i}", tuple(range(10 + i, 40 + i)), SamplingParams(max_tokens=16))
-                for i in range(4)]
-    with worker_beside(ray_local, config, requests):
-        assert prometheus.wait_for("ray_vllm_generation_tokens_total", 60)
-        assert prometheus.wait_for("ray_vllm_inter_token_latency_seconds_count", 60)
-        yield
+def offloading_row(ray_local: Any, worker: Any, prometheus: "Prometheus") -> None:
+    run_requests(ray_local, worker, [WorkerRequest(f"off-{i}", tuple(range(10 + i, 40 + i)),
+                                                   SamplingParams(max_tokens=16)) for i in range(4)])
+    assert prometheus.wait_for('ray_yard_worker_offload_bytes_total{direction="in"}', 60)
+    assert prometheus.wait_for("ray_yard_worker_offload_attention_seconds_total", 60)
+
+
+def vllm_worker(make_model: Any) -> WorkerConfig:
+    """A worker with vLLM's engine inside."""
+    return WorkerConfig("w-vllm", EngineConfig(model=str(make_model("tiny-llama")), kv_cache_memory_gib=0.25,
+                                               backend="vllm"))
+
+
+def vllm_row(ray_local: Any, worker: Any, prometheus: "Prometheus") -> None:
+    """The vLLM row (vLLM's own metrics) has data."""
+    run_requests(ray_local, worker, [WorkerRequest(f"vllm-{i}", tuple(range(10 + i, 40 + i)),
+                                                   SamplingParams(max_tokens=16)) for i in range(4)])
+    assert prometheus.wait_for("ray_vllm_generation_tokens_total", 60)
+    assert prometheus.wait_for("ray_vllm_inter_token_latency_seconds_count", 60)
 
 
 def test_every_dashboard_and_alert_query_returns_data(serve_app, ray_local, prometheus, make_model):
-    with expert_parallel_worker(ray_local, make_model, prometheus), \
-            offloading_worker(ray_local, make_model, prometheus), vllm_worker(ray_local, make_model, prometheus):
+    rows = [(expert_parallel_worker(make_model), experts_row), (offloading_worker(make_model), offloading_row),
+            (vllm_worker(make_model), vllm_row)]
+    workers = [start_worker(ray_local, config) for config, _ in rows]
+    try:
+        for worker, (_, row) in zip(workers, rows):
+            row(ray_local, worker, prometheus)
         every_query_returns_data(serve_app, ray_local, prometheus)
+    finally:  # alive until every query ran: their series must still be there
+        ray_local.get([worker.shutdown.remote() for worker in workers])
+        for worker in workers:
+            ray_local.kill(worker)
 
 
 def every_query_returns_data(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometheus") -> None:
