@@ -13,7 +13,7 @@ import pytest
 from conditions import wait_until
 from tests.e2e.test_load_and_bad_input import post
 from tests.e2e.test_migration import committed
-from tests.integration.vllm_reference import same_text, vllm_generate
+from tests.integration.vllm_reference import same_text, vllm_generate_soon
 from workers.models.tokenizer import encode_prompt, load_tokenizer
 
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away,", "KV"]
@@ -29,16 +29,25 @@ def client(vllm_app):
     return openai.OpenAI(base_url=vllm_app["base_url"] + "/v1", api_key="unused", max_retries=0)
 
 
-@pytest.fixture(scope="module")
-def offline(vllm_app, tmp_path_factory) -> dict[str, list[dict]]:
+ASKED = {"completions": (PROMPTS, TOKENS), "balance": (BALANCED, BALANCE_TOKENS), "drain": (DRAINED, DRAIN_TOKENS)}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_soon(serve_app, tmp_path_factory):
     """vLLM's offline LLM on every prompt of this module, as the router tokenizes
-    them, in one vLLM start: by test, one dict per prompt."""
-    asked = {"completions": (PROMPTS, TOKENS), "balance": (BALANCED, BALANCE_TOKENS), "drain": (DRAINED, DRAIN_TOKENS)}
-    tokenizer = load_tokenizer(vllm_app["model_dir"])
-    prompts = [encode_prompt(tokenizer, p) for texts, _ in asked.values() for p in texts]
-    lengths = [n for texts, n in asked.values() for _ in texts]
-    out = iter(vllm_generate(vllm_app["model_dir"], prompts, lengths, None, tmp_path_factory.mktemp("vllm-e2e")))
-    return {name: [next(out) for _ in texts] for name, (texts, _) in asked.items()}
+    them, in one vLLM start, started before the app's workers (autouse fixtures come
+    first), which take as long to start."""
+    tokenizer = load_tokenizer(serve_app["model_dir"])
+    prompts = [encode_prompt(tokenizer, p) for texts, _ in ASKED.values() for p in texts]
+    lengths = [n for texts, n in ASKED.values() for _ in texts]
+    return vllm_generate_soon(serve_app["model_dir"], prompts, lengths, None, tmp_path_factory.mktemp("vllm-e2e"))
+
+
+@pytest.fixture(scope="module")
+def offline(offline_soon) -> dict[str, list[dict]]:
+    """By test, one dict per prompt."""
+    out = iter(offline_soon.result(timeout=600))
+    return {name: [next(out) for _ in texts] for name, (texts, _) in ASKED.items()}
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from ray import cloudpickle
 from conditions import wait_until
 from router.prefix_policy import leading_hits, prompt_block_hashes
 from tests.e2e.test_metrics import scrape, total
-from vllm_reference import same_text, vllm_generate
+from vllm_reference import same_text, vllm_generate_soon
 from worker_streams import Follower, prompt, run, start, tokens, undisturbed
 from workers import LLM, SamplingParams
 from workers.engine.config import EngineConfig
@@ -35,12 +35,12 @@ def model_dir(make_model):
     return str(make_model("tiny-llama"))
 
 
-@pytest.fixture(scope="module")
-def vllm_offline(model_dir, tmp_path_factory):
-    """vLLM's offline LLM.generate, greedy, in a process of its own: one dict per prompt."""
-    def generate(prompts: list[tuple[int, ...]], max_tokens: int, logprobs: int | None = None) -> list[dict]:
-        return vllm_generate(model_dir, prompts, max_tokens, logprobs, tmp_path_factory.mktemp("vllm-reference"))
-    return generate
+@pytest.fixture(scope="module", autouse=True)
+def greedy_soon(model_dir, tmp_path_factory):
+    """vLLM's offline LLM.generate for PROMPTS with GREEDY, in a process of its own,
+    started before the module's workers (autouse fixtures come first)."""
+    return vllm_generate_soon(model_dir, PROMPTS, GREEDY.max_tokens, GREEDY.logprobs,
+                              tmp_path_factory.mktemp("vllm-reference"))
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def stream(ray, worker, request: WorkerRequest) -> list:
 
 
 @pytest.fixture(scope="module")
-def greedy_offline(vllm_offline) -> list[dict]:
-    """vLLM's offline output for PROMPTS with GREEDY, computed once for the module."""
-    return vllm_offline(PROMPTS, GREEDY.max_tokens, GREEDY.logprobs)
+def greedy_offline(greedy_soon) -> list[dict]:
+    """vLLM's offline output for PROMPTS with GREEDY: one dict per prompt."""
+    return greedy_soon.result(timeout=600)
 
 
 def test_events_match_vllm_offline(ray_local, vllm_worker, greedy_offline):
@@ -105,14 +105,14 @@ def test_abort_and_bad_input_as_with_our_engine(ray_local, vllm_worker, model_di
 
 
 @pytest.mark.parametrize("victim", ["vllm", "yard"])
-def test_killed_worker_resumes_on_the_other_engine(ray_local, model_dir, victim):
+def test_killed_worker_resumes_on_the_other_engine(ray_local, model_dir, vllm_worker, yard_worker, victim):
     """One yard worker and one vLLM worker: the one serving a stream dies mid-way, and
-    the router's request state machine resumes it on the other, with no gap and no
-    repeated token, equal to an undisturbed run."""
+    the router's request state machine resumes it on the other (the module's worker of
+    that engine), with no gap and no repeated token, equal to an undisturbed run."""
     backends = {"vllm": {"backend": "vllm"}, "yard": {}}
     survivor = "yard" if victim == "vllm" else "vllm"
-    handles = {name: start(ray_local, f"mixed-{victim}-{name}", model_dir, **backends[name])
-               for name in (victim, survivor)}
+    handles = {victim: start(ray_local, f"mixed-{victim}", model_dir, **backends[victim]),
+               survivor: {"vllm": vllm_worker, "yard": yard_worker}[survivor]}
     p, params = prompt(8, 20), SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
     follower = Follower(handles, first=victim, fallback=survivor)
 
@@ -125,9 +125,7 @@ def test_killed_worker_resumes_on_the_other_engine(ray_local, model_dir, victim)
         assert tokens(events) == undisturbed(model_dir, p, params)
         assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 160
     finally:
-        ray_local.get(handles[survivor].shutdown.remote())
-        for handle in handles.values():
-            ray_local.kill(handle)
+        ray_local.kill(handles[victim])
 
 
 def test_load_reports_and_metrics_match_traffic(ray_local, model_dir, metrics_port):

@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,6 +30,16 @@ def vllm_generate(model_dir: str, prompts: list, max_tokens: int | list[int], lo
     subprocess.run([sys.executable, __file__, model_dir, str(request), str(out)], check=True, env=env,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     return json.loads(out.read_text())
+
+
+def vllm_generate_soon(model_dir: str, prompts: list, max_tokens: int | list[int], logprobs: int | None,
+                       tmp: Path) -> "Future[list[dict]]":
+    """vllm_generate, started now in a thread: the reference computes while the test
+    starts its workers, which are as slow to start as it is."""
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(vllm_generate, model_dir, prompts, max_tokens, logprobs, tmp)
+    pool.shutdown(wait=False)
+    return future
 
 
 def same_text(ours: str, vllm_text: str) -> bool:
