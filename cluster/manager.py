@@ -37,6 +37,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from cluster.adoption import Orphans, find_orphans, placement_name, remove_orphans
 from cluster.config import SPLIT_ROLES, ClusterConfig
+from cluster.departures import Departures
 from cluster.metrics import ClusterMetrics
 from cluster.migration_policy import MigrationOrder, MigrationPolicy, WorkerView, worker_view
 from cluster.pool_scaling import AddWorkers, Decision, PoolScaler, PoolWorker, pool_worker
@@ -117,6 +118,7 @@ class ClusterManager:
         self._policy = MigrationPolicy(config.migration, time.monotonic)
         self._migration_ids = itertools.count()
         self._in_flight: dict[str, InFlight] = {}
+        self._departures = Departures()  # committed moves that the sources' reports do not show yet
         self._migration_tasks: set[asyncio.Task] = set()
         self._migration_totals: collections.Counter[tuple[str, str]] = collections.Counter()  # (reason, outcome)
         self._recent_migrations: collections.deque[MigrationResult] = collections.deque(maxlen=32)
@@ -351,13 +353,20 @@ class ClusterManager:
         if not self._policy.has_work(any(e.draining or (e.load is not None and e.load.draining)
                                          for e in self.workers.values())):
             return []
-        orders = [order for views in self._kv_groups().values() for order in self._policy.plan(views)]
-        orders += self._recompute_drains()
+        moving = self._moving()
+        orders = [order for views in self._kv_groups(moving).values() for order in self._policy.plan(views)]
+        orders += self._recompute_drains(moving)
         for order in orders:
             self._launch(order)
         return orders
 
-    def _kv_groups(self) -> dict[str, list[WorkerView]]:
+    def _moving(self) -> set[str]:
+        """Requests no planner may order now: those moving, and those that have left a
+        worker whose report still lists them (cluster/departures.py)."""
+        gone = self._departures.gone({wid: e.load for wid, e in self.workers.items()})
+        return {f.order.request_id for f in self._in_flight.values()} | gone
+
+    def _kv_groups(self, moving: set[str]) -> dict[str, list[WorkerView]]:
         """The policy pairs workers only within a KV group (LoadReport.kv_group): yard's
         engines, or vLLM engines of one handover layout. Prefill workers hand their
         requests to decode workers themselves, and a worker without a group moves its
@@ -369,10 +378,10 @@ class ClusterManager:
                 continue
             if not e.load.kv_migration and (e.draining or e.load.draining):
                 continue
-            groups[e.load.kv_group].append(self._view(e))
+            groups[e.load.kv_group].append(self._view(e, moving))
         return groups
 
-    def _recompute_drains(self) -> list[MigrationOrder]:
+    def _recompute_drains(self, moving: set[str]) -> list[MigrationOrder]:
         """Draining workers that cannot move KV move their requests by recompute."""
         flights = [f.order for f in self._in_flight.values()]
         candidates = [DrainCandidate(e.load, e.healthy and e.booting is None and not e.draining and not e.load.draining
@@ -380,11 +389,11 @@ class ClusterManager:
                                      sum(o.source == e.worker_id for o in flights),
                                      sum(o.destination == e.worker_id for o in flights))
                       for e in self.workers.values() if e.load is not None]
-        return recompute_drain_orders(candidates, {o.request_id for o in flights}, self.config.migration)
+        return recompute_drain_orders(candidates, moving, self.config.migration)
 
-    def _view(self, entry: WorkerEntry) -> WorkerView:
+    def _view(self, entry: WorkerEntry, moving: set[str]) -> WorkerView:
         flights = self._in_flight.values()
-        return worker_view(entry.load, entry.healthy, entry.draining, {f.order.request_id for f in flights},
+        return worker_view(entry.load, entry.healthy, entry.draining, moving,
                            sum(f.order.destination == entry.worker_id for f in flights),
                            sum(f.order.source == entry.worker_id for f in flights))
 
@@ -406,6 +415,8 @@ class ClusterManager:
             result = MigrationResult(mid, order.request_id, order.source, order.destination, order.reason, "failed",
                                      f"{type(e).__name__}: {e}")
         del self._in_flight[mid]
+        if result.committed:
+            self._departures.record(order.request_id, order.source, time.time())
         self._migration_totals[(result.reason, result.outcome)] += 1
         self._recent_migrations.append(result)
         self._metrics.migration_ended(result)

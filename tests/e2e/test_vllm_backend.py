@@ -134,3 +134,6 @@ def test_drain_moves_vllm_streams_by_recompute_and_loses_nothing(ray_local, vllm
     assert all(same_text(got, want["text"]) for got, want in zip(texts, expected, strict=True))
     recent = ray_local.get(manager.status.remote())["migrations"]["recent"]
     assert committed(ray_local, manager, "drain") >= 1, recent
+    # Requests that balance moved away are not ordered again from the drained worker's
+    # older report (cluster/departures.py): no drain order finds its request gone.
+    assert not [m for m in recent if m["reason"] == "drain" and "not_here" in (m["error"] or "")], recent
