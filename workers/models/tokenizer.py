@@ -19,8 +19,8 @@ def load_tokenizer(model_dir: Path) -> Any:
 
 
 def load_hf_tokenizer(model_dir: Path) -> "PreTrainedTokenizerBase":
-    """transformers' AutoTokenizer for the directory: what the offline LLM hands its
-    users, and the reference the fast tokenizer is tested against."""
+    """transformers' AutoTokenizer for the directory: where the fast tokenizer would
+    differ from it, and what the offline LLM hands its users."""
     from transformers import AutoTokenizer  # imports torch: not at import time (router replicas)
 
     if not (Path(model_dir) / "tokenizer.json").exists() and not (Path(model_dir) / "tokenizer.model").exists():
