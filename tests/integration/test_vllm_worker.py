@@ -389,3 +389,46 @@ def test_stop_strings_end_a_vllm_request_as_ours(ray_local, vllm_worker, yard_wo
     assert "".join(stop_texts) == text(ours) and "".join(stop_texts[:3]) + text(resumed) == text(ours)
     wait_until(lambda: ray_local.get(vllm_worker.load.remote()).requests == (), 10,
                "the vLLM worker to hold no request after its stop")
+
+
+
+@pytest.fixture(scope="module")
+def vllm_tp2_worker(ray_local, model_dir):
+    handle = start(ray_local, "vllm-tp2", model_dir, backend="vllm", tensor_parallel_size=2)
+    yield handle
+    ray_local.get(handle.shutdown.remote())
+    ray_local.kill(handle)
+
+
+def test_tensor_parallel_vllm_worker_gives_the_same_tokens(ray_local, vllm_tp2_worker, greedy_offline):
+    """tensor_parallel_size 2: vLLM's own rank processes, started from the worker actor,
+    each bound to its share of the actor's CPUs, give one rank's greedy tokens."""
+    for i, (p, want) in enumerate(zip(PROMPTS, greedy_offline)):
+        events = stream(ray_local, vllm_tp2_worker, WorkerRequest(f"tp2-{i}", p, GREEDY))
+        assert tokens(events) == want["token_ids"]
+        assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == GREEDY.max_tokens
+
+
+def test_tensor_parallel_vllm_request_moves_with_its_kv(ray_local, model_dir, vllm_worker, vllm_tp2_worker):
+    """Between two vLLM workers of two ranks each, a request's KV goes along, each rank
+    sending its share of the heads: the destination computes none of the prompt, and
+    the tokens are an undisturbed run's. Into a worker of one rank, the layouts differ
+    and the request is computed again there, as correct."""
+    handles = {"vllm-tp2": vllm_tp2_worker, "vllm-w0": vllm_worker,
+               "tp2-dst": start(ray_local, "tp2-dst", model_dir, backend="vllm", tensor_parallel_size=2)}
+    params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
+    try:
+        for rid, source, destination, carried in (("tp2-to-tp2", "vllm-tp2", "tp2-dst", True),
+                                                   ("tp2-to-tp1", "tp2-dst", "vllm-w0", False)):
+            p = prompt(len(rid) + (11 if carried else 12), 300)  # 2 full blocks of vLLM's 128, then a partial one
+            order = MigrationOrder(f"m-{rid}", rid, destination, handles[destination], "manual")
+            events, results = run(Follower(handles, first=source).run(WorkerRequest(rid, p, params), 10, [order],
+                                                                      source))
+            assert results[0].outcome == "committed", results[0]
+            assert tokens(events) == undisturbed(model_dir, p, params)
+            assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 120
+            assert (results[0].stages, results[0].blocks) == ((2, 3) if carried else (0, 0)), results[0]
+            assert events[-1].usage.cached_tokens == (len(p) if carried else 0)
+    finally:
+        ray_local.get(handles["tp2-dst"].shutdown.remote())
+        ray_local.kill(handles["tp2-dst"])

@@ -46,6 +46,7 @@ from workers.recompute_move import recompute_refusal
 from workers.sampling_params import SamplingParams
 from workers.vllm import kv_handover
 from workers.vllm.convert import step_output, vllm_params
+from workers.vllm.cpu_binding import bind_ranks
 from workers.vllm.kv_handover import KVLayout, KVParts, KVPayload
 from workers.vllm.prefix_hashes import CachedPrefixes
 from workers.vllm.stats_tap import StatsTap
@@ -67,6 +68,7 @@ class _Tracked:
     recomputable: bool  # may move by recompute (workers/recompute_move.py)
     detokenizer: IncrementalDetokenizer  # yard's, stop strings included: see _with_text
     vllm_id: str  # vLLM's id for it (the request id and a suffix of vLLM's)
+    kv_staged: bool = False  # came with KV from another worker, staged in the ranks until loaded
 
     @property
     def produced(self) -> int:
@@ -85,6 +87,8 @@ class VLLMEngine:
         # The engine core steps on the caller's thread, like ours: no second process
         # per worker competing for its cores, and no IPC per step.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when the engine is built
+        if config.device == "cpu":
+            bind_ranks(config.tensor_parallel_size)  # read when the rank processes start
         self.config = config
         self.clock = clock
         self.model_dir = resolve_model(config.model)
@@ -109,6 +113,13 @@ class VLLMEngine:
         self._num_steps = 0
         self._step_times: collections.deque[float] = collections.deque(maxlen=_RECENT_STEPS)
         self._busy_s = 0.0
+        # Read once, here: the KV tensors never change, and after this only the
+        # stepping thread calls the ranks, so that no call interleaves with a step.
+        self._layout = kv_handover.layout(config.model, self._on_ranks)
+
+    def _on_ranks(self, fn: Callable[..., Any], *args: Any) -> list:
+        """fn(vLLM worker, *args) in every tensor-parallel rank, results in rank order."""
+        return self.engine.collective_rpc(fn, args=args)
 
     # -- health ---------------------------------------------------------------------------
     @property
@@ -164,20 +175,21 @@ class VLLMEngine:
         if kv is not None:
             own = self.handover_layout()
             if own is None:
-                raise ValueError(f"this engine cannot take a request's KV ({self.config.tensor_parallel_size} "
-                                 f"tensor-parallel ranks)")
-            kv_handover.stage(request_id, kv, own)
+                raise ValueError("this engine cannot take a request's KV (its KV caches are laid out in a way "
+                                 "the handover cannot read)")
+            kv_handover.stage(request_id, kv, own, self._on_ranks)
             sampling.extra_args = kv_handover.handover_params(request_id)
         try:
             vllm_id = self.engine.add_request(request_id, {"prompt_token_ids": tokens}, sampling,
                                               arrival_time=arrival_time, priority=-priority)
         except BaseException:
-            kv_handover.unstage(request_id)
+            if kv is not None:
+                kv_handover.unstage(request_id, self._on_ranks)
             raise
         self._requests[request_id] = _Tracked(len(prompt_token_ids), len(output_token_ids), params.logprobs,
                                               self.clock() if arrival_time is None else arrival_time, priority,
                                               list(output_token_ids), recompute_refusal(params) is None,
-                                              detokenizer, vllm_id)
+                                              detokenizer, vllm_id, kv_staged=kv is not None)
 
     def abort(self, request_id: str) -> bool:
         """Stop a request; its end (finish_reason "abort") comes out of the next step."""
@@ -185,7 +197,7 @@ class VLLMEngine:
         if tracked is None:
             return False
         self.engine.abort_request([request_id])
-        kv_handover.unstage(request_id)
+        self._unstage(tracked, request_id)
         self._pending.append(StepOutput(request_id, tracked.next_index, (), None, "", finish_reason="abort",
                                         num_prompt_tokens=tracked.num_prompt_tokens))
         return True
@@ -202,8 +214,13 @@ class VLLMEngine:
         own = self.handover_layout() if with_kv else None
         kv = self._export_kv(tracked, own, first_block, whole=True) if own is not None else None
         self.engine.abort_request([request_id])
-        kv_handover.unstage(request_id)
+        self._unstage(tracked, request_id)
         return tuple(tracked.output_token_ids), kv
+
+    def _unstage(self, tracked: _Tracked, request_id: str) -> None:
+        """A request that leaves: any KV handed to it and not loaded yet goes too."""
+        if tracked.kv_staged:
+            kv_handover.unstage(request_id, self._on_ranks)
 
     def copy_full_blocks(self, request_id: str, first_block: int) -> Optional[KVPayload]:
         """A pre-copy stage: copies of a running request's blocks from first_block on
@@ -226,16 +243,16 @@ class VLLMEngine:
         if -(-num_tokens // own.block_size) <= first_block:
             return None
         (block_ids, *_) = scheduler.kv_cache_manager.get_block_ids(tracked.vllm_id)
-        return kv_handover.export_kv(own, list(block_ids), num_tokens, first_block)
+        return kv_handover.export_kv(own, list(block_ids), num_tokens, self._on_ranks, first_block)
 
     @property
     def _scheduler(self) -> Any:
         return self.engine.engine_core.engine_core.scheduler  # in-process core (see __init__)
 
     def handover_layout(self) -> Optional[KVLayout]:
-        """The KV layout a handed-over request's KV must have here; None where this
-        engine takes none (its KV lives in vLLM's tensor-parallel rank processes)."""
-        return kv_handover.layout(self.config.model) if self.config.tensor_parallel_size == 1 else None
+        """The KV layout a handed-over request's KV must have here (its ranks' shares
+        of the heads included); None where this engine takes none."""
+        return self._layout
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
@@ -374,10 +391,9 @@ def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
         kv_transfer_config=_handover_config(config))
 
 
-def _handover_config(config: EngineConfig) -> Optional[KVTransferConfig]:
-    """Our KV connector, where the KV caches are in the worker's process (one rank)."""
-    if config.tensor_parallel_size != 1:
-        return None
+def _handover_config(config: EngineConfig) -> KVTransferConfig:
+    """Our KV connector: its scheduler half in the worker's process, its worker half
+    in every rank."""
     return KVTransferConfig(kv_connector=kv_handover.CONNECTOR_NAME, kv_role="kv_both",
                             kv_connector_module_path=kv_handover.__name__)
 

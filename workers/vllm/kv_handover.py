@@ -3,19 +3,22 @@ request move between two vLLM workers without computing its prompt again.
 
 vLLM 0.32 keeps its KV cache to itself; its one door is the KV connector interface,
 loaded by module path (`kv_transfer_config.kv_connector_module_path`).
-`HandoverConnector` is ours. Both of its halves live in the worker's process,
-because the engine core and its model runner run in-process there
-(workers/vllm/engine.py), so the connector and the engine meet in this module:
+`HandoverConnector` is ours. Its scheduler half lives in the worker's process, with
+the in-process engine core (workers/vllm/engine.py); its worker half lives in each
+tensor-parallel rank: the worker's process itself with one rank, vLLM's rank
+processes with more. Each rank holds its share of the KV heads, so each copies and
+writes its own share; the engine reaches them through vLLM's `collective_rpc`
+(the `rank_*` functions here, which run in every rank):
 
-- source: `export_kv` copies a request's blocks out of the KV tensors the
-  connector was handed (`register_kv_caches`), between two steps, before the request
-  is taken out of the engine;
-- destination: `stage` holds a payload for a request about to be added; the
-  scheduler asks the connector how many of its tokens are available outside
-  (`get_num_new_matched_tokens`), allocates blocks for them
-  (`update_state_after_alloc`), and before the next forward the worker half writes
-  the payload into those blocks (`start_load_kv`). vLLM then computes only what is
-  left: the last token, whose output is the next one.
+- source: `export_kv` copies a request's blocks out of each rank's KV tensors (the
+  ones its connector was handed, `register_kv_caches`), between two steps, before the
+  request is taken out of the engine;
+- destination: `stage` holds a payload for a request about to be added, each rank its
+  own share; the scheduler asks the connector how many of its tokens are available
+  outside (`get_num_new_matched_tokens`), allocates blocks for them
+  (`update_state_after_alloc`), and before the next forward every rank writes its
+  share into those blocks (`start_load_kv`). vLLM then computes only what is left:
+  the last token, whose output is the next one.
 
 Stop and copy: the request is out of both engines while its blocks are copied. vLLM
 offers no hook to pre-copy a running request's blocks while it keeps decoding
@@ -24,10 +27,11 @@ without running the connector's save path on every layer of every step.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -46,32 +50,42 @@ class KVLayout:
 
     model: str  # as the cluster config names it: the same weights on both sides
     block_size: int
-    layers: tuple[tuple[str, tuple[int, ...], str], ...]  # (name, per-block shape, dtype)
+    layers: tuple[tuple[str, tuple[int, ...], str], ...]  # each rank's: (name, per-block shape, dtype)
+    ranks: int = 1  # tensor-parallel ranks, each holding the share of the heads that `layers` shows
+
+
+Blocks = dict[str, torch.Tensor]  # one rank's: layer name → [num_blocks, *per-block shape]
 
 
 @dataclass(frozen=True)
 class KVPayload:
-    """KV of one request's first `num_tokens` tokens: for each layer, its blocks from
-    `first_block` on (a pre-copied part starts at 0; the last part, after them)."""
+    """KV of one request's first `num_tokens` tokens: for each rank and layer, its
+    blocks from `first_block` on (a pre-copied part starts at 0; the last part, after
+    them)."""
 
     layout: KVLayout
     num_tokens: int
-    blocks: dict[str, torch.Tensor]  # layer name → [num_blocks, *per-block shape]
+    shards: tuple[Blocks, ...]  # one per tensor-parallel rank, in rank order
     first_block: int = 0
 
     @property
     def num_blocks(self) -> int:
-        return next(iter(self.blocks.values())).shape[0] if self.blocks else 0
+        first = self.shards[0] if self.shards else {}
+        return next(iter(first.values())).shape[0] if first else 0
 
     @property
     def num_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.blocks.values())
+        return sum(t.numel() * t.element_size() for shard in self.shards for t in shard.values())
+
+
+# What the engine uses to run a function in every rank: vLLM's collective_rpc, which
+# calls it with the rank's vLLM worker first and returns the results in rank order.
+OnRanks = Callable[..., list]
 
 
 @dataclass
 class _Load:
     key: str
-    kv: "KVParts"
     first_token: int  # tokens before this were found in the local prefix cache
     block_ids: list[int] = field(default_factory=list)  # all of the request's, once allocated
 
@@ -82,24 +96,33 @@ class _HandoverMeta(KVConnectorMetadata):
 
 
 class _Shared:
-    """The process's two connector halves and its engine meet here (one engine per
-    worker process)."""
+    """Where a process's connector halves and the engine meet (one engine per worker
+    process; a rank process is one rank of one engine)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.block_size = 0
-        self.kv_caches: dict[str, torch.Tensor] = {}  # layer name → this process's KV tensor
+        self.kv_caches: dict[str, torch.Tensor] = {}  # layer name → this rank's KV tensor
         self.block_dim: dict[str, int] = {}
-        self.staged: dict[str, KVParts] = {}  # handover key → its KV, until scheduled
+        self.staged: dict[str, int] = {}  # scheduler side: handover key → its tokens, until scheduled
+        self.shards: dict[str, list[tuple[int, Blocks]]] = {}  # rank side: key → (first block, blocks), until loaded
 
 
 _SHARED = _Shared()
 _PARAM = "yard_handover"  # the request's kv_transfer_params key that names its payload
 
 
-def layout(model: str) -> Optional[KVLayout]:
-    """This process's engine's KV layout, for `model`; None where its KV caches live
-    in other processes (vLLM's tensor-parallel ranks), which a handover cannot reach."""
+def layout(model: str, on_ranks: OnRanks) -> Optional[KVLayout]:
+    """The engine's KV layout, for `model`: its ranks', which must agree; None where
+    a rank's KV caches are laid out in a way this module cannot read."""
+    per_rank = on_ranks(rank_layout, model)
+    if not per_rank or None in per_rank or len(set(per_rank)) != 1:
+        return None
+    return dataclasses.replace(per_rank[0], ranks=len(per_rank))
+
+
+def rank_layout(_worker: Any, model: str) -> Optional[KVLayout]:
+    """In a rank: its own share's layout."""
     if not _SHARED.kv_caches:
         return None
     return KVLayout(model, _SHARED.block_size, tuple((name, _per_block_shape(name), str(t.dtype))
@@ -116,17 +139,24 @@ def handover_params(key: str) -> dict[str, Any]:
     return {"kv_transfer_params": {_PARAM: key}}
 
 
-def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int, first_block: int = 0) -> KVPayload:
+def export_kv(own: KVLayout, block_ids: list[int], num_tokens: int, on_ranks: OnRanks,
+              first_block: int = 0) -> KVPayload:
     """Copies of the blocks holding a request's first num_tokens tokens, from
-    first_block on. Called between two steps, on the thread that steps the engine."""
+    first_block on, from every rank. Called between two steps, on the thread that
+    steps the engine."""
     needed = block_ids[first_block: -(-num_tokens // own.block_size)]
+    return KVPayload(own, num_tokens, tuple(on_ranks(rank_export, needed)), first_block)
+
+
+def rank_export(_worker: Any, block_ids: list[int]) -> Blocks:
+    """In a rank: copies of its share of these blocks."""
     blocks = {}
     for name, t in _SHARED.kv_caches.items():
         dim = _SHARED.block_dim[name]
-        index = torch.tensor(needed, dtype=torch.long, device=t.device)
+        index = torch.tensor(block_ids, dtype=torch.long, device=t.device)
         # Host memory, so that the payload travels between workers as any object does.
         blocks[name] = t.index_select(dim, index).movedim(dim, 0).contiguous().cpu()
-    return KVPayload(own, num_tokens, blocks, first_block)
+    return blocks
 
 
 @dataclass(frozen=True)
@@ -154,20 +184,42 @@ def kv_parts(parts: list[KVPayload]) -> KVParts:
     return KVParts(tuple(parts))
 
 
-def stage(key: str, kv: KVParts | KVPayload, own: KVLayout) -> None:
-    """Hold `kv` for the request about to be added with handover_params(key)."""
+def stage(key: str, kv: KVParts | KVPayload, own: KVLayout, on_ranks: OnRanks) -> None:
+    """Hold `kv` for the request about to be added with handover_params(key): each
+    rank its share, the scheduler the number of tokens. (vLLM sends a call's
+    arguments to every rank: with more than one, each receives all the shares.)"""
     kv = kv if isinstance(kv, KVParts) else kv_parts([kv])
     for part in kv.parts:
         if part.layout != own:
             raise ValueError(f"the KV handed over is laid out for {part.layout.model!r} with blocks of "
-                             f"{part.layout.block_size}, not as this engine's ({own.model!r}, {own.block_size})")
+                             f"{part.layout.block_size} over {part.layout.ranks} rank(s), not as this engine's "
+                             f"({own.model!r}, {own.block_size}, {own.ranks})")
+    on_ranks(rank_stage, key, kv)
     with _SHARED.lock:
-        _SHARED.staged[key] = kv
+        _SHARED.staged[key] = kv.num_tokens
 
 
-def unstage(key: str) -> None:
+def rank_stage(_worker: Any, key: str, kv: KVParts) -> None:
+    """In a rank: keep its share of each part until the request's blocks are allocated."""
+    from vllm.distributed import get_tensor_model_parallel_rank
+
+    rank = get_tensor_model_parallel_rank()
+    with _SHARED.lock:
+        _SHARED.shards[key] = [(part.first_block, part.shards[rank]) for part in kv.parts]
+
+
+def unstage(key: str, on_ranks: Optional[OnRanks] = None) -> None:
+    """Drop what is held for `key`: the scheduler's count, and with on_ranks, the
+    ranks' shares (of a request that leaves before its KV was loaded)."""
     with _SHARED.lock:
         _SHARED.staged.pop(key, None)
+    if on_ranks is not None:
+        on_ranks(rank_unstage, key)
+
+
+def rank_unstage(_worker: Any, key: str) -> None:
+    with _SHARED.lock:
+        _SHARED.shards.pop(key, None)
 
 
 def _key(request: Any) -> Optional[str]:
@@ -188,14 +240,14 @@ class HandoverConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
         key = _key(request)
         with _SHARED.lock:
-            kv = _SHARED.staged.get(key) if key is not None else None
-        if kv is None:
+            staged_tokens = _SHARED.staged.get(key) if key is not None else None
+        if staged_tokens is None:
             return 0, False
         # At least the last token is computed here: its output is the next token.
-        available = min(kv.num_tokens, request.num_tokens - 1)
+        available = min(staged_tokens, request.num_tokens - 1)
         if available <= num_computed_tokens:
             return 0, False
-        self._loads[request.request_id] = _Load(key, kv, num_computed_tokens)
+        self._loads[request.request_id] = _Load(key, num_computed_tokens)
         return available - num_computed_tokens, False
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -234,12 +286,16 @@ class HandoverConnector(KVConnectorBase_V1):
         if not isinstance(meta, _HandoverMeta):
             return
         for load in meta.loads:
+            with _SHARED.lock:
+                parts = _SHARED.shards.pop(load.key, None)
+            if parts is None:  # staged on every rank before the request was added: a bug if not
+                raise RuntimeError(f"KV handover {load.key!r}: this rank holds no share of it")
             first_block = load.first_token // self._block_size  # those before are the local prefix hit's
-            for part in load.kv.parts:
-                low = max(first_block, part.first_block)
-                high = min(len(load.block_ids), part.first_block + part.num_blocks)
+            for part_first, blocks in parts:
+                low = max(first_block, part_first)
+                high = min(len(load.block_ids), part_first + _num_blocks(blocks))
                 if low < high:
-                    _write_blocks(part, low, high, load.block_ids)
+                    _write_blocks(blocks, part_first, low, high, load.block_ids)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return
@@ -251,12 +307,17 @@ class HandoverConnector(KVConnectorBase_V1):
         return
 
 
-def _write_blocks(part: KVPayload, low: int, high: int, block_ids: list[int]) -> None:
-    """The request's blocks low..high-1 from `part` into the blocks allocated for them."""
+def _num_blocks(blocks: Blocks) -> int:
+    return next(iter(blocks.values())).shape[0] if blocks else 0
+
+
+def _write_blocks(part: Blocks, part_first: int, low: int, high: int, block_ids: list[int]) -> None:
+    """The request's blocks low..high-1, from a part that starts at block part_first,
+    into the blocks allocated for them (this rank's share)."""
     target = torch.tensor(block_ids[low:high], dtype=torch.long)
     for name, tensor in _SHARED.kv_caches.items():
         dim = _SHARED.block_dim[name]
-        blocks = part.blocks[name][low - part.first_block: high - part.first_block].movedim(0, dim)
+        blocks = part[name][low - part_first: high - part_first].movedim(0, dim)
         tensor.index_copy_(dim, target.to(tensor.device), blocks.to(tensor.device))
 
 
