@@ -33,7 +33,7 @@ class ExpertFFN:
 def _grouped(rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
     offsets = ends.to(torch.int32)
     gate, up = F.grouped_mm(rows, w13.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    return F.grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offsets)
+    return F.grouped_mm(F.silu(gate).mul_(up), w2.transpose(1, 2), offs=offsets)
 
 
 def _one_by_one(rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _one_by_one(rows: torch.Tensor, ends: torch.Tensor, w13: torch.Tensor, w2: t
     for expert, end in enumerate(ends.tolist()):
         if end > start:
             gate, up = F.linear(rows[start:end], w13[expert]).chunk(2, dim=-1)
-            out[start:end] = F.linear(F.silu(gate) * up, w2[expert])
+            out[start:end] = F.linear(F.silu(gate).mul_(up), w2[expert])
         start = end
     return out
 

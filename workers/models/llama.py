@@ -99,7 +99,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.tp.all_reduce(self.down(F.silu(gate) * up))
+        # In place into silu's fresh output: the same values as silu(gate) * up, but
+        # PyTorch's out-of-place product of a contiguous and a strided operand (up is
+        # a view into gate_up's rows) took 2-3x as long, ~5% of a prefill step.
+        return self.tp.all_reduce(self.down(F.silu(gate).mul_(up)))
 
 
 MakeMLP = Callable[[ModelConfig, TPGroup, ShardPlan], nn.Module]
