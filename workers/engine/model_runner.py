@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
+from workers.engine.freed_memory import keep_freed_memory
 from workers.engine.layer_progress import LayerProgress
 from workers.engine.sequence import Sequence
 from workers.layers.attention import AttentionBatch, PrefillSlice
@@ -58,6 +59,8 @@ class ModelRunner:
         self.tp = tp or TPGroup()
         self.block_size = block_size
         self.device = torch.device(device)
+        if self.device.type == "cpu":
+            keep_freed_memory()  # a step's temporaries, for the next step (freed_memory.py)
         # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
         use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None

@@ -35,6 +35,7 @@ from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
 from workers.engine.config import EngineConfig
 from workers.engine.detokenizer import IncrementalDetokenizer, resumed_detokenizer
+from workers.engine.freed_memory import keep_freed_memory
 from workers.engine.interface import EngineCapabilities
 from workers.engine.outputs import EngineStats, StepOutput
 from workers.engine.request_checks import check_prompt, check_token_ids, output_room
@@ -89,6 +90,7 @@ class VLLMEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # read when the engine is built
         if config.device == "cpu":
             bind_ranks(config.tensor_parallel_size)  # read when the rank processes start
+            keep_freed_memory()  # here, and in the environment the rank processes start with
         self.config = config
         self.clock = clock
         self.model_dir = resolve_model(config.model)
