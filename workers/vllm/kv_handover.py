@@ -20,9 +20,9 @@ writes its own share; the engine reaches them through vLLM's `collective_rpc`
   share into those blocks (`start_load_kv`). vLLM then computes only what is left:
   the last token, whose output is the next one.
 
-Stop and copy: the request is out of both engines while its blocks are copied. vLLM
-offers no hook to pre-copy a running request's blocks while it keeps decoding
-without running the connector's save path on every layer of every step.
+Its full blocks no longer change, so they are copied while it decodes (between two
+steps, `copy_full_blocks` in the engine); the rest is copied once it is taken out
+of the source's engine, while it is in neither (workers/recompute_move.py).
 """
 
 from __future__ import annotations
@@ -70,8 +70,7 @@ class KVPayload:
 
     @property
     def num_blocks(self) -> int:
-        first = self.shards[0] if self.shards else {}
-        return next(iter(first.values())).shape[0] if first else 0
+        return _num_blocks(self.shards[0]) if self.shards else 0
 
     @property
     def num_bytes(self) -> int:
