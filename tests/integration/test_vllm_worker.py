@@ -391,7 +391,6 @@ def test_stop_strings_end_a_vllm_request_as_ours(ray_local, vllm_worker, yard_wo
                "the vLLM worker to hold no request after its stop")
 
 
-
 @pytest.fixture(scope="module")
 def vllm_tp2_worker(ray_local, model_dir):
     handle = start(ray_local, "vllm-tp2", model_dir, backend="vllm", tensor_parallel_size=2)

@@ -5,7 +5,7 @@ a 12 MiB gate/up product per layer, and more) and frees them at its end. glibc's
 malloc serves blocks that large with mmap, or returns the top of its heap to the OS
 once enough is free, so every step faulted the same pages in again, zeroed by the
 kernel: on a 2-core machine a prefill step took ~12% longer than with the memory kept
-(bench/engine.py's figures in docs/performance.md). vLLM's CPU guide asks for
+(docs/performance.md, *Fixed*). vLLM's CPU guide asks for
 tcmalloc in LD_PRELOAD for the same reason; this needs nothing installed.
 
 `keep_freed_memory` sets glibc's thresholds in this process (mallopt) and in the
