@@ -417,9 +417,11 @@ def test_tensor_parallel_vllm_request_moves_with_its_kv(ray_local, model_dir, vl
                "tp2-dst": start(ray_local, "tp2-dst", model_dir, backend="vllm", tensor_parallel_size=2)}
     params = SamplingParams(temperature=0, max_tokens=120, ignore_eos=True)
     try:
-        for rid, source, destination, carried in (("tp2-to-tp2", "vllm-tp2", "tp2-dst", True),
-                                                   ("tp2-to-tp1", "tp2-dst", "vllm-w0", False)):
-            p = prompt(len(rid) + (11 if carried else 12), 300)  # 2 full blocks of vLLM's 128, then a partial one
+        # Prompts seen by no worker before (seeds 21, 22), so a cached token can only
+        # have come with the KV: 300 tokens, 2 full blocks of vLLM's 128, then a partial one.
+        for rid, seed, source, destination, carried in (("tp2-to-tp2", 21, "vllm-tp2", "tp2-dst", True),
+                                                         ("tp2-to-tp1", 22, "tp2-dst", "vllm-w0", False)):
+            p = prompt(seed, 300)
             order = MigrationOrder(f"m-{rid}", rid, destination, handles[destination], "manual")
             events, results = run(Follower(handles, first=source).run(WorkerRequest(rid, p, params), 10, [order],
                                                                       source))
