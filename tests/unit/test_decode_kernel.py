@@ -21,7 +21,12 @@ def batch(tables: torch.Tensor, lens: torch.Tensor, block_size: int, use_kernel:
                           decode_kernel=kernel if use_kernel else None)
 
 
-@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 4, 16), (8, 2, 32), (12, 4, 64), (6, 1, 8)])
+# The vector path with fixed loop lengths (32/2, 64/1, 128/4, 128/8 as head_dim/group),
+# with run-time ones (16/1, 32/4, 64/3, 8/6), and the scalar path (head_dim 12 is no
+# multiple of 8; 32 query heads on one KV head is a larger group than the vector path's).
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 4, 32), (4, 4, 64), (8, 2, 128), (16, 2, 128),
+                                                     (4, 4, 16), (8, 2, 32), (12, 4, 64), (6, 1, 8),
+                                                     (4, 2, 12), (32, 1, 8)])
 def test_kernel_matches_pytorch_path(heads, kv_heads, head_dim):
     gen = torch.Generator().manual_seed(heads * 100 + kv_heads)
     num_blocks, block_size, n, max_blocks = 64, 4, 9, 7
