@@ -1,9 +1,13 @@
-"""A linear layer that, on CPU, runs on a weight pre-packed for oneDNN.
+"""A linear layer that, on CPU in bfloat16, runs on a weight pre-packed for oneDNN.
 
 The plain weight stays the parameter that checkpoints load into (and that tensor
-parallelism slices); `pack()` then lays it out once in oneDNN's blocked format, which
-makes the small-batch matmuls of decoding about a quarter faster on CPU. On other
-devices, or where oneDNN is missing, it is F.linear.
+parallelism slices); `pack()` then lays it out once in oneDNN's blocked format, so
+bfloat16 matmuls do not reorder the weight on every call. Float32 stays with F.linear
+(MKL's sgemm): on torch 2.13 it is as fast as the packed matmul at every batch size,
+and the packed one builds a new oneDNN kernel for every row count it has not seen,
+7 to 18 ms per step whose batch size is new, which in serving is most steps
+(docs/performance.md, *Fixed*). On other devices, or where oneDNN is missing, it is
+F.linear.
 """
 
 from __future__ import annotations
@@ -18,12 +22,10 @@ _BATCH_HINT = 64  # oneDNN picks its blocking for about this many rows
 
 
 def _packable(dtype: torch.dtype) -> bool:
-    """oneDNN packs float32 on any x86 CPU; bfloat16 only where the CPU has the
-    instructions for it (AVX512-BF16 or AVX-NE-CONVERT): elsewhere packing raises."""
+    """bfloat16, where the CPU has the instructions for it (AVX512-BF16 or
+    AVX-NE-CONVERT): elsewhere packing raises."""
     if not torch.backends.mkldnn.is_available():
         return False
-    if dtype == torch.float32:
-        return True
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
