@@ -157,8 +157,11 @@ def test_migrated_request_continues_exactly(pair, kind, cut):
     if params.logprobs is not None:
         assert [(t.token_id, t.top_logprobs is not None) for t in run.logprobs] == \
                [(t.token_id, True) for t in want.logprobs]
+        # The destination computes the request beside its other requests, the reference
+        # alone: float32 matmuls (MKL) sum in an order that depends on the batch's row
+        # count, so logprobs agree to float noise (~1e-5 seen), not to the bit.
         for got, exp in zip(run.logprobs, want.logprobs):
-            assert abs(got.logprob - exp.logprob) < 1e-5
+            assert abs(got.logprob - exp.logprob) < 1e-4
 
 
 def test_stop_string_and_held_back_text_survive_the_move(pair):

@@ -10,7 +10,9 @@ import torch
 
 from workers.engine import huge_pages
 
-linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise(MADV_HUGEPAGE) is Linux's")
+THP = Path("/sys/kernel/mm/transparent_hugepage")
+linux = pytest.mark.skipif(not (sys.platform.startswith("linux") and THP.exists()),
+                           reason="madvise(MADV_HUGEPAGE) needs Linux with transparent huge pages built in")
 
 
 def vm_flags(address: int) -> list[str]:
