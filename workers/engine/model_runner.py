@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Optional
 
 import torch
 
-from workers.engine import huge_pages
 from workers.engine.freed_memory import keep_freed_memory
 from workers.engine.layer_progress import LayerProgress
 from workers.engine.sequence import Sequence
@@ -71,8 +70,8 @@ class ModelRunner:
         self.offloaded_kv = offloaded_kv  # migration and P/D read and write the blocks there
         if offload is not None:
             model.offload_attention(offload.attend)
-        self.kv_caches = huge_pages.zeros((cfg.num_layers, 2, 0 if offload else num_blocks, block_size,
-                                           model.plan.kv_heads, cfg.head_dim), cfg.dtype, self.device)
+        self.kv_caches = torch.zeros(cfg.num_layers, 2, 0 if offload else num_blocks, block_size,
+                                     model.plan.kv_heads, cfg.head_dim, dtype=cfg.dtype, device=self.device)
         self.progress = LayerProgress(cfg.num_layers)  # KV readers follow the forward layer by layer
         self.next_forward_id = 1
 

@@ -10,7 +10,6 @@ from typing import Optional
 
 import torch
 
-from workers.engine import huge_pages
 from workers.layers.attention import AttentionBatch, paged_attention
 from workers.layers.cpu_kernels import load_decode_kernel
 from workers.models.config import DTYPES
@@ -36,8 +35,8 @@ class AttentionWorker:
     def join(self, host: str, port: int) -> int:
         """Join the model worker's group, then allocate this shard of the KV cache."""
         self.group = join_group(None, host, port, self.rank, self.size, self.timeout_s)
-        self.kv_caches = huge_pages.zeros((self.num_layers, 2, self.num_blocks, self.block_size,
-                                           self.shard.kv_heads, self.head_dim), self.dtype, self.device)
+        self.kv_caches = torch.zeros(self.num_layers, 2, self.num_blocks, self.block_size, self.shard.kv_heads,
+                                     self.head_dim, dtype=self.dtype, device=self.device)
         return self.rank
 
     def serve(self) -> str:
