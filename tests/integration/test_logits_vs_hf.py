@@ -15,6 +15,11 @@ from workers.models.registry import load_model
 from workers.sampling_params import SamplingParams
 
 TOLERANCE = 1e-4
+# A mixture-of-experts layer multiplies each expert's weights by the rows routed to it:
+# here a decode step's batch, in transformers the whole sequence. MKL's float32 GEMM
+# rounds a row differently with the row count, and over the layers that reached
+# 1.02e-4 on logits of up to 10 (AMD EPYC, AVX-512), against 5e-5 on the dense models.
+MOE_TOLERANCE = 2e-4
 
 VARIANTS = {
     "llama": ("tiny-llama", {}),
@@ -80,4 +85,5 @@ def test_prefill_and_every_decode_step_match_transformers(make_model, variant):
         expected = reference_logits(model_dir, toks)
         assert got.shape == expected.shape
         diff = (got - expected).abs().max().item()
-        assert diff <= TOLERANCE, f"{variant}: max abs logit difference {diff}"
+        tolerance = MOE_TOLERANCE if kind.startswith("tiny-moe") else TOLERANCE
+        assert diff <= tolerance, f"{variant}: max abs logit difference {diff}"
