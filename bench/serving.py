@@ -126,6 +126,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="how HTTP reaches the router replica: through Serve's proxy, or straight (docs/config.md)")
     p.add_argument("--stream-interval-s", type=float, default=None,
                    help="worker stream interval (WorkerConfig.stream_interval_s; default: its default)")
+    p.add_argument("--stream-interval-max-s", type=float, default=None,
+                   help="the most the stream interval grows to with many requests streaming "
+                        "(WorkerConfig.stream_interval_max_s; default: its default)")
     p.add_argument("--backend", choices=("yard", "vllm"), default="yard",
                    help="the engine inside our workers (EngineConfig.backend)")
     p.add_argument("--engine-arg", action="append", default=[], metavar="NAME=VALUE",
@@ -283,19 +286,22 @@ class Ours:
         ray.init(address="local", num_cpus=self.args.ray_cpus, include_dashboard=False, log_to_driver=False)
         config["cluster"].update(name="bench", worker_cpus=self.args.worker_cpus)
         config["cluster"]["engine"].update(self.args.engine_overrides)
-        if self.args.stream_interval_s is not None:
-            config["cluster"]["stream_interval_s"] = self.args.stream_interval_s
+        for name in ("stream_interval_s", "stream_interval_max_s"):
+            if getattr(self.args, name) is not None:
+                config["cluster"][name] = getattr(self.args, name)
         # No load shedding: the direct path has none, and the bursts must be served, not refused.
         config["router"] = {"served_model_name": self.args.served_model_name, "max_queue_per_worker": 100_000}
         cluster = ClusterConfig.from_dict(config["cluster"])  # exactly what the app's worker runs
         engine = cluster.engine
         self.info = {"engine": {k: v for k, v in vars(engine).items()}, "worker_cpus": self.args.worker_cpus,
                      "ray_cpus": self.args.ray_cpus, "serve_workers": 1, "router_replicas": 1,
-                     "stream_interval_s": cluster.stream_interval_s, "serve_env": serve_env,
+                     "stream_interval_s": cluster.stream_interval_s, "stream_full_at": cluster.stream_full_at,
+                     "stream_interval_max_s": cluster.stream_interval_max_s, "serve_env": serve_env,
                      "ingress": self.args.ingress}
         if "direct" in self.args.paths:
             self.direct = ray.remote(Worker).options(num_cpus=self.args.worker_cpus).remote(
-                WorkerConfig(worker_id="bench-direct", engine=engine, stream_interval_s=cluster.stream_interval_s))
+                WorkerConfig(worker_id="bench-direct", engine=engine, stream_interval_s=cluster.stream_interval_s,
+                             stream_full_at=cluster.stream_full_at, stream_interval_max_s=cluster.stream_interval_max_s))
             ok, why = ray.get(self.direct.health.remote(), timeout=300)
             if not ok:
                 raise RuntimeError(f"the direct worker is unhealthy: {why}")
@@ -717,7 +723,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("\nCPU seconds per 1,000 output tokens, per process (role), each run of vllm bench serve")
         print(cpu_table(servers))
         print("ITL is per streamed chunk and either server may send several tokens in one chunk (ours sends "
-              "a request's tokens at most every stream_interval_s, its first and last at once); "
+              "a request's tokens at most every stream_interval_s × streaming / stream_full_at, up to "
+              "stream_interval_max_s, its first and last at once); "
               "TPOT is the per-token figure to compare")
     elif "skipped" in peers:
         print(f"\npeers: skipped: {peers['skipped']}")

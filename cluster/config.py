@@ -65,10 +65,13 @@ class ClusterConfig:
     failures_before_replace: int = 2  # failed polls in a row before a worker is replaced
     startup_timeout_s: float = 600.0  # a worker still starting after this has failed
     # A running request's tokens leave a worker at most this often (first and last at
-    # once): larger values cost the relay less per token (WorkerConfig). Below
-    # stream_full_at requests streaming to one router replica, a share of it.
+    # once) while stream_full_at requests stream to one router replica; in
+    # proportion to the requests streaming otherwise, up to stream_interval_max_s (or
+    # stream_interval_s, if that is more).
+    # Larger values cost the relay less per token (WorkerConfig).
     stream_interval_s: float = 0.05
     stream_full_at: int = 50
+    stream_interval_max_s: float = 0.2
     migration: MigrationConfig = field(default_factory=MigrationConfig)  # live migration (docs/migration.md)
     scaling_interval_s: float = 1.0  # how often pools that scale are looked at
     # Prefill workers (docs/disaggregation.md): stream the prompt's KV while it computes;
@@ -107,6 +110,8 @@ class ClusterConfig:
         if isinstance(self.stream_full_at, bool) or not isinstance(self.stream_full_at, int) \
                 or self.stream_full_at < 0:
             raise ValueError(f"stream_full_at must be an integer >= 0, got {self.stream_full_at!r}")
+        if not 0 <= self.stream_interval_max_s <= 1:
+            raise ValueError(f"stream_interval_max_s must be in [0, 1], got {self.stream_interval_max_s!r}")
 
     def _check_pools(self) -> None:
         if MIXED_POOL in self.pools:

@@ -156,6 +156,7 @@ class ClusterManager:
         role = self.config.pool_role(pool)
         wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(pool), role=role, pool=pool,
                           stream_interval_s=self.config.stream_interval_s, stream_full_at=self.config.stream_full_at,
+                          stream_interval_max_s=self.config.stream_interval_max_s,
                           migration_pause_blocks=self.config.migration.stage_threshold_blocks,
                           migration_call_timeout_s=self.config.migration_call_timeout_s,
                           handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming,

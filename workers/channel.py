@@ -3,12 +3,15 @@ replica's link, or one `generate` call) started there, released in batches.
 
 A request's first output with text and its last event on the worker go out at once
 (time to first token, end of stream, a move to another worker); the tokens between
-at most every `stream_interval_s`, all of the channel's requests in one message, so a
-token does not cost an actor round trip. While fewer requests stream than the
-channel's `full_at`, the interval shrinks in proportion: a few requests get their
-tokens step by step (inter-token latency = time per token), and the channel's chunks
-per second (requests × messages, what the router and the proxy pay for) stay below
-full_at / stream_interval_s.
+at most every `stream_interval_s × streaming / full_at`, all of the channel's
+requests in one message, so a token does not cost an actor round trip. The interval
+follows the number of requests streaming, so the channel's chunks per second
+(requests × messages, what the router and the proxy pay for per chunk) stay below
+full_at / stream_interval_s: a few requests get their tokens step by step
+(inter-token latency = time per token), and many get several tokens per chunk, so
+that at saturation the relay does not take the cores from the engine. The interval
+stops growing at `max_interval_s`, which bounds what the coalescing adds to
+inter-token latency.
 """
 
 from __future__ import annotations
@@ -30,14 +33,16 @@ class ChannelClosed(RuntimeError):
 class Channel:
     """The events of the requests submitted on one channel, released in batches: a
     request's first output with text and its last event go out at once (time to
-    first token, end of stream), the rest at most every `interval_s`. Every batch takes everything
+    first token, end of stream), the rest at most every `interval`. Every batch takes everything
     pending, so one message carries a step (or a few) for all the channel's requests.
     Lives on the actor's event loop."""
 
-    def __init__(self, channel_id: str, interval_s: float, full_at: int = 0) -> None:
+    def __init__(self, channel_id: str, interval_s: float, full_at: int = 0,
+                 max_interval_s: float = 0.0) -> None:
         self.channel_id = channel_id
         self.interval_s = interval_s
-        self.full_at = full_at  # requests streaming from which the whole interval applies (0: always)
+        self.full_at = full_at  # requests streaming at which interval_s applies (0: always)
+        self.max_interval_s = max(interval_s, max_interval_s)  # the most it grows to beyond full_at
         self.requests: set[str] = set()  # submitted and not yet ended
         self._started: set[str] = set()  # requests that have sent an event
         self._pending: list[Event] = []
@@ -60,11 +65,11 @@ class Channel:
 
     @property
     def interval(self) -> float:
-        """The interval that applies now: a share of interval_s below full_at requests."""
-        streaming = len(self.requests)
-        if not self.full_at or streaming >= self.full_at:
+        """The interval that applies now: interval_s in proportion to the requests
+        streaming against full_at, up to max_interval_s."""
+        if not self.full_at:
             return self.interval_s
-        return self.interval_s * streaming / self.full_at
+        return min(self.interval_s * len(self.requests) / self.full_at, self.max_interval_s)
 
     async def next_batch(self) -> list[Event]:
         while True:

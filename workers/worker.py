@@ -212,7 +212,8 @@ class Worker:
         channel = self._channels.get(channel_id)
         if channel is None:
             channel = self._channels[channel_id] = Channel(channel_id, self.config.stream_interval_s,
-                                                           self.config.stream_full_at)
+                                                           self.config.stream_full_at,
+                                                           self.config.stream_interval_max_s)
         return channel
 
     def _close_channel(self, channel: Channel) -> None:

@@ -16,11 +16,14 @@ class WorkerConfig:
     role: str = "mixed"  # mixed, prefill or decode
     pool: str = ""  # its pool in the cluster (ClusterConfig.pools); "" is the pool named by its role
     # A running request's tokens go out at most this often (its first and last at
-    # once): fewer, larger messages through the router and the proxy. With fewer
-    # than stream_full_at requests streaming on a channel, a share of it in
-    # proportion (workers/channel.py): a few requests get each step's tokens at once.
+    # once) while stream_full_at requests stream on a channel: fewer, larger messages
+    # through the router and the proxy. The interval follows the requests streaming
+    # in proportion (workers/channel.py): a few get each step's tokens at once; many
+    # get a few tokens a chunk, up to stream_interval_max_s apart (or stream_interval_s,
+    # if that is more).
     stream_interval_s: float = 0.05
     stream_full_at: int = 50
+    stream_interval_max_s: float = 0.2
     max_cached_hashes: int = 4096  # bound on the block hashes a load report carries
     # Live migration, as the source: pre-copy stops once at most this many blocks of
     # KV are unsent, and the request pauses for the last copy; at most max_stages
@@ -53,6 +56,8 @@ class WorkerConfig:
             raise ValueError(f"stream_interval_s must be in [0, 1], got {self.stream_interval_s}")
         if self.stream_full_at < 0:
             raise ValueError(f"stream_full_at must be >= 0, got {self.stream_full_at}")
+        if not 0 <= self.stream_interval_max_s <= 1:
+            raise ValueError(f"stream_interval_max_s must be in [0, 1], got {self.stream_interval_max_s}")
         if not isinstance(self.migration_pause_blocks, int) or self.migration_pause_blocks < 1:
             raise ValueError(f"migration_pause_blocks must be an integer >= 1, got {self.migration_pause_blocks!r}")
         if not isinstance(self.migration_max_stages, int) or self.migration_max_stages < 1:

@@ -44,6 +44,7 @@ def test_pools_take_the_cluster_settings_and_their_own():
     ({"migration_call_timeout_s": 0}, r"migration_call_timeout_s must be > 0, got 0"),
     ({"stream_full_at": -1}, r"stream_full_at must be an integer >= 0, got -1"),
     ({"stream_full_at": 2.5}, r"stream_full_at must be an integer >= 0, got 2.5"),
+    ({"stream_interval_max_s": 1.5}, r"stream_interval_max_s must be in \[0, 1\], got 1.5"),
 ])
 def test_bad_pools_are_named(raw, message):
     with pytest.raises(ValueError, match=message):

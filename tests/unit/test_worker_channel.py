@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from workers.events import Failed, Finished, Tokens, Usage
 from workers.channel import Channel, coalesce
 
@@ -89,14 +91,24 @@ def test_a_first_token_without_text_keeps_the_next_one_urgent():
     assert held is None
 
 
-def test_the_interval_is_a_share_of_it_below_full_at():
-    channel = Channel("c", interval_s=0.05, full_at=50)
+def test_the_interval_follows_the_requests_streaming_up_to_its_maximum():
+    channel = Channel("c", interval_s=0.05, full_at=50, max_interval_s=0.2)
     assert channel.interval == 0.0  # nothing streams: the first token goes at once anyway
     channel.requests.update(f"r{i}" for i in range(10))
     assert channel.interval == 0.05 * 10 / 50
-    channel.requests.update(f"s{i}" for i in range(60))
+    channel.requests.update(f"s{i}" for i in range(40))
     assert channel.interval == 0.05
+    channel.requests.update(f"t{i}" for i in range(100))  # 150 streaming: a third of the chunks each
+    assert channel.interval == pytest.approx(0.15)
+    channel.requests.update(f"u{i}" for i in range(100))
+    assert channel.interval == 0.2
     assert Channel("c", interval_s=0.05).interval == 0.05  # full_at 0: always the whole interval
+
+
+def test_without_a_maximum_the_interval_stops_at_interval_s():
+    channel = Channel("c", interval_s=0.05, full_at=50)
+    channel.requests.update(f"r{i}" for i in range(200))
+    assert channel.interval == 0.05
 
 
 def test_a_few_requests_streaming_get_their_tokens_sooner_than_many():
