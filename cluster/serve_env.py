@@ -1,6 +1,7 @@
-"""Ray Serve settings for a streaming data path, as environment variables.
+"""Ray Serve settings for a streaming data path, and Ray's worker niceness, as
+environment variables.
 
-Serve reads these when its processes start, so they must be in the environment of
+Ray and Serve read these when its processes start, so they must be in the environment of
 every Ray process: `yard serve` and the tests set them before starting a local Ray;
 for `ray start` or KubeRay, put them in that environment (deploy/ does).
 
@@ -28,6 +29,12 @@ STREAMING_SERVE_ENV = {
     "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
     # Access logs buffered, not flushed to disk on every request.
     "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
+    # Ray starts its worker processes at nice 15, below every other process on the
+    # node. Here those are the engine workers, router replicas and proxy: the whole
+    # data path, which then yields the cores to any neighbour at nice 0 (a sidecar, a
+    # load generator, another server). At 0 they take a fair share; Ray's own daemons
+    # run at 0 as well. (docs/performance.md: median TTFT at saturation, 15 against 0.)
+    "RAY_worker_niceness": "0",
 }
 
 

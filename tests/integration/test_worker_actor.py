@@ -141,3 +141,10 @@ def test_one_channel_carries_many_requests_and_closing_it_aborts_them(ray_local,
     assert report.num_running == 0 and report.free_blocks == report.total_blocks
     with pytest.raises(Exception, match="channel 'router-1' is closed"):
         ray_local.get(worker.submit.remote("router-1", WorkerRequest("late", p, GREEDY)))
+
+
+def test_rays_worker_processes_run_at_nice_0(ray_local):
+    """Ray starts them at nice 15 unless told (cluster/serve_env.py says why we tell it)."""
+    import os
+
+    assert ray_local.get(ray_local.remote(lambda: os.nice(0)).remote()) == 0
