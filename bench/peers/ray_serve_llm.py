@@ -20,6 +20,9 @@ def main() -> None:
     model_dir, name, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Its Ray workers at nice 0, as yard's (cluster/serve_env.py) and vllm serve's
+    # processes: on this machine every server stands equal to the client beside it.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     from ray import serve
     from ray.serve.llm import LLMConfig, build_openai_app
