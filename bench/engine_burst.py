@@ -36,15 +36,13 @@ from environment import environment  # noqa: E402
 from workload import workload_prompts  # noqa: E402
 
 
-def burst(backend: str, model_dir: Path, prompts: list[list[int]], output_len: int, arrive_s: float,
-          max_num_seqs: int) -> dict:
+def burst(backend: str, model_dir: Path, prompts: list[list[int]], output_len: int, arrive_s: float) -> dict:
     """One engine, fresh, through one burst."""
     from workers.engine.config import EngineConfig
     from workers.engine.interface import make_engine
     from workers.sampling_params import SamplingParams
 
-    engine = make_engine(EngineConfig(model=str(model_dir), backend=backend, kv_cache_memory_gib=1.0,
-                                      max_num_seqs=max_num_seqs))
+    engine = make_engine(EngineConfig(model=str(model_dir), backend=backend, kv_cache_memory_gib=1.0))
     try:
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         engine.add_request("warm-up", prompts[0][:32], warm)
@@ -99,8 +97,6 @@ def main() -> None:
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--arrive-s", type=float, default=0.4, help="the burst's arrivals spread over this long")
     p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--max-num-seqs", type=int, default=256,
-                   help="both engines alike (unset, a vLLM worker would take vllm serve's 128 on CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     args = p.parse_args()
@@ -113,7 +109,7 @@ def main() -> None:
     for k in range(args.repeat):
         run = {}
         for backend in backends if k % 2 == 0 else backends[::-1]:  # alternate who goes first
-            run[backend] = burst(backend, model_dir, prompts, args.output_len, args.arrive_s, args.max_num_seqs)
+            run[backend] = burst(backend, model_dir, prompts, args.output_len, args.arrive_s)
             r = run[backend]
             print(f"[run {k + 1}/{args.repeat}] {backend}: {r['output_tok_s']:.0f} tok/s, TTFT p50 "
                   f"{r['ttft_p50_ms']:.0f} ms p99 {r['ttft_p99_ms']:.0f} ms, step while prefilling "
