@@ -433,19 +433,3 @@ def test_tensor_parallel_vllm_request_moves_with_its_kv(ray_local, model_dir, vl
     finally:
         ray_local.get(handles["tp2-dst"].shutdown.remote())
         ray_local.kill(handles["tp2-dst"])
-
-
-def test_unset_batch_limits_are_vllm_servers_own_and_set_ones_go_through(model_dir):
-    """A vLLM worker runs as `vllm serve` would where the config is silent (on CPU,
-    128 requests and 2,048 tokens a step: not yard's 256), and as told otherwise."""
-    from workers.vllm import engine as vllm_engine
-
-    def limits(**engine_args) -> tuple[int, int]:
-        config = EngineConfig(model=model_dir, backend="vllm", **engine_args)
-        args = vllm_engine._engine_args(config, vllm_engine.resolve_model(model_dir))
-        scheduler = args.create_engine_config(vllm_engine.USAGE_CONTEXT).scheduler_config
-        return scheduler.max_num_seqs, scheduler.max_num_batched_tokens
-
-    assert EngineConfig(model=model_dir).max_num_seqs == 256  # yard's engine keeps its own
-    assert limits() == (128, 2048)
-    assert limits(max_num_seqs=7, max_num_batched_tokens=512) == (7, 512)

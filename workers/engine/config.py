@@ -26,12 +26,8 @@ class EngineConfig:
     kv_cache_memory_gib: float = 1.0  # KV cache budget; num_kv_blocks overrides it
     num_kv_blocks: Optional[int] = None
     max_model_len: Optional[int] = None  # None: the model's max_position_embeddings
-    # A step's token budget and the most requests running at once. None: the engine's
-    # own default: yard's (YARD_BATCH_DEFAULTS); vLLM's, as `vllm serve` would set it
-    # for the platform (on CPU 2,048 tokens and 128 requests per tensor-parallel rank;
-    # 8,192 and 1,024 on an H100).
-    max_num_batched_tokens: Optional[int] = None
-    max_num_seqs: Optional[int] = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
     enable_chunked_prefill: bool = True
     enable_prefix_caching: bool = True
     seed: int = 0  # for requests without a seed of their own
@@ -60,10 +56,6 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "attention_offload", AttentionOffloadConfig.parse(self.attention_offload))
-        if self.backend == "yard":
-            for name, default in YARD_BATCH_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    object.__setattr__(self, name, default)
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.backend == "vllm":
@@ -86,7 +78,7 @@ class EngineConfig:
         for name in ("tp_cpus_per_rank", "tp_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("block_size", "tensor_parallel_size"):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
             _positive_int(name, getattr(self, name))
         _positive_int("expert_parallel_size", self.expert_parallel_size)
         if self.expert_parallel_size not in (1, self.tensor_parallel_size):
@@ -96,8 +88,7 @@ class EngineConfig:
         if self.expert_replacement_policy not in EXPERT_POLICIES:
             raise ValueError(f"expert_replacement_policy must be one of {list(EXPERT_POLICIES)}, "
                              f"got {self.expert_replacement_policy!r}")
-        for name in ("max_num_batched_tokens", "max_num_seqs", "num_kv_blocks", "max_model_len",
-                     "expert_slots_per_rank", "expert_replacement_every_steps"):
+        for name in ("num_kv_blocks", "max_model_len", "expert_slots_per_rank", "expert_replacement_every_steps"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if not self.kv_cache_memory_gib > 0:
@@ -105,7 +96,7 @@ class EngineConfig:
         if not self.kv_reservation_timeout_s > 0:
             raise ValueError(f"kv_reservation_timeout_s must be > 0, got {self.kv_reservation_timeout_s}")
         if (not self.enable_chunked_prefill and self.max_model_len is not None
-                and self.max_num_batched_tokens is not None and self.max_num_batched_tokens < self.max_model_len):
+                and self.max_num_batched_tokens < self.max_model_len):
             # Without chunking a prompt must fit into one step's budget.
             raise ValueError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
@@ -118,9 +109,6 @@ class EngineConfig:
             if getattr(self, name) != getattr(defaults, name):
                 raise ValueError(f"{name} is not supported with backend 'vllm' (got {getattr(self, name)!r})")
 
-
-# yard's engine's step budget and running-request limit, where the config sets none.
-YARD_BATCH_DEFAULTS = {"max_num_batched_tokens": 2048, "max_num_seqs": 256}
 
 # What a vLLM worker cannot honour: yard's own mechanisms.
 VLLM_UNSUPPORTED = ("num_kv_blocks", "attention_backend", "expert_parallel_size", "expert_placement",

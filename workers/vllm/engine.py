@@ -31,7 +31,6 @@ from typing import Any, Callable, Optional, Sequence as Seq
 
 from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
-from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
 from workers.engine.config import EngineConfig
@@ -55,8 +54,6 @@ from workers.vllm.stats_tap import StatsTap
 
 VLLM_CAPABILITIES = EngineCapabilities("vllm", kv_migration=False, expert_placement=False)
 _RECENT_STEPS = 64  # window of the step-time average
-# The worker is a server: batch limits the config leaves unset take `vllm serve`'s defaults.
-USAGE_CONTEXT = UsageContext.OPENAI_API_SERVER
 
 
 @dataclass(slots=True)
@@ -101,7 +98,6 @@ class VLLMEngine:
         self._tap = StatsTap()
         loggers = [self._tap.factory, *_ray_metrics_logger()]
         self.engine = VLLMLLMEngine.from_engine_args(_engine_args(config, self.model_dir), stat_loggers=loggers,
-                                                     usage_context=USAGE_CONTEXT,
                                                      enable_multiprocessing=False)
         model_config = self.engine.model_config
         self.max_model_len = model_config.max_model_len
