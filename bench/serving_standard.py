@@ -9,7 +9,10 @@ every server. Each run starts every server afresh, in a rotated order, so that s
 drift on a shared machine favours none. Per rate and server it reports output
 tokens/s, TTFT, TPOT and ITL at p50 and p99, and the CPU seconds per 1,000 output
 tokens that each process spent (the client's too), for every run, and yard's ratios
-to `vllm serve` within each run; the ratios are the figures to read.
+to `vllm serve` within each run; the ratios are the figures to read. For yard it also
+reads the router replica's own mean TTFT (from its metrics: from the request's
+dispatch to its first token there): the client's mean TTFT less the router's is the
+time spent on the way in (ingress, parsing, tokenizing) and out (encoding, the relay).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import Any, Iterator
 SERVERS = ("vllm", "ours-proxy", "ours-direct")
 RATES = ("inf", "2", "8")
 NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN = 200, 256, 128
-ROWS = ("completed", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms",
-        "median_itl_ms", "p99_itl_ms")
+ROWS = ("completed", "output_throughput", "median_ttft_ms", "p99_ttft_ms", "mean_ttft_ms", "router_mean_ttft_ms",
+        "median_tpot_ms", "p99_tpot_ms", "median_itl_ms", "p99_itl_ms")
+ROUTER_TTFT = "ray_yard_router_time_to_first_token_seconds"
 
 
 def flags(rate: str, seed: int, warmups: int) -> list[str]:
@@ -95,8 +99,47 @@ def _bench(server: str, rate: str, base_url: str, cpu_root: int, with_root: bool
     from serving import measure_bench
 
     log = args.results_dir / f"serving-{stamp}-bench-{server}-rate{rate}.log"
-    return measure_bench(f"{server}] rate {rate}", base_url, model_dir, flags(rate, args.seed, args.warmup_requests),
-                         log, args, cpu_root, with_root)
+    router_before = _router_ttft() if server != "vllm" else None
+    result = measure_bench(f"{server}] rate {rate}", base_url, model_dir,
+                           flags(rate, args.seed, args.warmup_requests), log, args, cpu_root, with_root)
+    if router_before is not None and result.get("completed"):
+        result["router_mean_ttft_ms"] = _router_mean_ttft_ms(router_before, result["completed"])
+    return result
+
+
+def _router_ttft() -> tuple[float, float]:
+    """(sum, count) of the router replicas' TTFT histogram, from Ray's metrics agent."""
+    import urllib.request
+
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = ray._private.worker._global_node.metrics_export_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    totals = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            for suffix in totals:
+                if sample.name == ROUTER_TTFT + suffix:
+                    totals[suffix] += sample.value
+    return totals["_sum"], totals["_count"]
+
+
+def _router_mean_ttft_ms(before: tuple[float, float], completed: int, timeout_s: float = 60.0) -> float | None:
+    """The router's mean TTFT over the requests since `before` (the client's warm-up
+    requests included), once Ray's metrics agent has exported them all: it exports
+    every few seconds. None if it has not within timeout_s."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        total, count = _router_ttft()
+        if count - before[1] >= completed:
+            return 1000 * (total - before[0]) / (count - before[1])
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(1.0)
 
 
 # --------------------------------------------------------------------------- output
