@@ -8,7 +8,9 @@ channels (channel.py): a router replica subscribes once and submits many request
 on its channel (`subscribe`, `submit`); `generate` is a channel of one request.
 
 A request that arrives by migration has no channel until its router, told by the
-source's Moved event, attaches to it here (`attach`); its events wait for that.
+source's Moved event, attaches to it here (`attach`); its events wait for that. If
+the source died before its Moved reached the router, the router resumes the request
+elsewhere from the tokens it has: here, that resubmission attaches to the request.
 """
 
 from __future__ import annotations
@@ -74,8 +76,22 @@ class _Parked:
     """Events of a request moved here, kept until its router attaches."""
 
     deadline: float
+    token_ids: tuple[int, ...]  # its prompt, then its output, as it arrived
+    num_prompt_tokens: int
     events: list[Event] = field(default_factory=list)
     move_id: Optional[str] = None  # the move by recompute that brought it (see abandon)
+
+    def resumes(self, request: WorkerRequest) -> bool:
+        """`request` is this one resumed where it left its source: its source died
+        after the move, before the Moved event reached the router (see _admit)."""
+        return (len(request.prompt_token_ids) == self.num_prompt_tokens
+                and request.prompt_token_ids + request.resume_token_ids == self.token_ids)
+
+    def resumes_short(self, request: WorkerRequest) -> bool:
+        """... but the router had fewer of its output tokens than the source made."""
+        known = request.prompt_token_ids + request.resume_token_ids
+        return (len(request.prompt_token_ids) == self.num_prompt_tokens and len(known) < len(self.token_ids)
+                and self.token_ids[:len(known)] == known)
 
 
 class Worker:
@@ -166,11 +182,14 @@ class Worker:
         on `channel_id`. Fails the request with `not_here` if it is not here."""
         channel = self._channel_for_call(channel_id)
         self._reap_parked()
-        parked = self._parked.pop(request_id, None)
-        if parked is None:
+        if request_id not in self._parked:
             channel.deliver(Failed(request_id, "not_here",
                                    f"request {request_id!r} is not on worker {self.config.worker_id}"))
             return
+        self._attach_parked(channel, request_id)
+
+    def _attach_parked(self, channel: Channel, request_id: str) -> None:
+        parked = self._parked.pop(request_id)
         if not any(isinstance(e, ENDS_HERE) for e in parked.events):
             channel.requests.add(request_id)
             self._channel_of[request_id] = channel
@@ -189,7 +208,16 @@ class Worker:
         self._ensure_thread()
         rid = request.request_id
         refusal = None
-        if rid in self._channel_of or rid in self._parked:
+        parked = self._parked.get(rid)
+        if parked is not None and parked.resumes(request):
+            self._attach_parked(channel, rid)
+            return
+        if parked is not None and parked.resumes_short(request):
+            self._drop_parked(rid)
+            refusal = Failed(rid, "not_here", f"request {rid!r} moved to worker {self.config.worker_id} with "
+                                              f"{len(parked.token_ids) - parked.num_prompt_tokens} output tokens, "
+                                              f"and was resumed with {len(request.resume_token_ids)}: dropped here")
+        elif rid in self._channel_of or parked is not None:
             refusal = Failed(rid, "invalid_request", f"request_id {rid!r} is already running here")
         elif self._draining or not self.health()[0]:
             code = "draining" if self._draining else "worker_unhealthy"
@@ -385,7 +413,8 @@ class Worker:
             raise ValueError(f"request {rid!r} is already on worker {self.config.worker_id}")
         self._ensure_thread()
         self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s,
-                                    move_id=migration_id)
+                                    request.prompt_token_ids + request.resume_token_ids,
+                                    len(request.prompt_token_ids), move_id=migration_id)
         self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
         self._admitted[rid] = request
         self._send(AddRequest(request, kv))
@@ -451,8 +480,12 @@ class Worker:
         if incoming is None:
             raise ValueError(f"no migration {migration_id!r} into worker {self.config.worker_id}")
         rid = state.request_id
+        if rid in self._channel_of or rid in self._parked:  # its router resumed it here already
+            await self._call(CancelMigration(migration_id))
+            raise ValueError(f"request {rid!r} is already on worker {self.config.worker_id}")
         # Parked before the commit runs, so that no event of it is dropped.
-        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s)
+        self._parked[rid] = _Parked(time.monotonic() + self.config.migration_attach_timeout_s, state.token_ids,
+                                    state.num_prompt_tokens)
         self._moved_to.pop(rid, None)  # back here after moving away: aborts apply here again
         self._arrived_paused_at[rid] = paused_at
         try:

@@ -7,7 +7,7 @@ which never computes a prompt; afterwards neither holds a KV block."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Optional
 
 import openai
 import pytest
@@ -106,6 +106,8 @@ def test_a_worker_of_either_pool_killed_mid_stream_loses_nothing(ray_local, serv
     the decode worker killed once the request runs there: the client's text equals
     the colocated cluster's, the pool is refilled, and no worker holds a block."""
     manager, prompt = pd_app["manager"], f"A story that the {victim} worker will not finish"
+    # Each victim's run stands alone: the pools as they were, whatever ran before.
+    wait_until(lambda: both_pools_serving_and_free(ray_local, manager), 120, "both pools serving, every block free")
     want = complete(serve_app["base_url"] + "/v1", prompt, "greedy", True)
     client = openai.OpenAI(base_url=pd_app["base_url"], api_key="unused", max_retries=0, timeout=120)
     by_role = {s.role: s for s in ray_local.get(manager.snapshot.remote())}
@@ -124,8 +126,15 @@ def test_a_worker_of_either_pool_killed_mid_stream_loses_nothing(ray_local, serv
     assert ("".join(c.text for c in choices), choices[-1].finish_reason, chunks[-1].usage.completion_tokens) == want
 
     def refilled_and_free() -> bool:
-        workers = ray_local.get(manager.snapshot.remote())
-        return (sorted(s.role for s in workers if s.healthy) == ["decode", "prefill"]
-                and by_role[victim].worker_id not in {s.worker_id for s in workers}
-                and all(s.load.free_blocks == s.load.total_blocks and not s.load.requests for s in workers))
+        gone = by_role[victim].worker_id
+        return both_pools_serving_and_free(ray_local, manager, gone)
     wait_until(refilled_and_free, 120, f"a new {victim} worker, and every block free")
+
+
+def both_pools_serving_and_free(ray_local: Any, manager: Any, gone: Optional[str] = None) -> bool:
+    """One healthy worker in each pool, none of them `gone`, and no block held."""
+    workers = ray_local.get(manager.snapshot.remote())
+    return (sorted(s.role for s in workers if s.healthy) == ["decode", "prefill"]
+            and gone not in {s.worker_id for s in workers}
+            and all(s.load is not None and s.load.free_blocks == s.load.total_blocks and not s.load.requests
+                    for s in workers))

@@ -101,6 +101,20 @@ class Prometheus:
                 return result
             time.sleep(1)
 
+    def values(self, expr: str) -> dict[tuple[tuple[str, str], ...], float]:
+        """Each series' value, by its labels."""
+        return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in self.query(expr)}
+
+    def wait_for_rise(self, expr: str, before: dict[tuple[tuple[str, str], ...], float], timeout_s: float) -> bool:
+        """Until a series of `expr` is above its value in `before` (a new one above 0)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if any(v > before.get(labels, 0.0) for labels, v in self.values(expr).items()):
+                return True
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(1)
+
 
 
 @pytest.fixture(scope="module")
@@ -223,12 +237,14 @@ def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometh
             return True
         return False
 
+    # Another router's no_worker count (an earlier test's) must not stand for this one's.
+    before = prometheus.values(no_worker)
     ray_local.get([w.set_draining.remote(True) for w in workers])
     try:
         deadline = time.monotonic() + 60
         while not refused() and time.monotonic() < deadline:  # until the router's snapshot shows it
             time.sleep(0.05)
-        assert prometheus.wait_for(f"sum({no_worker}) > 0", 90), "the outage's 503s are not counted as no_worker"
+        assert prometheus.wait_for_rise(no_worker, before, 90), "the outage's 503s are not counted as no_worker"
         for _ in range(10):  # an increase Prometheus sees, so that rate() is above 0
             assert refused()
         assert prometheus.wait_for(f"sum(increase({no_worker}[5m])) > 0", 90)

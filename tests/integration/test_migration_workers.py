@@ -5,15 +5,16 @@ destination, a late abort, and two migrations of one request at once."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import pytest
 from worker_streams import (LONG, SEEDED, Follower, assert_all_free, order, prompt, run, start, tokens,
                             undisturbed)
 
 from router.worker_link import WorkerLink
-from workers.events import Finished, WorkerRequest
+from workers.events import Finished, Moved, Tokens, WorkerRequest
 
 
 @pytest.fixture(scope="module")
@@ -131,12 +132,7 @@ def test_source_dying_mid_migration_fails_over_by_recompute(ray_local, workers, 
         # Before the commit the router recomputes on dst; after it, it follows the
         # request to receiver: either way nothing is lost.
         assert [a.worker_id for a in f.attempts] in (["doomed", "dst"], ["doomed", "receiver"]), f.attempts
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            report = ray_local.get(receiver.load.remote())
-            if report.free_blocks == report.total_blocks:
-                break
-            time.sleep(0.1)
+        wait_for_free(ray_local, receiver)
         if [a.worker_id for a in f.attempts] == ["doomed", "dst"]:
             assert f.failures == ["doomed"]
         assert_all_free(ray_local, receiver, workers["dst"])
@@ -173,3 +169,76 @@ def test_late_abort_at_the_source_follows_the_request(ray_local, workers):
     end = run(scenario())
     assert end is not None and end.reason == "abort"
     assert_all_free(ray_local, workers["src"], workers["dst"])
+
+
+async def moved_unseen(workers, request: WorkerRequest) -> list[int]:
+    """Start `request` on src and move it to dst after 10 tokens; the router never
+    attaches there, as if src died before its Moved event arrived. Returns the tokens
+    src sent."""
+    link, got, moving = WorkerLink("src", workers["src"]), [], None
+    async for batch in link.stream(request):
+        for event in batch:
+            if isinstance(event, Tokens):
+                assert event.start_index == len(got)
+                got.extend(event.token_ids)
+            if isinstance(event, Moved):
+                assert event.next_index == len(got)
+        if moving is None and len(got) >= 10:
+            rid = request.request_id
+            moving = asyncio.ensure_future(workers["src"].migrate.remote(order(workers, rid, f"m-{rid}")))
+    assert (await moving).committed
+    link.close()
+    return got
+
+
+async def resume(worker: Any, worker_id: str, request: WorkerRequest, sent: list[int]) -> list[Any]:
+    link = WorkerLink(worker_id, worker)
+    try:
+        resumed = dataclasses.replace(request, resume_token_ids=tuple(sent))
+        return [e async for batch in link.stream(resumed) for e in batch]
+    finally:
+        link.close()
+
+
+def test_a_move_whose_moved_event_was_lost_is_resumed_at_its_destination(ray_local, workers, model_dir):
+    """The source committed a move and died before its Moved reached the router, which
+    then resumes the request elsewhere from the tokens it has. Sent to the
+    destination, where the request runs on, the resumption attaches to it: exact
+    output. Another request under the same id is refused there; a resumption with
+    fewer tokens than the move carried is refused as not_here (the router tries
+    another worker), and the moved request dropped."""
+    p = prompt(9, 40)
+    request = WorkerRequest("moved-unseen", p, SEEDED)
+
+    async def scenario() -> tuple[list[int], list[Any], list[Any]]:
+        sent = await moved_unseen(workers, request)
+        other = await resume(workers["dst"], "dst", dataclasses.replace(request, prompt_token_ids=prompt(10, 40)),
+                             sent)
+        return sent, other, await resume(workers["dst"], "dst", request, sent)
+
+    sent, other, events = run(scenario())
+    assert [(type(e).__name__, e.code) for e in other] == [("Failed", "invalid_request")]
+    assert "already running here" in other[0].message
+    assert tokens([Tokens("", 0, tuple(sent), "")] + events) == undisturbed(model_dir, p, SEEDED)
+    assert isinstance(events[-1], Finished) and events[-1].usage.completion_tokens == 300
+
+    short = WorkerRequest("moved-unseen-short", prompt(11, 40), LONG)
+
+    async def short_scenario() -> list[Any]:
+        sent = await moved_unseen(workers, short)
+        return await resume(workers["dst"], "dst", short, sent[:-1])
+
+    refused = run(short_scenario())
+    assert [(type(e).__name__, e.code) for e in refused] == [("Failed", "not_here")], refused
+    wait_for_free(ray_local, workers["dst"])
+    assert_all_free(ray_local, workers["src"], workers["dst"])
+
+
+def wait_for_free(ray_local: Any, worker: Any, timeout_s: float = 10) -> None:
+    """Until the worker holds no block (a dropped request's blocks free as it steps)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        report = ray_local.get(worker.load.remote())
+        if report.free_blocks == report.total_blocks and not report.requests:
+            return
+        time.sleep(0.05)
