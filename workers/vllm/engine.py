@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Sequence as Seq
 
 from vllm.config import KVTransferConfig
 from vllm.engine.arg_utils import EngineArgs
+from vllm.usage.usage_lib import UsageContext
 from vllm.v1.engine.llm_engine import LLMEngine as VLLMLLMEngine
 
 from workers.engine.config import EngineConfig
@@ -97,8 +98,10 @@ class VLLMEngine:
         self.tokenizer = load_tokenizer(self.model_dir)
         self._tap = StatsTap()
         loggers = [self._tap.factory, *_ray_metrics_logger()]
+        # As an OpenAI server: vLLM's batch defaults for that, where it is left to choose them.
         self.engine = VLLMLLMEngine.from_engine_args(_engine_args(config, self.model_dir), stat_loggers=loggers,
-                                                     enable_multiprocessing=False)
+                                                     enable_multiprocessing=False,
+                                                     usage_context=UsageContext.OPENAI_API_SERVER)
         model_config = self.engine.model_config
         self.max_model_len = model_config.max_model_len
         self._vocab_size = model_config.get_vocab_size()
@@ -383,9 +386,8 @@ def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
         # yard's default is the checkpoint's own dtype.
         model=str(model_dir), dtype=config.dtype or checkpoint_dtype(model_dir), seed=config.seed,
         block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
-        max_model_len=config.max_model_len, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_num_seqs=config.max_num_seqs, enable_chunked_prefill=config.enable_chunked_prefill,
-        enable_prefix_caching=config.enable_prefix_caching, tensor_parallel_size=config.tensor_parallel_size,
+        max_model_len=config.max_model_len, **_batch_limits(config),
+        enable_chunked_prefill=config.enable_chunked_prefill, enable_prefix_caching=config.enable_prefix_caching, tensor_parallel_size=config.tensor_parallel_size,
         # yard runs higher priorities first, then earlier arrivals; vLLM's priority
         # policy runs lower values first: priorities go over negated.
         scheduling_policy="priority",
@@ -398,6 +400,19 @@ def _handover_config(config: EngineConfig) -> KVTransferConfig:
     in every rank."""
     return KVTransferConfig(kv_connector=kv_handover.CONNECTOR_NAME, kv_role="kv_both",
                             kv_connector_module_path=kv_handover.__name__)
+
+
+def _batch_limits(config: EngineConfig) -> dict[str, Optional[int]]:
+    """max_num_seqs and max_num_batched_tokens. On a GPU, yard's defaults (256 and
+    2,048) mean vLLM's own for its device as an OpenAI server (1,024 and 8,192 on an
+    H100 or H200): any other value goes to vLLM as it is. On CPU yard's defaults stand:
+    through yard they beat vLLM's CPU server defaults of 128 and 2,048
+    (docs/vllm-backend.md)."""
+    limits: dict[str, Optional[int]] = {}
+    for name in ("max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(config, name)
+        limits[name] = None if config.device != "cpu" and value == getattr(EngineConfig, name) else value
+    return limits
 
 
 def _block_size(config: EngineConfig) -> Optional[int]:
