@@ -25,6 +25,9 @@ class RouterConfig:
     max_queue_per_worker: int = 64  # above this on every worker, new requests get 429
     retry_after_s: int = 1
     max_attempts: int = 3  # workers one request may try before it fails
+    # A request whose worker died with no other left waits this long for the cluster to
+    # start a replacement, then resumes there (0: it fails at once with 503).
+    failover_wait_s: float = 30.0
     # Prefill/decode pools: a prompt with at most this many tokens not in a decode
     # worker's prefix cache goes straight there, skipping the prefill hop (0: off).
     decider_max_uncached_tokens: int = 0
@@ -53,6 +56,9 @@ class RouterConfig:
             raise ValueError(f"decider_max_uncached_tokens must be an integer >= 0, got {value!r}")
         if not self.snapshot_interval_s > 0:
             raise ValueError(f"snapshot_interval_s must be > 0, got {self.snapshot_interval_s!r}")
+        if isinstance(self.failover_wait_s, bool) or not isinstance(self.failover_wait_s, (int, float)) \
+                or not self.failover_wait_s >= 0:
+            raise ValueError(f"failover_wait_s must be a number >= 0, got {self.failover_wait_s!r}")
 
     def policy_arguments(self) -> dict[str, Any]:
         """The policy's options; prefix-aware dispatch hashes with the workers' block size."""

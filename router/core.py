@@ -155,7 +155,7 @@ class RouterCore:
         self.in_flight.add(rid)
         stream = RequestStream(request, lambda excluded: self._pick(request, excluded, prefer), self._open_stream,
                                self._report_failure, self.config.max_attempts,
-                               lambda worker_id: self._follow_move(rid, worker_id))
+                               lambda worker_id: self._follow_move(rid, worker_id), self._wait_for_worker)
         start, first, tokens = time.monotonic(), None, 0
         status: Optional[str] = None  # set by the request's last event
         self.metrics.started(+1)
@@ -226,6 +226,19 @@ class RouterCore:
         if link is None or link.broken is not None:
             link = self.links[worker_id] = WorkerLink(worker_id, self.handles[worker_id])
         return link
+
+    async def _wait_for_worker(self, excluded: frozenset[str]) -> None:
+        """Until the snapshot shows a healthy worker outside `excluded` (the manager
+        replaces one that died), or failover_wait_s has passed."""
+        deadline = time.monotonic() + self.config.failover_wait_s
+        while time.monotonic() < deadline:
+            try:
+                await self.refresh()
+            except ray.exceptions.RayError as e:  # the manager restarting: its snapshot comes back
+                log.warning("refreshing the worker snapshot failed: %s", e)
+            if any(w.healthy and w.worker_id not in excluded for w in self.book.current()):
+                return
+            await asyncio.sleep(self.config.snapshot_interval_s)
 
     async def _report_failure(self, worker_id: str) -> None:
         self.book.forget(worker_id)

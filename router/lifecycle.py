@@ -15,6 +15,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Optional
 
+from router.dispatch import NoWorkerAvailable
 from workers.events import Event, Failed, Finished, Moved, Tokens, WorkerRequest
 
 # Failures another worker can fix; anything else (bad input) is the request's own.
@@ -25,6 +26,7 @@ PickWorker = Callable[[frozenset[str]], tuple[str, Any]]  # excluded ids → (wo
 LinkTo = Callable[[str], Any]  # worker id → its link: where a moved request went
 # (link, request, attach) → the request's event batches on that worker
 OpenStream = Callable[[Any, WorkerRequest, bool], AsyncIterator[list[Event]]]
+WaitForWorker = Callable[[frozenset[str]], Awaitable[None]]  # excluded ids → returns when one may be free
 
 
 @dataclass(slots=True)
@@ -47,8 +49,9 @@ class WorkerLost(Exception):
 class RequestStream:
     def __init__(self, request: WorkerRequest, pick_worker: PickWorker, open_stream: OpenStream,
                  report_failure: Callable[[str], Awaitable[None]], max_attempts: int = 3,
-                 link_to: Optional[LinkTo] = None) -> None:
+                 link_to: Optional[LinkTo] = None, wait_for_worker: Optional[WaitForWorker] = None) -> None:
         self.request = request
+        self.wait_for_worker = wait_for_worker
         self.pick_worker = pick_worker
         self.link_to = link_to
         self.open_stream = open_stream
@@ -65,7 +68,7 @@ class RequestStream:
             if moved is not None and self.link_to is not None:
                 worker_id, link = moved.to_worker, self.link_to(moved.to_worker)
             else:
-                worker_id, link = self.pick_worker(frozenset(excluded))
+                worker_id, link = await self._next_worker(frozenset(excluded))
             self.attempts.append(Attempt(worker_id, moved_in=moved is not None))
             resumed = dataclasses.replace(self.request, resume_token_ids=tuple(self.sent))
             try:
@@ -81,6 +84,19 @@ class RequestStream:
                 await self.report_failure(worker_id)
         tried = ", ".join(f"{a.worker_id} ({a.error})" for a in self.attempts if a.error)
         yield Failed(self.request.request_id, "worker_unhealthy", f"no worker could finish the request; tried {tried}")
+
+    async def _next_worker(self, excluded: frozenset[str]) -> tuple[str, Any]:
+        """The worker for the next attempt. A retry that finds none left (the request's
+        only worker died) first waits, through wait_for_worker, for the cluster to start
+        another: the request resumes there instead of failing. A new request never waits
+        (it gets its 503 at once)."""
+        try:
+            return self.pick_worker(excluded)
+        except NoWorkerAvailable:
+            if not self.attempts or self.wait_for_worker is None:
+                raise
+        await self.wait_for_worker(excluded)
+        return self.pick_worker(excluded)
 
     async def _follow(self, link: Any, request: WorkerRequest, attach: bool) -> AsyncIterator[Event]:
         try:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
+from router.dispatch import NoWorkerAvailable
 from router.lifecycle import RequestStream
 from workers.events import Failed, Finished, Moved, Tokens, Usage, WorkerRequest
 from workers.sampling_params import SamplingParams
@@ -109,3 +112,45 @@ def test_destination_that_lost_the_request_makes_the_router_resume_elsewhere():
     events, failures = run({"a": (a, []), "b": (b, []), "c": (c, c_calls)}, dispatch_order=["a", "c"])
     assert [t for e in events if isinstance(e, Tokens) for t in e.token_ids] == [10, 11]
     assert failures == ["b"]
+
+
+def run_with_replacement(first_pick_has_worker: bool = True):
+    """Worker a dies after two tokens with no other worker known; the wait for one
+    brings b (the cluster replaced a). Returns the events, the waits' excluded sets,
+    and what b was asked."""
+    a, _ = script([Tokens("r", 0, (10, 11), "ab")], RuntimeError("actor died"))
+    b, b_calls = script([Tokens("r", 2, (12, 13, 14, 15), "cdef")], [Finished("r", "length", None, USAGE)])
+    known = {"a": a} if first_pick_has_worker else {}
+    waits = []
+
+    def pick(excluded):
+        free = [w for w in known if w not in excluded]
+        if not free:
+            raise NoWorkerAvailable(f"none of {sorted(known)} outside {sorted(excluded)}")
+        return free[0], known[free[0]]
+
+    async def wait_for_worker(excluded):
+        waits.append(excluded)
+        known["b"] = b
+
+    async def report(wid):
+        pass
+
+    async def collect():
+        stream = RequestStream(REQ, pick, lambda handle, req, attach: handle(req, attach), report, 3,
+                               wait_for_worker=wait_for_worker)
+        return [e async for e in stream.events()]
+    return asyncio.run(collect()), waits, b_calls
+
+
+def test_a_retry_with_no_worker_left_waits_for_a_replacement_and_resumes_there():
+    events, waits, b_calls = run_with_replacement()
+    assert [t for e in events if isinstance(e, Tokens) for t in e.token_ids] == [10, 11, 12, 13, 14, 15]
+    assert events[-1] == Finished("r", "length", None, USAGE)
+    assert waits == [frozenset({"a"})]
+    assert b_calls[0].resume_token_ids == (10, 11)
+
+
+def test_a_new_request_with_no_worker_does_not_wait():
+    with pytest.raises(NoWorkerAvailable):
+        run_with_replacement(first_pick_has_worker=False)
