@@ -274,7 +274,7 @@ class Ours:
         from cluster.config import ClusterConfig
         from cluster.serve_env import STREAMING_SERVE_ENV, apply_serve_env, direct_ingress_env
         from cluster.serving import load_serve_config, start
-        from workers.worker import Worker, WorkerConfig
+        from workers.worker import Worker
 
         t0 = time.perf_counter()
         serve_env = apply_serve_env(STREAMING_SERVE_ENV) if self.args.serve_env == "streaming" else {}
@@ -300,8 +300,7 @@ class Ours:
                      "ingress": self.args.ingress}
         if "direct" in self.args.paths:
             self.direct = ray.remote(Worker).options(num_cpus=self.args.worker_cpus).remote(
-                WorkerConfig(worker_id="bench-direct", engine=engine, stream_interval_s=cluster.stream_interval_s,
-                             stream_full_at=cluster.stream_full_at, stream_interval_max_s=cluster.stream_interval_max_s))
+                cluster.worker_config("bench-direct"))  # as the app's worker runs
             ok, why = ray.get(self.direct.health.remote(), timeout=300)
             if not ok:
                 raise RuntimeError(f"the direct worker is unhealthy: {why}")

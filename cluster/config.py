@@ -17,7 +17,7 @@ from typing import Any, Optional
 from cluster.migration_policy import MigrationConfig
 from cluster.pool_scaling import PoolScaling
 from workers.engine.config import EngineConfig
-from workers.worker_config import STREAM_UNITS
+from workers.worker_config import STREAM_UNITS, WorkerConfig
 
 
 SPLIT_ROLES = ("prefill", "decode")
@@ -150,6 +150,17 @@ class ClusterConfig:
         """The engine settings of a pool's workers: the pool's over the cluster's."""
         pool = self.pools.get(pool_name)
         return dataclasses.replace(self.engine, **pool.engine) if pool and pool.engine else self.engine
+
+    def worker_config(self, worker_id: str, pool_name: str = MIXED_POOL) -> WorkerConfig:
+        """What a worker of a pool runs with: the pool's engine, and the cluster's
+        stream, migration and handoff settings."""
+        return WorkerConfig(worker_id=worker_id, engine=self.engine_for(pool_name), role=self.pool_role(pool_name),
+                            pool=pool_name, stream_interval_s=self.stream_interval_s,
+                            stream_full_at=self.stream_full_at, stream_interval_max_s=self.stream_interval_max_s,
+                            migration_pause_blocks=self.migration.stage_threshold_blocks,
+                            migration_call_timeout_s=self.migration_call_timeout_s,
+                            handoff_wait_s=self.handoff_wait_s, handoff_streaming=self.handoff_streaming,
+                            handoff_stream_unit=self.handoff_stream_unit)
 
     @staticmethod
     def pool_role(pool_name: str) -> str:

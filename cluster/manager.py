@@ -47,7 +47,7 @@ from workers.events import worker_actor_name
 from workers.load_report import LoadReport
 from workers.migration import MigrationOrder as WorkerMigrationOrder
 from workers.migration import MigrationResult
-from workers.worker import Worker, WorkerConfig
+from workers.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -153,14 +153,7 @@ class ClusterManager:
 
     def _start_worker(self, pool: str) -> WorkerEntry:
         worker_id = f"{self.config.name}-w{next(self._ids)}"
-        role = self.config.pool_role(pool)
-        wc = WorkerConfig(worker_id=worker_id, engine=self.config.engine_for(pool), role=role, pool=pool,
-                          stream_interval_s=self.config.stream_interval_s, stream_full_at=self.config.stream_full_at,
-                          stream_interval_max_s=self.config.stream_interval_max_s,
-                          migration_pause_blocks=self.config.migration.stage_threshold_blocks,
-                          migration_call_timeout_s=self.config.migration_call_timeout_s,
-                          handoff_wait_s=self.config.handoff_wait_s, handoff_streaming=self.config.handoff_streaming,
-                          handoff_stream_unit=self.config.handoff_stream_unit)
+        wc = self.config.worker_config(worker_id, pool)
         bundles = self.config.worker_bundles(pool)
         placement = placement_group(bundles, strategy=self.config.engine.placement_strategy,
                                     name=placement_name(worker_id), lifetime="detached")
@@ -168,7 +161,7 @@ class ClusterManager:
             num_cpus=bundles[0]["CPU"], num_gpus=bundles[0].get("GPU", 0),
             scheduling_strategy=PlacementGroupSchedulingStrategy(placement, placement_group_bundle_index=0),
             name=worker_actor_name(worker_id), namespace=MANAGER_NAMESPACE, lifetime="detached").remote(wc)
-        entry = WorkerEntry(worker_id, handle, role, placement, booting=handle.load.remote(), pool=pool)
+        entry = WorkerEntry(worker_id, handle, wc.role, placement, booting=handle.load.remote(), pool=pool)
         self.workers[worker_id] = entry
         return entry
 

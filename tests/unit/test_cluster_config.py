@@ -98,3 +98,18 @@ def test_a_further_mixed_pool_runs_its_own_engine_beside_the_mixed_workers():
     assert config.worker_bundles("vllm") == [{"CPU": 2.0}] and config.worker_bundles() == [{"CPU": 1.0}]
     only_pools = ClusterConfig.from_dict({"num_workers": 0, "pools": {"a": {}, "b": {"engine": "vllm"}}})
     assert only_pools.pool_sizes() == [("a", 1), ("b", 1)]
+
+
+def test_a_pools_worker_runs_its_engine_and_the_clusters_stream_migration_and_handoff_settings():
+    config = ClusterConfig.from_dict({
+        **pd(prefill={"num_workers": 1, "engine": {"max_num_batched_tokens": 4096}}),
+        "stream_interval_s": 0.03, "stream_full_at": 7, "stream_interval_max_s": 0.4,
+        "migration_call_timeout_s": 12.0, "migration": {"stage_threshold_blocks": 3},
+        "handoff_wait_s": 2.5, "handoff_streaming": False, "handoff_stream_unit": "chunk"})
+    wc = config.worker_config("w-p", "prefill")
+    assert (wc.worker_id, wc.role, wc.pool) == ("w-p", "prefill", "prefill")
+    assert wc.engine == config.engine_for("prefill") and wc.engine.max_num_batched_tokens == 4096
+    assert (wc.stream_interval_s, wc.stream_full_at, wc.stream_interval_max_s) == (0.03, 7, 0.4)
+    assert (wc.migration_pause_blocks, wc.migration_call_timeout_s) == (3, 12.0)
+    assert (wc.handoff_wait_s, wc.handoff_streaming, wc.handoff_stream_unit) == (2.5, False, "chunk")
+    assert config.worker_config("w-d", "decode").engine.max_num_batched_tokens == 2048
