@@ -387,7 +387,8 @@ def _engine_args(config: EngineConfig, model_dir: Path) -> EngineArgs:
         model=str(model_dir), dtype=config.dtype or checkpoint_dtype(model_dir), seed=config.seed,
         block_size=_block_size(config), kv_cache_memory_bytes=int(config.kv_cache_memory_gib * 2**30),
         max_model_len=config.max_model_len, **_batch_limits(config),
-        enable_chunked_prefill=config.enable_chunked_prefill, enable_prefix_caching=config.enable_prefix_caching, tensor_parallel_size=config.tensor_parallel_size,
+        enable_chunked_prefill=config.enable_chunked_prefill, enable_prefix_caching=config.enable_prefix_caching,
+        tensor_parallel_size=config.tensor_parallel_size,
         # yard runs higher priorities first, then earlier arrivals; vLLM's priority
         # policy runs lower values first: priorities go over negated.
         scheduling_policy="priority",
