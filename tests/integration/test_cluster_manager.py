@@ -78,6 +78,8 @@ def test_a_restarted_manager_adopts_the_running_workers(ray_local, make_model):
         running = before["t-adopt-w0"].generate.remote(WorkerRequest("survivor", (5, 6, 7), long))
         first = ray_local.get(next(running))  # the request runs: now the manager dies
         ray_local.kill(manager, no_restart=False)
+        # The kill lands a moment later: calls made before then reach the old instance.
+        wait_until(lambda: ray_local.get(manager.status.remote())["restarted"], 60, "the manager restarted by Ray")
 
         wait_for_workers(ray_local, manager, {"t-adopt-w0": True, "t-adopt-w1": True})
         status = ray_local.get(manager.status.remote())
