@@ -25,6 +25,7 @@ from typing import Any
 import openai
 import pytest
 import yaml
+from conditions import wait_until
 from debian_tools import tool
 from pd_cluster import pd_application
 
@@ -105,15 +106,9 @@ class Prometheus:
         """Each series' value, by its labels."""
         return {tuple(sorted(r["metric"].items())): float(r["value"][1]) for r in self.query(expr)}
 
-    def wait_for_rise(self, expr: str, before: dict[tuple[tuple[str, str], ...], float], timeout_s: float) -> bool:
-        """Until a series of `expr` is above its value in `before` (a new one above 0)."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if any(v > before.get(labels, 0.0) for labels, v in self.values(expr).items()):
-                return True
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(1)
+    def rose(self, expr: str, before: dict[tuple[tuple[str, str], ...], float]) -> bool:
+        """A series of `expr` is above its value in `before` (a new one above 0)."""
+        return any(v > before.get(labels, 0.0) for labels, v in self.values(expr).items())
 
 
 
@@ -244,7 +239,7 @@ def total_outage(serve_app: dict[str, Any], ray_local: Any, prometheus: "Prometh
         deadline = time.monotonic() + 60
         while not refused() and time.monotonic() < deadline:  # until the router's snapshot shows it
             time.sleep(0.05)
-        assert prometheus.wait_for_rise(no_worker, before, 90), "the outage's 503s are not counted as no_worker"
+        wait_until(lambda: prometheus.rose(no_worker, before), 90, "the outage's 503s counted as no_worker")
         for _ in range(10):  # an increase Prometheus sees, so that rate() is above 0
             assert refused()
         assert prometheus.wait_for(f"sum(increase({no_worker}[5m])) > 0", 90)

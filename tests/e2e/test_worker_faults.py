@@ -87,10 +87,4 @@ def test_a_stream_whose_only_worker_died_waits_for_its_replacement(ray_local, se
     finally:
         if idle is not None:
             ray_local.get(idle.handle.set_draining.remote(False))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # serving on both again before the next test
-        workers = ray_local.get(manager.snapshot.remote())
-        if sum(w.healthy and w.load is not None and not w.load.draining for w in workers) == 2:
-            break
-        time.sleep(0.2)
-    assert sum(w.healthy and w.load is not None and not w.load.draining for w in workers) == 2
+    wait_until(lambda: healthy_workers(serve_app) == 2, 60, "both workers serving again, before the next test")

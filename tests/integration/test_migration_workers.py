@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import time
 from typing import Any, Optional
 
 import pytest
+from conditions import wait_until
 from worker_streams import (LONG, SEEDED, Follower, assert_all_free, order, prompt, run, start, tokens,
                             undisturbed)
 
@@ -236,9 +236,7 @@ def test_a_move_whose_moved_event_was_lost_is_resumed_at_its_destination(ray_loc
 
 def wait_for_free(ray_local: Any, worker: Any, timeout_s: float = 10) -> None:
     """Until the worker holds no block (a dropped request's blocks free as it steps)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    def free() -> bool:
         report = ray_local.get(worker.load.remote())
-        if report.free_blocks == report.total_blocks and not report.requests:
-            return
-        time.sleep(0.05)
+        return report.free_blocks == report.total_blocks and not report.requests
+    wait_until(free, timeout_s, "every block free on the worker")
