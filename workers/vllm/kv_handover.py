@@ -14,9 +14,10 @@ writes its own share; the engine reaches them through vLLM's `collective_rpc`
   ones its connector was handed, `register_kv_caches`), between two steps, before the
   request is taken out of the engine;
 - destination: `stage` holds a payload for a request about to be added, each rank its
-  own share; the scheduler asks the connector how many of its tokens are available
-  outside (`get_num_new_matched_tokens`), allocates blocks for them
-  (`update_state_after_alloc`), and before the next forward every rank writes its
+  own share (with several ranks, each reads only its own from shared memory:
+  workers/vllm/rank_shares.py); the scheduler asks the connector how many of its
+  tokens are available outside (`get_num_new_matched_tokens`), allocates blocks for
+  them (`update_state_after_alloc`), and before the next forward every rank writes its
   share into those blocks (`start_load_kv`). vLLM then computes only what is left:
   the last token, whose output is the next one.
 
@@ -40,6 +41,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from workers.vllm import rank_shares
+from workers.vllm.rank_shares import Blocks
+
 CONNECTOR_NAME = "HandoverConnector"
 logger = logging.getLogger(__name__)
 
@@ -52,9 +56,6 @@ class KVLayout:
     block_size: int
     layers: tuple[tuple[str, tuple[int, ...], str], ...]  # each rank's: (name, per-block shape, dtype)
     ranks: int = 1  # tensor-parallel ranks, each holding the share of the heads that `layers` shows
-
-
-Blocks = dict[str, torch.Tensor]  # one rank's: layer name → [num_blocks, *per-block shape]
 
 
 @dataclass(frozen=True)
@@ -185,26 +186,35 @@ def kv_parts(parts: list[KVPayload]) -> KVParts:
 
 def stage(key: str, kv: KVParts | KVPayload, own: KVLayout, on_ranks: OnRanks) -> None:
     """Hold `kv` for the request about to be added with handover_params(key): each
-    rank its share, the scheduler the number of tokens. (vLLM sends a call's
-    arguments to every rank: with more than one, each receives all the shares.)"""
+    rank its share, the scheduler the number of tokens. One rank (the worker's own
+    process) takes its share as it is; with more, each reads its own from shared
+    memory (vLLM sends a call's arguments to every rank: workers/vllm/rank_shares.py)."""
     kv = kv if isinstance(kv, KVParts) else kv_parts([kv])
     for part in kv.parts:
         if part.layout != own:
             raise ValueError(f"the KV handed over is laid out for {part.layout.model!r} with blocks of "
                              f"{part.layout.block_size} over {part.layout.ranks} rank(s), not as this engine's "
                              f"({own.model!r}, {own.block_size}, {own.ranks})")
-    on_ranks(rank_stage, key, kv)
+    if own.ranks == 1:
+        on_ranks(rank_stage, key, [[(part.first_block, part.shards[0]) for part in kv.parts]])
+    else:
+        per_rank = [[(part.first_block, part.shards[rank]) for part in kv.parts] for rank in range(own.ranks)]
+        with rank_shares.published(per_rank) as shares:
+            on_ranks(rank_stage, key, shares)
     with _SHARED.lock:
         _SHARED.staged[key] = kv.num_tokens
 
 
-def rank_stage(_worker: Any, key: str, kv: KVParts) -> None:
-    """In a rank: keep its share of each part until the request's blocks are allocated."""
+def rank_stage(_worker: Any, key: str, shares: list) -> None:
+    """In a rank: keep its share of each part until the request's blocks are
+    allocated. `shares`, in rank order: each rank's (first block, blocks) parts, or
+    where to read them (a RankShare)."""
     from vllm.distributed import get_tensor_model_parallel_rank
 
-    rank = get_tensor_model_parallel_rank()
+    share = shares[get_tensor_model_parallel_rank()]
+    parts = rank_shares.read_share(share) if isinstance(share, rank_shares.RankShare) else share
     with _SHARED.lock:
-        _SHARED.shards[key] = [(part.first_block, part.shards[rank]) for part in kv.parts]
+        _SHARED.shards[key] = parts
 
 
 def unstage(key: str, on_ranks: Optional[OnRanks] = None) -> None:
