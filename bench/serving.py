@@ -10,7 +10,7 @@ run, not across runs):
    engine config) as streaming `/v1/completions` with token-id prompts. Arrivals:
    Poisson at --rate, bursty Gamma (CV --cv, 3 by default) at the same mean rate, and
    `saturate` (all at t=0: the throughput ceiling). Per scenario the two paths run
-   back to back, in alternating order; TTFT, TPOT, end-to-end latency (p50/p99) and
+   back to back, in alternating order (or by turns of --interleave requests); TTFT, TPOT, end-to-end latency (p50/p99) and
    output tokens/s for each.
 2. Router overhead: per scenario, what (b) adds to (a) at p50 and the throughput
    ratio (b)/(a), against the issue's targets (at most 2 ms added at p50, at most 5%
@@ -40,6 +40,8 @@ says how; the run prints it), random token-id prompts, greedy, EOS ignored.
     python bench/serving.py                       # everything, a few minutes on 2 cores
     python bench/serving.py --num-requests 32 --rate 2 --scenarios poisson
     python bench/serving.py --no-peers            # skip vLLM
+    python bench/serving.py --scenarios poisson --rate 2 --no-peers --num-requests 128 --interleave 8
+                                                  # the router's added TTFT at 2 req/s, the paths by turns
     python bench/serving.py --standard            # the standard comparison, 3 runs, ~25 minutes
     python bench/serving.py --backend vllm --paths serve --scenarios saturate \\
         --peers vllm,ray-serve-llm --peer-num-requests 200 --peer-input-len 256 --peer-output-len 128
@@ -53,6 +55,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -112,6 +115,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--max-output-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup-requests", type=int, default=4, help="untimed, per path, before the scenarios")
+    p.add_argument("--interleave", type=int, default=0, metavar="N",
+                   help="run the paths by turns, N requests at a time (each block's arrivals as in the "
+                   "scenario, the other path's block after it drains), so that a drift of the machine "
+                   "falls on both; 0: each path runs the whole scenario in turn")
     p.add_argument("--max-duration-s", type=float, default=60.0,
                    help="per scenario: requests due later are not sent")
     p.add_argument("--request-timeout-s", type=float, default=120.0)
@@ -171,6 +178,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     if args.warmup_requests < 0:
         p.error("--warmup-requests must be >= 0")
+    if args.interleave < 0:
+        p.error(f"--interleave must be >= 0, got {args.interleave}")
     args.peer_num_requests = args.peer_num_requests or args.num_requests
     args.engine_overrides = _engine_overrides(p, args.engine_arg)
     args.standard_rates = [r.strip() for r in args.standard_rates.split(",") if r.strip()]
@@ -381,10 +390,18 @@ async def run_our_load(ours: Ours, workload: dict[str, Any], args: argparse.Name
             specs = workload["scenarios"][kind]
             order = args.paths if k % 2 == 0 else list(reversed(args.paths))
             results[kind] = {}
+            runs = None
+            if args.interleave:
+                say(f"[{kind}] {' and '.join(order)} by turns of {args.interleave}: {len(specs)} requests each, "
+                    f"{arrival_label(kind, args)} ...")
+                runs = await _run_interleaved(specs, senders, order, args)
             for path in order:
-                say(f"[{kind}] {path}: {len(specs)} requests, {arrival_label(kind, args)} ...")
-                outcomes, wall = await lc.run_load(specs, senders[path], args.max_duration_s,
-                                                   args.request_timeout_s)
+                if runs is None:
+                    say(f"[{kind}] {path}: {len(specs)} requests, {arrival_label(kind, args)} ...")
+                    outcomes, wall = await lc.run_load(specs, senders[path], args.max_duration_s,
+                                                       args.request_timeout_s)
+                else:
+                    outcomes, wall = runs[path]
                 summary = lc.summarize(outcomes, wall)
                 say(f"[{kind}] {path}: {summary['completed']}/{summary['requests']} done in {wall:.1f} s, "
                     f"{_f(summary['output_throughput'], 0)} out tok/s, p50 TTFT {_f(summary['p50_ttft_ms'])} ms, "
@@ -394,6 +411,23 @@ async def run_our_load(ours: Ours, workload: dict[str, Any], args: argparse.Name
                                        "per_request": lc.compact(outcomes)}
                 await asyncio.sleep(0.5)  # let the finished requests' bookkeeping settle
     return results
+
+
+async def _run_interleaved(specs: list[lc.RequestSpec], senders: dict[str, lc.Send], order: list[str],
+                           args: argparse.Namespace) -> dict[str, tuple[list[lc.Outcome], float]]:
+    """Each path's outcomes and wall time, the paths taking turns by blocks of
+    `args.interleave` requests: every block's arrivals as in the scenario (shifted to
+    start at 0), each path's block run to its end before the other's starts."""
+    runs: dict[str, tuple[list[lc.Outcome], float]] = {path: ([], 0.0) for path in order}
+    due = [s for s in specs if s.at_s <= args.max_duration_s]
+    for b in range(0, len(due), args.interleave):
+        block = due[b: b + args.interleave]
+        shifted = [dataclasses.replace(s, at_s=s.at_s - block[0].at_s) for s in block]
+        turn = order if (b // args.interleave) % 2 == 0 else list(reversed(order))
+        for path in turn:
+            outcomes, wall = await lc.run_load(shifted, senders[path], math.inf, args.request_timeout_s)
+            runs[path] = (runs[path][0] + outcomes, runs[path][1] + wall)
+    return runs
 
 
 def router_overhead(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -638,7 +672,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         | {"num_requests": args.num_requests, "rate": args.rate, "cv": args.cv,
            "scenarios": {k: arrival_label(k, args) for k in args.scenarios},
            "warmup_requests": args.warmup_requests, "seed": args.seed, "model": args.model,
-           "served_model_name": args.served_model_name, "max_duration_s": args.max_duration_s},
+           "served_model_name": args.served_model_name, "max_duration_s": args.max_duration_s,
+           "interleave": args.interleave},
         "targets": {"added_p50_ms": TARGET_ADDED_MS, "throughput_loss": TARGET_THROUGHPUT_LOSS},
         "environment": environment("torch", "ray"),
     }

@@ -39,6 +39,23 @@ log = logging.getLogger(__name__)
 
 
 
+# Prompts this short are tokenized on the replica's event loop: at most a few hundred
+# microseconds of encoding, about what the hop to the tokenizing thread and back costs
+# a request at light load. Longer ones, and chats of more text, go to the thread, so
+# that the replica's other streams go on meanwhile (bench/tokenize_stall.py).
+INLINE_PROMPT_CHARS = 2048
+INLINE_PROMPT_TOKEN_IDS = 16384  # token-id prompts are only checked: ~10 ns an id
+
+
+def tokenize_inline(gen: GenerateRequest) -> bool:
+    """Whether the prompt is small enough to tokenize on the event loop."""
+    if gen.messages is not None:
+        return sum(len(str(m.get("content") or "")) for m in gen.messages) <= INLINE_PROMPT_CHARS
+    if isinstance(gen.prompt, str):
+        return len(gen.prompt) <= INLINE_PROMPT_CHARS
+    return len(gen.prompt) <= INLINE_PROMPT_TOKEN_IDS
+
+
 class Overloaded(APIError):
     def __init__(self, retry_after_s: int) -> None:
         super().__init__(TOO_MANY_REQUESTS, "every worker is at its queue limit; retry later",
@@ -55,6 +72,7 @@ class RouterCore:
         self.keys = ApiKeys.load(config.api_keys_file, config.api_keys_env, config.allow_priority)
         self.limits = RequestLimits(config.max_body_bytes, config.max_prompt_tokens, config.max_completion_tokens)
         self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        self._last_tokenizing: Optional[concurrent.futures.Future] = None  # the thread is idle once it is done
         # The model's limit until the workers tell theirs (refresh): an engine may run
         # less (its settings, its KV cache), and the router must refuse what it cannot.
         self.max_model_len = self.model_config.max_position_embeddings
@@ -111,13 +129,23 @@ class RouterCore:
         check_prompt_token_ids(gen.prompt, self.model_config.vocab_size)
         return list(gen.prompt)
 
+    async def _tokens(self, gen: GenerateRequest) -> list[int]:
+        """The prompt's token ids: on the event loop where that is quicker than the hop
+        to the tokenizing thread and back, and the thread is idle (one thread at a
+        time may use the tokenizer); else on the thread."""
+        busy = self._last_tokenizing is not None and not self._last_tokenizing.done()
+        if not busy and tokenize_inline(gen):
+            return self.tokenize(gen)
+        self._last_tokenizing = self._tokenizing.submit(self.tokenize, gen)
+        return await asyncio.wrap_future(self._last_tokenizing)
+
     async def prepare(self, gen: GenerateRequest, session_id: Optional[str], caller: Caller) -> WorkerRequest:
         """Tokens, final sampling parameters and a request id; raises APIError.
-        Tokenizing a long prompt or rendering a chat template takes milliseconds to
-        seconds: it runs on a thread, so that the replica's other streams go on (one
-        thread: a tokenizer is not safe to share between threads)."""
+        Tokenizing a long prompt or chat takes milliseconds to seconds: it runs on a
+        thread, so that the replica's other streams go on (one thread: a tokenizer is
+        not safe to share between threads). A short one is quicker on the loop."""
         check_priority(caller, gen.priority)
-        ids = await asyncio.get_running_loop().run_in_executor(self._tokenizing, self.tokenize, gen)
+        ids = await self._tokens(gen)
         self.limits.check_prompt(gen, len(ids))
         sampling = self.limits.cap_output(gen, gen.resolve_sampling(len(ids), self.max_model_len))
         self.check_capacity()
