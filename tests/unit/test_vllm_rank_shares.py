@@ -95,3 +95,28 @@ def test_an_empty_share_reads_back_empty() -> None:
     with published(shares) as placed:
         assert_same(read_share(placed[0]), shares[0])
         assert read_share(placed[1]) == []
+
+
+def test_a_staging_removes_the_files_a_killed_writer_left_and_no_others(monkeypatch, tmp_path) -> None:
+    """A worker killed mid-staging leaves its files in shared memory; the next staging
+    on the node removes them: a dead writer's old file only."""
+    monkeypatch.setattr(rank_shares, "_SHM", str(tmp_path))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    killed.kill()
+    killed.wait()
+    old = os.path.getmtime(tmp_path) - 2 * rank_shares.ORPHAN_AGE_S
+    files = {name: tmp_path / name for name in (
+        f"yard-kv-{killed.pid}-orphan",  # dead writer, old: removed
+        f"yard-kv-{killed.pid}-fresh",  # dead writer, written just now: kept (the age guard)
+        f"yard-kv-{os.getppid()}-alive",  # a live writer's, old: kept
+        "other-file",  # not a share: kept
+    )}
+    for name, path in files.items():
+        path.write_bytes(b"kv")
+        if not name.endswith("fresh"):
+            os.utime(path, (old, old))
+    shares = [share_of(rank, (0,), torch.float32) for rank in range(2)]
+    with published(shares) as placed:
+        assert all(os.path.basename(p.path).startswith(f"yard-kv-{os.getpid()}-") for p in placed)
+        assert_same(read_share(placed[0]), shares[0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n in files if n != f"yard-kv-{killed.pid}-orphan")

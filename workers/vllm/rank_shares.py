@@ -8,6 +8,8 @@ directory where that has no room) and sends the ranks only where to find theirs;
 each rank maps its own file. vLLM's ranks are processes on the worker's node (its
 multiprocessing executor), so they see the worker's files. The worker removes the
 files once every rank has read its share: `collective_rpc` returns after all have.
+A worker killed mid-staging cannot remove its files; the next staging on the node
+removes them (their names carry the writer's pid).
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -25,6 +29,12 @@ Blocks = dict[str, torch.Tensor]  # one rank's: layer name → [num_blocks, *per
 
 _ALIGN = 64  # each tensor starts at a multiple of this in its file: aligned reads
 _SHM = "/dev/shm"
+_PREFIX = "yard-kv-"
+_WRITER = re.compile(rf"{_PREFIX}(\d+)-")  # the pid of the process that wrote the file
+# A file is an orphan when its writer is gone and it is older than this: a staging's
+# files live for the seconds of one handover, and the age spares a file whose pid
+# belongs to another pid namespace sharing the directory.
+ORPHAN_AGE_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +75,7 @@ def _directory(num_bytes: int) -> str:
 
 
 def _write_share(parts: Sequence[tuple[int, Blocks]], directory: str) -> RankShare:
-    fd, path = tempfile.mkstemp(prefix="yard-kv-", dir=directory)
+    fd, path = tempfile.mkstemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=directory)
     placed, offset = [], 0
     with os.fdopen(fd, "wb") as f:
         for first_block, blocks in parts:
@@ -80,6 +90,34 @@ def _write_share(parts: Sequence[tuple[int, Blocks]], directory: str) -> RankSha
     return RankShare(path, tuple(placed))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphans(directory: str) -> list[str]:
+    """Removes the share files in the directory that a dead process left (a worker
+    killed mid-staging), so that its shared memory is not held until the node goes;
+    returns their paths."""
+    removed = []
+    now = time.time()
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            writer = _WRITER.match(entry.name)
+            if writer is None or _alive(int(writer.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                if now - entry.stat().st_mtime > ORPHAN_AGE_S:
+                    os.remove(entry.path)
+                    removed.append(entry.path)
+    return removed
+
+
 @contextlib.contextmanager
 def published(shares: Sequence[Sequence[tuple[int, Blocks]]]) -> Iterator[list[RankShare]]:
     """Each rank's (first block, blocks) parts, in rank order, written to a file of
@@ -87,6 +125,7 @@ def published(shares: Sequence[Sequence[tuple[int, Blocks]]]) -> Iterator[list[R
     written: list[RankShare] = []
     try:
         directory = _directory(max((_share_bytes(parts) for parts in shares), default=0))
+        remove_orphans(directory)
         for parts in shares:
             written.append(_write_share(parts, directory))
         yield written
