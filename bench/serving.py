@@ -10,8 +10,8 @@ run, not across runs):
    engine config) as streaming `/v1/completions` with token-id prompts. Arrivals:
    Poisson at --rate, bursty Gamma (CV --cv, 3 by default) at the same mean rate, and
    `saturate` (all at t=0: the throughput ceiling). Per scenario the two paths run
-   back to back, in alternating order (or by turns of --interleave requests); TTFT, TPOT, end-to-end latency (p50/p99) and
-   output tokens/s for each.
+   back to back, in alternating order (or by turns of --interleave requests); TTFT,
+   TPOT, end-to-end latency (p50/p99) and output tokens/s for each.
 2. Router overhead: per scenario, what (b) adds to (a) at p50 and the throughput
    ratio (b)/(a), against the issue's targets (at most 2 ms added at p50, at most 5%
    throughput lost; the throughput target is judged on `saturate`, where the
