@@ -92,19 +92,18 @@ def _write_share(parts: Sequence[tuple[int, Blocks]], directory: str) -> RankSha
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # PermissionError: another user's process, alive
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True
 
 
-def remove_orphans(directory: str) -> list[str]:
+def remove_orphans(directory: str) -> None:
     """Removes the share files in the directory that a dead process left (a worker
-    killed mid-staging), so that its shared memory is not held until the node goes;
-    returns their paths."""
-    removed = []
+    killed mid-staging), so that its shared memory is not held until the node goes.
+    A scan of the directory: /dev/shm holds a few files."""
     now = time.time()
     with contextlib.suppress(OSError):
         for entry in os.scandir(directory):
@@ -114,8 +113,6 @@ def remove_orphans(directory: str) -> list[str]:
             with contextlib.suppress(OSError):
                 if now - entry.stat().st_mtime > ORPHAN_AGE_S:
                     os.remove(entry.path)
-                    removed.append(entry.path)
-    return removed
 
 
 @contextlib.contextmanager
