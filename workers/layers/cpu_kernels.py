@@ -1,11 +1,13 @@
-"""The CPU decode-attention kernel: built from paged_decode.c on first use, then cached.
+"""The compiled CPU kernels: built from their C files on first use, then cached.
 
-The C file has no dependency but libc and OpenMP, so the machine's C compiler builds
-it in about a second; the shared library lands in the model cache's sibling folder
-under a name that hashes the source, the flags and the compiler, and is renamed into
-place atomically so concurrent builders never load half a file. Where no compiler
-is found, or the build fails, `load_decode_kernel` returns None and attention falls
-back to the plain PyTorch path.
+paged_decode.c is decode attention over the paged KV cache; rotary.c applies rotary
+position embeddings in place; swiglu.c is the MLP's silu(gate) * up. None depends on
+anything but libc and OpenMP, so the machine's C compiler builds each in about a
+second; the shared library lands in the model cache's sibling folder under a name
+that hashes the source and its headers, the flags, the compiler and the CPU
+(-march=native code may not run on another CPU sharing the folder), and is renamed
+into place atomically so concurrent builders never load half a file. Where no compiler is found, or a build fails, the loaders return None and the
+layers fall back to their plain PyTorch paths.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -27,33 +30,49 @@ from workers.models.tiny import cache_root
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.c")
+HERE = Path(__file__).parent
+COMMON_FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # Fast math, part by part: reassociation and no errno let the compiler vectorize
 # the dot products and expf (the reordered float sums stay within a few ulps of the
 # reference). Not -ffast-math itself: a library linked with it sets the CPU to flush
 # subnormals to zero when it loads, for the whole process that loads it.
-FLAGS = ("-O3", "-march=native", "-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
-         "-freciprocal-math", "-fno-math-errno", "-ffinite-math-only", "-fopenmp", "-shared", "-fPIC")
+FAST_MATH_FLAGS = COMMON_FLAGS + ("-fassociative-math", "-fno-signed-zeros", "-fno-trapping-math",
+                                  "-freciprocal-math", "-fno-math-errno", "-ffinite-math-only")
+# Every product and sum rounded on its own, as PyTorch's operators round them.
+EXACT_FLAGS = COMMON_FLAGS + ("-ffp-contract=off",)
 
 DecodeKernel = Callable[..., None]
+RotaryKernel = Callable[..., None]
+SwigluKernel = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _compiler() -> Optional[str]:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _library_path(compiler: str) -> Path:
+def _cpu() -> bytes:
+    """What -march=native compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return "\n".join(sorted({line for line in lines if line.startswith(wanted)})).encode()
+
+
+def _library_path(compiler: str, source: Path, flags: tuple[str, ...]) -> Path:
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode())
-    return cache_root().parent / "kernels" / f"paged_decode-{digest.hexdigest()[:16]}.so"
+    headers = b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + version.encode() + _cpu())
+    return cache_root().parent / "kernels" / f"{source.stem}-{digest.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def _build(compiler: str, source: Path, flags: tuple[str, ...], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
@@ -61,29 +80,86 @@ def _build(compiler: str, target: Path) -> None:
             os.unlink(tmp)
 
 
-@functools.lru_cache(maxsize=1)
-def load_decode_kernel() -> Optional[DecodeKernel]:
-    """The compiled kernel as a Python callable, or None where it cannot be built."""
+@functools.lru_cache(maxsize=None)
+def _library(source_name: str, flags: tuple[str, ...]) -> Optional[ctypes.CDLL]:
     compiler = _compiler()
     if compiler is None:
-        log.warning("no C compiler found: decode attention uses the PyTorch path")
+        log.warning("no C compiler found: %s's work runs in PyTorch", source_name)
         return None
+    source = HERE / source_name
     try:
-        path = _library_path(compiler)
+        path = _library_path(compiler, source, flags)
         if not path.exists():
-            _build(compiler, path)
-        lib = ctypes.CDLL(str(path))
+            _build(compiler, source, flags, path)
+        return ctypes.CDLL(str(path))
     except (OSError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
-        log.warning("building the CPU decode kernel failed, using the PyTorch path: %s", detail)
+        log.warning("building %s failed, its work runs in PyTorch: %s", source_name, detail)
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def load_decode_kernel() -> Optional[DecodeKernel]:
+    """The compiled decode attention as a Python callable, or None where it cannot be built."""
+    lib = _library("paged_decode.c", FAST_MATH_FLAGS)
+    if lib is None:
         return None
     fn = lib.paged_decode_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
-    return functools.partial(_call, fn)
+    return functools.partial(_attend, fn)
 
 
-def _call(fn: ctypes._CFuncPtr, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+@functools.lru_cache(maxsize=1)
+def load_rotary_kernel() -> Optional[RotaryKernel]:
+    """The compiled in-place rotary embedding as a Python callable, or None where it
+    cannot be built. Called as kernel(q, k, positions, cos, sin)."""
+    lib = _library("rotary.c", EXACT_FLAGS)
+    if lib is None:
+        return None
+    fn = lib.rotary_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int64, ctypes.c_int]
+    return functools.partial(_rotate_in_place, fn)
+
+
+@functools.lru_cache(maxsize=1)
+def load_swiglu_kernel() -> Optional[SwigluKernel]:
+    """The compiled silu(gate) * up as a Python callable, or None where it cannot be
+    built. Called as kernel(gate_up) on float32 rows [gate | up] whose columns are
+    contiguous; returns a new [rows, width] tensor."""
+    lib = _library("swiglu.c", FAST_MATH_FLAGS)
+    if lib is None:
+        return None
+    fn = lib.silu_mul_f32
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    return functools.partial(_silu_mul, fn)
+
+
+def _silu_mul(fn: ctypes._CFuncPtr, gate_up: torch.Tensor) -> torch.Tensor:
+    rows, width = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(rows, width, dtype=gate_up.dtype)
+    fn(gate_up.data_ptr(), rows, width, gate_up.stride(0), out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def _rotate_in_place(fn: ctypes._CFuncPtr, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+            cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """q: [tokens, heads, head_dim], k: [tokens, kv_heads, head_dim] float32, each head's
+    values contiguous (rows may be strided); cos, sin: [max_positions, head_dim / 2]."""
+    positions = positions.contiguous()
+    status = fn(q.data_ptr(), q.stride(0), q.shape[1], k.data_ptr(), k.stride(0), k.shape[1], q.shape[2],
+                positions.data_ptr(), q.shape[0], cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                torch.get_num_threads())
+    if status != 0:
+        bad = positions[(positions < 0) | (positions >= cos.shape[0])][0].item()
+        raise IndexError(f"position {bad} is outside the rotary table of {cos.shape[0]} positions")
+
+
+def _attend(fn: ctypes._CFuncPtr, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
           tables: torch.Tensor, lens: torch.Tensor, scale: float) -> torch.Tensor:
     """q: [n, heads, head_dim] float32; caches [blocks, block_size, kv_heads, head_dim]."""
     q = q.contiguous()

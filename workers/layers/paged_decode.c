@@ -20,55 +20,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+#include "vec8.h"
 
 #define MAX_GROUP 16    /* query heads per KV head on the vector path */
 #define MAX_CHUNKS 32   /* head_dim / 8 on the vector path (head_dim <= 256) */
 
-static inline v8f load8(const float *p) {
-    v8f v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store8(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-
-static inline v8f splat8(float x) { return (v8f){x, x, x, x, x, x, x, x}; }
-
-/* Lanewise: a where a > b, else b. (C has no vector ?:, so it picks by bit masks.) */
-static inline v8f max8(v8f a, v8f b) {
-    const v8i pick_a = a > b;
-    return (v8f)((pick_a & (v8i)a) | (~pick_a & (v8i)b));
-}
-
-static inline float hsum8(v8f v) {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-/* e^x for x <= 0, within about 2 ulp of expf: x = n ln2 + r with |r| <= ln2/2, e^r by
- * its Taylor series to r^7 (error below 6e-9), times 2^n built in the exponent bits.
- * Below -87.3 (e^x under FLT_MIN) it answers e^-87.3, which a softmax sum cannot see. */
-static inline v8f exp8(v8f x) {
-    const v8f lo = splat8(-87.3f);
-    x = max8(x, lo);
-    v8f t = x * splat8(1.44269504f) + splat8(0.5f);
-    v8i n = __builtin_convertvector(t, v8i);       /* truncates toward zero: */
-    n += (v8i)(__builtin_convertvector(n, v8f) > t); /* floor, for negative t */
-    v8f fn = __builtin_convertvector(n, v8f);
-    v8f r = x - fn * splat8(0.693359375f) - fn * splat8(-2.12194440e-4f);
-    v8f p = splat8(1.f / 5040);
-    p = p * r + splat8(1.f / 720);
-    p = p * r + splat8(1.f / 120);
-    p = p * r + splat8(1.f / 24);
-    p = p * r + splat8(1.f / 6);
-    p = p * r + splat8(0.5f);
-    p = p * r + splat8(1.f);
-    p = p * r + splat8(1.f);
-    v8i bits = (n + 127) << 23;
-    v8f scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
+/* Asks for the cache lines of the next block while this one is computed: the blocks
+ * of a sequence lie scattered over the cache, where the hardware's prefetcher cannot
+ * guess them. */
+static inline void prefetch_block(const float *block, int64_t floats) {
+    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(block + i, 0, 3);
 }
 
 /* Softmax of each head's scores in place; rows are `stride` (a multiple of 8) apart
@@ -111,6 +72,8 @@ static inline __attribute__((always_inline)) void attend_vector(
     for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
         const int64_t count = len - t0 < block_size ? len - t0 : block_size;
         const float *block = k_cache + table[b] * block_size * token_stride;
+        if (t0 + block_size < len) prefetch_block(k_cache + table[b + 1] * block_size * token_stride,
+                                                  block_size * token_stride);
         for (int64_t o = 0; o < count; o++) {
             for (int g = 0; g < kv_heads; g++) {
                 const float *k = block + o * token_stride + (int64_t)g * head_dim;
@@ -133,6 +96,8 @@ static inline __attribute__((always_inline)) void attend_vector(
         for (int64_t t0 = 0, b = 0; t0 < len; t0 += block_size, b++) {
             const int64_t count = len - t0 < block_size ? len - t0 : block_size;
             const float *block = v_cache + table[b] * block_size * token_stride + (int64_t)g * head_dim;
+            if (g == 0 && t0 + block_size < len)
+                prefetch_block(v_cache + table[b + 1] * block_size * token_stride, block_size * token_stride);
             for (int64_t o = 0; o < count; o++) {
                 const float *v = block + o * token_stride;
                 for (int j = 0; j < group; j++) {
