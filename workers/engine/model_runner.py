@@ -17,7 +17,7 @@ from workers.engine.freed_memory import keep_freed_memory
 from workers.engine.layer_progress import LayerProgress
 from workers.engine.sequence import Sequence
 from workers.layers.attention import AttentionBatch, PrefillSlice
-from workers.layers.cpu_kernels import load_decode_kernel
+from workers.layers.cpu_kernels import load_decode_kernel, load_prefill_kernel
 from workers.models.config import ModelConfig
 from workers.models.llama import LlamaForCausalLM
 from workers.offload.link import OffloadLink
@@ -46,7 +46,8 @@ class StepInputs:
     def wire(self) -> "StepInputs":
         """What the other ranks need: no sequences, no process-local kernel."""
         return dataclasses.replace(self, sampling=[],
-                                   attention=dataclasses.replace(self.attention, decode_kernel=None))
+                                   attention=dataclasses.replace(self.attention, decode_kernel=None,
+                                                                 prefill_kernel=None))
 
 
 class ModelRunner:
@@ -64,6 +65,8 @@ class ModelRunner:
         # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
         use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None
+        self.prefill_kernel = load_prefill_kernel(model.plan.q_heads, model.plan.kv_heads, cfg.head_dim) \
+            if use_kernel else None
         # This rank's KV heads only (all of them without tensor parallelism); none here
         # when attention is offloaded: the attention workers hold it.
         self.offload, self.offload_micro_batches = offload, offload_micro_batches
@@ -127,6 +130,7 @@ class ModelRunner:
     def attach(self, wire: StepInputs) -> StepInputs:
         """Step inputs received from the leader, with this process's decode kernel."""
         wire.attention.decode_kernel = self.decode_kernel
+        wire.attention.prefill_kernel = self.prefill_kernel
         if self.decode_kernel is None and wire.attention.decode_lens is not None and wire.attention.decode_mask is None:
             wire.attention.decode_mask = self._decode_mask(wire.attention.decode_lens.tolist())
         return wire
@@ -165,6 +169,7 @@ class ModelRunner:
             decode_mask=self._decode_mask(decode_lens) if decode_lens and not self.decode_kernel else None,
             prefills=prefills,
             decode_kernel=self.decode_kernel,
+            prefill_kernel=self.prefill_kernel,
         )
         return StepInputs(self._tensor(ids), self._tensor(positions), attention, sample_rows, sampling)
 

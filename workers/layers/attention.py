@@ -46,6 +46,9 @@ class AttentionBatch:
     decode_mask: Optional[torch.Tensor]
     prefills: list[PrefillSlice]
     decode_kernel: Optional[Callable[..., torch.Tensor]] = None
+    # Attention of a chunk with no cached context over itself, called as
+    # kernel(q, k, v, out, scale) on the chunk's rows (cpu_kernels.py).
+    prefill_kernel: Optional[Callable[..., None]] = None
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
@@ -61,7 +64,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if n:
         out[:n] = _decode(q[:n], k_cache, v_cache, batch, scale)
     for p in batch.prefills:
-        out[p.start:p.end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
+        if p.block_table is None and batch.prefill_kernel is not None:
+            rows = slice(p.start, p.end)
+            batch.prefill_kernel(q[rows], k[rows], v[rows], out[rows], scale)
+        else:
+            out[p.start:p.end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
     return out
 
 

@@ -1,7 +1,8 @@
 """The compiled CPU kernels: built from their C files on first use, then cached.
 
-paged_decode.c is decode attention over the paged KV cache; rotary.c applies rotary
-position embeddings in place; swiglu.c is the MLP's silu(gate) * up. None depends on
+paged_decode.c is decode attention over the paged KV cache; prefill_attention.c is a
+fresh prefill chunk's causal attention over itself; rotary.c applies rotary position
+embeddings in place; swiglu.c is the MLP's silu(gate) * up. None depends on
 anything but libc and OpenMP, so the machine's C compiler builds each in about a
 second; the shared library lands in the model cache's sibling folder under a name
 that hashes the source and its headers, the flags, the compiler and the CPU
@@ -42,6 +43,7 @@ FAST_MATH_FLAGS = COMMON_FLAGS + ("-fassociative-math", "-fno-signed-zeros", "-f
 EXACT_FLAGS = COMMON_FLAGS + ("-ffp-contract=off",)
 
 DecodeKernel = Callable[..., None]
+PrefillKernel = Callable[..., None]
 RotaryKernel = Callable[..., None]
 SwigluKernel = Callable[[torch.Tensor], torch.Tensor]
 
@@ -108,6 +110,36 @@ def load_decode_kernel() -> Optional[DecodeKernel]:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 6 + [ctypes.c_float, ctypes.c_int]
     return functools.partial(_attend, fn)
+
+
+def load_prefill_kernel(heads: int, kv_heads: int, head_dim: int) -> Optional[PrefillKernel]:
+    """The compiled causal attention of a fresh prefill chunk, for this head layout, as
+    a Python callable; None where it cannot be built or does not take the layout
+    (head_dim a multiple of 8 up to 256, at most 16 query heads per KV head)."""
+    if head_dim % 8 or head_dim > 256 or heads % kv_heads or heads // kv_heads > 16:
+        return None
+    lib = _library("prefill_attention.c", FAST_MATH_FLAGS)
+    if lib is None:
+        return None
+    fn = lib.prefill_causal_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                                          ctypes.c_float, ctypes.c_int]
+    return functools.partial(_prefill_causal, fn)
+
+
+def _prefill_causal(fn: ctypes._CFuncPtr, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    scale: float) -> None:
+    """q, out: [tokens, heads, head_dim], k, v: [tokens, kv_heads, head_dim], float32, each
+    head's values contiguous (rows may be strided). Writes out."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
+        if x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
+            raise ValueError(f"prefill kernel: {name} must be float32 with contiguous heads, "
+                             f"got {x.dtype} strides {tuple(x.stride())}")
+    status = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), out.data_ptr(),
+                out.stride(0), q.shape[0], q.shape[1], k.shape[1], q.shape[2], scale, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError("prefill attention kernel could not allocate its scratch buffers")
 
 
 @functools.lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from workers.layers.attention import AttentionBatch, paged_attention
-from workers.layers.cpu_kernels import load_decode_kernel
+from workers.layers.cpu_kernels import load_decode_kernel, load_prefill_kernel
 from workers.models.config import DTYPES
 from workers.offload.commands import AttendStep, AttentionCommand, StopAttending
 from workers.offload.heads import HeadShard
@@ -31,6 +31,8 @@ class AttentionWorker:
         self.kv_caches: Optional[torch.Tensor] = None
         use_kernel = self.device.type == "cpu" and self.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None
+        self.prefill_kernel = load_prefill_kernel(self.shard.q_heads, self.shard.kv_heads, head_dim) \
+            if use_kernel else None
 
     def join(self, host: str, port: int) -> int:
         """Join the model worker's group, then allocate this shard of the KV cache."""
@@ -90,6 +92,7 @@ class AttentionWorker:
 
     def _attach(self, batch: AttentionBatch) -> AttentionBatch:
         batch.decode_kernel = self.decode_kernel
+        batch.prefill_kernel = self.prefill_kernel
         if self.decode_kernel is None and batch.decode_lens is not None:
             lens = batch.decode_lens
             width = batch.decode_block_tables.shape[1] * self.block_size

@@ -46,7 +46,7 @@ class OffloadLink:
     def begin(self, batches: list[AttentionBatch]) -> None:
         """A forward begins, in these micro-batches; every layer of it then sends each
         micro-batch's q, k, v in order (send, receive, or attend for one)."""
-        wires = [dataclasses.replace(b, decode_kernel=None, decode_mask=None) for b in batches]
+        wires = [dataclasses.replace(b, decode_kernel=None, prefill_kernel=None, decode_mask=None) for b in batches]
         try:
             self.group.broadcast_object(AttendStep(wires))
         except RankFailure as e:  # a worker died between steps: name it as the exchange does
