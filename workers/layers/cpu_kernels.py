@@ -2,7 +2,8 @@
 
 paged_decode.c is decode attention over the paged KV cache; prefill_attention.c is a
 fresh prefill chunk's causal attention over itself; rotary.c applies rotary position
-embeddings in place; swiglu.c is the MLP's silu(gate) * up. None depends on
+embeddings in place; swiglu.c is the MLP's silu(gate) * up; rms_norm.c is RMSNorm,
+with or without the residual sum before it. None depends on
 anything but libc and OpenMP, so the machine's C compiler builds each in about a
 second; the shared library lands in the model cache's sibling folder under a name
 that hashes the source and its headers, the flags, the compiler and the CPU
@@ -45,6 +46,8 @@ EXACT_FLAGS = COMMON_FLAGS + ("-ffp-contract=off",)
 DecodeKernel = Callable[..., None]
 PrefillKernel = Callable[..., None]
 RotaryKernel = Callable[..., None]
+RmsNormKernel = Callable[..., torch.Tensor]
+AddRmsNormKernel = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 SwigluKernel = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -176,6 +179,35 @@ def _silu_mul(fn: ctypes._CFuncPtr, gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(rows, width, dtype=gate_up.dtype)
     fn(gate_up.data_ptr(), rows, width, gate_up.stride(0), out.data_ptr(), torch.get_num_threads())
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def load_rms_norm_kernels() -> Optional[tuple[RmsNormKernel, AddRmsNormKernel]]:
+    """The compiled RMSNorm, called as norm(x, weight, eps) -> out, and RMSNorm of a
+    residual sum, called as add_norm(x, delta, weight, eps) -> (x + delta, out), on
+    contiguous float32 [rows, dim] tensors; None where they cannot be built."""
+    lib = _library("rms_norm.c", EXACT_FLAGS)
+    if lib is None:
+        return None
+    norm, add_norm = lib.rms_norm_f32, lib.add_rms_norm_f32
+    norm.restype = add_norm.restype = None
+    norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    add_norm.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    return functools.partial(_rms_norm, norm), functools.partial(_add_rms_norm, add_norm)
+
+
+def _rms_norm(fn: ctypes._CFuncPtr, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    out = torch.empty_like(x)
+    fn(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps, torch.get_num_threads())
+    return out
+
+
+def _add_rms_norm(fn: ctypes._CFuncPtr, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    total, out = torch.empty_like(x), torch.empty_like(x)
+    fn(x.data_ptr(), delta.data_ptr(), weight.data_ptr(), total.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+       eps, torch.get_num_threads())
+    return total, out
 
 
 def _rotate_in_place(fn: ctypes._CFuncPtr, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,

@@ -19,6 +19,7 @@ from torch import nn
 from workers.layers.activation import silu_mul
 from workers.layers.attention import AttentionBatch, paged_attention
 from workers.layers.linear import Linear
+from workers.layers.norm import add_rms_norm, rms_norm
 from workers.layers.rotary import RotaryEmbedding
 from workers.models.config import ModelConfig
 from workers.models.weights import CheckpointFiles, ModelLoadError
@@ -33,10 +34,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalize in float32 whatever the model dtype, as the reference does.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum x + delta, and its norm."""
+        return add_rms_norm(x, delta, self.weight, self.eps)
 
 
 def _param(*shape: int, dtype: torch.dtype) -> nn.Parameter:
@@ -115,8 +117,9 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary: RotaryEmbedding,
                 kv_cache: torch.Tensor, batch: AttentionBatch) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), positions, rotary, kv_cache, batch)
+        x, h = self.post_attention_layernorm.add_and_norm(x, attended)
+        return x + self.mlp(h)
 
 
 class LlamaForCausalLM(nn.Module):
