@@ -62,7 +62,7 @@ class ModelRunner:
         self.device = torch.device(device)
         if self.device.type == "cpu":
             keep_freed_memory()  # a step's temporaries, for the next step (freed_memory.py)
-        # The compiled CPU kernel handles float32 decode; everything else runs in PyTorch.
+        # The compiled CPU kernels handle float32 decode and fresh prefill chunks; the rest runs in PyTorch.
         use_kernel = attention_backend == "auto" and self.device.type == "cpu" and cfg.dtype == torch.float32
         self.decode_kernel = load_decode_kernel() if use_kernel else None
         self.prefill_kernel = load_prefill_kernel(model.plan.q_heads, model.plan.kv_heads, cfg.head_dim) \
@@ -128,7 +128,7 @@ class ModelRunner:
         self.progress.layer_done(layer, event)
 
     def attach(self, wire: StepInputs) -> StepInputs:
-        """Step inputs received from the leader, with this process's decode kernel."""
+        """Step inputs received from the leader, with this process's attention kernels."""
         wire.attention.decode_kernel = self.decode_kernel
         wire.attention.prefill_kernel = self.prefill_kernel
         if self.decode_kernel is None and wire.attention.decode_lens is not None and wire.attention.decode_mask is None:
