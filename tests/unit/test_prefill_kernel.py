@@ -61,3 +61,38 @@ def test_rows_with_strided_heads_are_refused():
     out = torch.empty(8, 8, 32)
     with pytest.raises(ValueError, match="k must be float32 with contiguous heads"):
         kernel(q, k.transpose(0, 1).contiguous().transpose(0, 1), v, out, 0.1)
+
+
+@pytest.mark.parametrize("prefix", [8, 21, 39])
+def test_a_cached_prefix_gives_the_bits_of_the_whole_prompt(prefix):
+    """A prompt computed whole, and its last rows computed over its prefix read back from
+    the cache, agree to the bit: outputs do not depend on what was cached."""
+    kernel = load_prefill_kernel(8, 4, 32)
+    q, k, v = projected(40, 8, 4, 32, seed=prefix)
+    whole = torch.empty(40, 8, 32)
+    kernel(q, k, v, whole, 0.2)
+    tail = torch.empty(40 - prefix, 8, 32)
+    kernel(q[prefix:], k.contiguous(), v.contiguous(), tail, 0.2)
+    assert torch.equal(tail, whole[prefix:])
+
+
+def test_chunk_over_cached_blocks_matches_pytorch_path():
+    kernel = load_prefill_kernel(8, 4, 32)
+    block_size, prefix, chunk = 4, 10, 7
+    q, k, v = projected(prefix + chunk, 8, 4, 32, seed=5)
+    cache = torch.zeros(2, 16, block_size, 4, 32)
+    table = torch.tensor([9, 3, 12, 0, 7])  # scattered blocks holding the 17 tokens
+    slots = (table[:, None] * block_size + torch.arange(block_size)).flatten()[:prefix + chunk]
+    cache[0].view(-1, 4, 32)[slots[:prefix]] = k[:prefix]
+    cache[1].view(-1, 4, 32)[slots[:prefix]] = v[:prefix]
+    context = torch.arange(prefix + chunk)[None] <= torch.arange(prefix, prefix + chunk)[:, None]
+    rows = slice(prefix, prefix + chunk)
+
+    def run(use_kernel):
+        b = AttentionBatch(slot_mapping=slots[rows], num_decode_tokens=0, decode_block_tables=None,
+                           decode_lens=None, decode_mask=None,
+                           prefills=[PrefillSlice(0, chunk, prefix + chunk, table, context)],
+                           prefill_kernel=kernel if use_kernel else None)
+        return paged_attention(q[rows], k[rows], v[rows], cache.clone(), b, 32 ** -0.5)
+
+    torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)

@@ -46,8 +46,8 @@ class AttentionBatch:
     decode_mask: Optional[torch.Tensor]
     prefills: list[PrefillSlice]
     decode_kernel: Optional[Callable[..., torch.Tensor]] = None
-    # Attention of a chunk with no cached context over itself, called as
-    # kernel(q, k, v, out, scale) on the chunk's rows (cpu_kernels.py).
+    # Causal attention of a prefill chunk over its context (cached prefix and the chunk),
+    # called as kernel(q, k, v, out, scale) (cpu_kernels.py).
     prefill_kernel: Optional[Callable[..., None]] = None
 
 
@@ -64,12 +64,24 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if n:
         out[:n] = _decode(q[:n], k_cache, v_cache, batch, scale)
     for p in batch.prefills:
-        if p.block_table is None and batch.prefill_kernel is not None:
-            rows = slice(p.start, p.end)
-            batch.prefill_kernel(q[rows], k[rows], v[rows], out[rows], scale)
+        if batch.prefill_kernel is not None:
+            _prefill_by_kernel(batch.prefill_kernel, q, k, v, k_cache, v_cache, out, p, scale)
         else:
             out[p.start:p.end] = _prefill(q, k, v, k_cache, v_cache, p, scale)
     return out
+
+
+def _prefill_by_kernel(kernel: Callable[..., None], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor, p: PrefillSlice,
+                       scale: float) -> None:
+    rows = slice(p.start, p.end)
+    if p.block_table is None:  # the context is this chunk: its fresh k, v
+        kernel(q[rows], k[rows], v[rows], out[rows], scale)
+        return
+    # A cached prefix and this chunk (already written to the cache): read back whole.
+    keys = k_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+    values = v_cache.index_select(0, p.block_table).flatten(0, 1)[:p.context_len]
+    kernel(q[rows], keys, values, out[rows], scale)
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

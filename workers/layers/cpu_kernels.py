@@ -1,7 +1,7 @@
 """The compiled CPU kernels: built from their C files on first use, then cached.
 
 paged_decode.c is decode attention over the paged KV cache; prefill_attention.c is a
-fresh prefill chunk's causal attention over itself; rotary.c applies rotary position
+prefill chunk's causal attention over its context; rotary.c applies rotary position
 embeddings in place; swiglu.c is the MLP's silu(gate) * up; rms_norm.c is RMSNorm,
 with or without the residual sum before it. None depends on
 anything but libc and OpenMP, so the machine's C compiler builds each in about a
@@ -42,6 +42,9 @@ FAST_MATH_FLAGS = COMMON_FLAGS + ("-fassociative-math", "-fno-signed-zeros", "-f
                                   "-freciprocal-math", "-fno-math-errno", "-ffinite-math-only")
 # Every product and sum rounded on its own, as PyTorch's operators round them.
 EXACT_FLAGS = COMMON_FLAGS + ("-ffp-contract=off",)
+# No reordered sums: the compiler may not split a sum into partial sums differently in
+# two copies of a loop, so a row's result does not depend on which copy computed it.
+ORDERED_FLAGS = COMMON_FLAGS + ("-fno-math-errno",)
 
 DecodeKernel = Callable[..., None]
 PrefillKernel = Callable[..., None]
@@ -116,31 +119,33 @@ def load_decode_kernel() -> Optional[DecodeKernel]:
 
 
 def load_prefill_kernel(heads: int, kv_heads: int, head_dim: int) -> Optional[PrefillKernel]:
-    """The compiled causal attention of a fresh prefill chunk, for this head layout, as
-    a Python callable; None where it cannot be built or does not take the layout
+    """The compiled causal attention of a prefill chunk, for this head layout, as a
+    Python callable, called as kernel(q, k, v, out, scale); None where it cannot be built or does not take the layout
     (head_dim a multiple of 8 up to 256, at most 16 query heads per KV head)."""
     if head_dim % 8 or head_dim > 256 or heads % kv_heads or heads // kv_heads > 16:
         return None
-    lib = _library("prefill_attention.c", FAST_MATH_FLAGS)
+    lib = _library("prefill_attention.c", ORDERED_FLAGS)
     if lib is None:
         return None
     fn = lib.prefill_causal_f32
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                                                          ctypes.c_float, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int64] * 4 + [ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
+                                                          ctypes.c_int, ctypes.c_float, ctypes.c_int]
     return functools.partial(_prefill_causal, fn)
 
 
 def _prefill_causal(fn: ctypes._CFuncPtr, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     scale: float) -> None:
-    """q, out: [tokens, heads, head_dim], k, v: [tokens, kv_heads, head_dim], float32, each
-    head's values contiguous (rows may be strided). Writes out."""
+    """q, out: [tokens, heads, head_dim] for the last `tokens` positions of a context whose
+    keys and values are k, v: [context, kv_heads, head_dim]; float32, each head's values
+    contiguous (rows may be strided). Writes out."""
     for name, x in (("q", q), ("k", k), ("v", v), ("out", out)):
         if x.dtype != torch.float32 or x.stride(2) != 1 or x.stride(1) != x.shape[2]:
             raise ValueError(f"prefill kernel: {name} must be float32 with contiguous heads, "
                              f"got {x.dtype} strides {tuple(x.stride())}")
     status = fn(q.data_ptr(), q.stride(0), k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), out.data_ptr(),
-                out.stride(0), q.shape[0], q.shape[1], k.shape[1], q.shape[2], scale, torch.get_num_threads())
+                out.stride(0), q.shape[0], k.shape[0], q.shape[1], k.shape[1], q.shape[2], scale,
+                torch.get_num_threads())
     if status != 0:
         raise MemoryError("prefill attention kernel could not allocate its scratch buffers")
 
